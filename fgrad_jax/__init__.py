@@ -1,0 +1,18 @@
+"""fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
+
+from fgrad_jax._estimator import forward_grad, value_and_forward_grad
+from fgrad_jax._tangents import TANGENTS as _TANGENTS
+from fgrad_jax._transform import ForwardGradientState, fgd, forward_gradient
+
+__version__ = "0.1.0"
+
+TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_TANGENTS))
+
+__all__ = [
+    "TANGENT_NAMES",
+    "ForwardGradientState",
+    "fgd",
+    "forward_grad",
+    "forward_gradient",
+    "value_and_forward_grad",
+]

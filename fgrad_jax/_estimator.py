@@ -1,0 +1,272 @@
+"""Forward-gradient estimators built on :func:`jax.jvp`."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgrad_jax._tangents import TangentFn, get_sampler, resolve_tangent
+
+Array = jax.Array
+ArgNums = int | Sequence[int]
+
+
+def check_num_tangents(num_tangents: Any) -> int:
+    if isinstance(num_tangents, jax.core.Tracer):
+        raise TypeError(
+            "num_tangents must be a static Python int, not a traced value. With "
+            "optax.inject_hyperparams pass static_args=('num_tangents',)."
+        )
+    if isinstance(num_tangents, jax.Array | np.ndarray) and num_tangents.shape == () and (
+        jnp.issubdtype(num_tangents.dtype, jnp.integer)
+    ):
+        num_tangents = int(num_tangents)
+    if isinstance(num_tangents, bool) or not isinstance(num_tangents, (int, np.integer)):
+        raise TypeError(f"num_tangents must be a positive int; got {num_tangents!r}.")
+    if num_tangents < 1:
+        raise ValueError(
+            f"num_tangents must be >= 1 (the number of random directions averaged per "
+            f"estimate); got {num_tangents}."
+        )
+    return int(num_tangents)
+
+
+def as_key(key: Any, name: str = "key") -> Array:
+    """Returns a typed PRNG key; accepts typed keys and legacy ``uint32[2]`` keys."""
+    if isinstance(key, jax.Array | np.ndarray) or hasattr(key, "dtype"):
+        dtype = key.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return key
+        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+            return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"{name} must be a JAX PRNG key such as jax.random.key(0) (legacy "
+        f"jax.random.PRNGKey(0) also works); got {type(key).__name__}"
+        f"{getattr(key, 'shape', '')}{getattr(key, 'dtype', '')}."
+    )
+
+
+def is_differentiable(leaf: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+class _Estimate(NamedTuple):
+    value: Array
+    aux: Any
+    directional_derivatives: Array  # (K,) float32
+    grad: Any
+
+
+def _normalise_argnums(argnums: ArgNums) -> tuple[tuple[int, ...], bool]:
+    if isinstance(argnums, int):
+        return (argnums,), False
+    argnums = tuple(argnums)
+    if not argnums or not all(isinstance(a, int) for a in argnums):
+        raise TypeError(f"argnums must be an int or a non-empty tuple of ints; got {argnums!r}.")
+    return argnums, True
+
+
+def _check_scalar(out: Any, fn_name: str) -> Array:
+    out = jnp.asarray(out) if not isinstance(out, jax.Array) else out
+    if out.shape != ():
+        raise ValueError(
+            f"{fn_name} must return a scalar loss (shape ()), got shape {out.shape}. "
+            "Reduce it, e.g. with .mean() or .sum(); with has_aux=True return (scalar, aux)."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{fn_name} must return a floating-point scalar; got dtype {out.dtype}.")
+    return out
+
+
+def estimate_forward_grad(
+    fun: Callable,
+    key: Array,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    argnums: ArgNums = 0,
+    num_tangents: int = 1,
+    tangent: str | TangentFn = "normal",
+    has_aux: bool = False,
+    fn_name: str = "fun",
+) -> _Estimate:
+    """Shared core of the public estimators and the optax transformation."""
+    key = as_key(key)
+    argnum_tuple, is_tuple = _normalise_argnums(argnums)
+    for a in argnum_tuple:
+        if not -len(args) <= a < len(args):
+            raise ValueError(f"argnums={argnums!r} is out of range for {len(args)} positional args.")
+    diff = tuple(args[a] for a in argnum_tuple)
+    leaves, treedef = jax.tree_util.tree_flatten(diff)
+    float_index = [i for i, leaf in enumerate(leaves) if is_differentiable(leaf)]
+    if not float_index:
+        raise TypeError(
+            f"The differentiated argument(s) (argnums={argnums!r}) have no floating-point "
+            "leaves, so there is nothing to estimate a gradient for. Pass float parameters "
+            "(e.g. jnp.float32 arrays) or choose other argnums."
+        )
+    primals = [jnp.asarray(leaves[i]) for i in float_index]
+    sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
+    tangents32 = sampler(key, primals, num_tangents)
+    # The JVP needs tangents in the primal dtype; using the rounded values in the
+    # estimate too keeps it consistent with the derivative XLA actually computed.
+    tangents = [t.astype(p.dtype) for t, p in zip(tangents32, primals)]
+
+    def flat_fun(*float_leaves):
+        new_leaves = list(leaves)
+        for i, leaf in zip(float_index, float_leaves):
+            new_leaves[i] = leaf
+        new_diff = jax.tree_util.tree_unflatten(treedef, new_leaves)
+        call_args = list(args)
+        for a, d in zip(argnum_tuple, new_diff):
+            call_args[a] = d
+        out = fun(*call_args, **kwargs)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"With has_aux=True, {fn_name} must return a pair (scalar_loss, aux); "
+                    f"got {type(out).__name__}."
+                )
+            return _check_scalar(out[0], fn_name), out[1]
+        return _check_scalar(out, fn_name), None
+
+    def one_direction(*tangent_leaves):
+        value, deriv, aux = jax.jvp(flat_fun, tuple(primals), tangent_leaves, has_aux=True)
+        return value, deriv, aux
+
+    # The primal does not depend on the tangent, so under vmap it is computed once and
+    # only the tangent work is batched over the K directions.
+    value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
+    derivs = derivs.astype(jnp.float32)
+    scale = jnp.float32(1.0 / num_tangents)
+    grads_float = [
+        (jnp.tensordot(derivs, t.astype(jnp.float32), axes=1) * scale).astype(p.dtype)
+        for t, p in zip(tangents, primals)
+    ]
+    grad_leaves = [
+        jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
+    ]
+    for i, g in zip(float_index, grads_float):
+        grad_leaves[i] = g
+    grad = jax.tree_util.tree_unflatten(treedef, grad_leaves)
+    if not is_tuple:
+        grad = grad[0]
+    return _Estimate(value, aux, derivs, grad)
+
+
+def _check_common(num_tangents: int, tangent: Any) -> tuple[int, str | TangentFn]:
+    return check_num_tangents(num_tangents), resolve_tangent(tangent)
+
+
+def value_and_forward_grad(
+    fun: Callable,
+    argnums: ArgNums = 0,
+    *,
+    num_tangents: int = 1,
+    tangent: str | TangentFn = "normal",
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, Any]]:
+    """Like :func:`jax.value_and_grad`, with a forward-gradient estimate of the gradient.
+
+    The value and the ``num_tangents`` directional derivatives come from one
+    :func:`jax.jvp` pass (vectorised over the tangents, the primal computed once): there
+    is no backward pass and no extra forward pass.
+
+    Args:
+        fun: Function to differentiate. It must return a floating-point scalar, or a pair
+            ``(scalar, aux)`` when ``has_aux=True``.
+        argnums: Which positional argument(s) to differentiate (an int or a tuple).
+        num_tangents: Number K of random directions; the estimate is the mean of the K
+            single-direction estimates. Must be >= 1.
+        tangent: Distribution of the directions: ``"normal"`` (the paper),
+            ``"rademacher"``, ``"sphere"``, ``"orthogonal"``, or a callable
+            ``tangent(key, tree) -> tree`` with ``E[v vᵀ] = I``.
+        has_aux: Whether ``fun`` returns ``(value, aux)``.
+
+    Returns:
+        A function ``estimate(key, *args, **kwargs)`` returning ``(value, grad)`` (or
+        ``((value, aux), grad)``), where ``grad`` has the structure and dtypes of
+        ``args[argnums]``. Integer and bool leaves get zeros.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> f = lambda w: jnp.sum(w ** 2)
+        >>> value, g = fgrad_jax.value_and_forward_grad(f)(jax.random.key(0), jnp.ones(3))
+        >>> float(value), g.shape
+        (3.0, (3,))
+    """
+    num_tangents, tangent = _check_common(num_tangents, tangent)
+
+    @functools.wraps(fun)
+    def estimate(key, *args, **kwargs):
+        est = estimate_forward_grad(
+            fun, key, args, kwargs, argnums=argnums, num_tangents=num_tangents,
+            tangent=tangent, has_aux=has_aux,
+        )
+        if has_aux:
+            return (est.value, est.aux), est.grad
+        return est.value, est.grad
+
+    return estimate
+
+
+def forward_grad(
+    fun: Callable,
+    argnums: ArgNums = 0,
+    *,
+    num_tangents: int = 1,
+    tangent: str | TangentFn = "normal",
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """Like :func:`jax.grad`, but an unbiased forward-gradient estimate (Baydin et al. 2022).
+
+    Draws ``v`` with ``E[v vᵀ] = I``, computes ``d = ∇f(θ)·v`` with one :func:`jax.jvp`
+    and returns ``g = d·v`` (the mean over ``num_tangents`` directions). A non-finite
+    ``d`` propagates into ``g``, as a non-finite gradient would with :func:`jax.grad`;
+    :func:`fgrad_jax.forward_gradient` instead skips such a step.
+
+    Args:
+        fun: Function to differentiate; returns a floating-point scalar (or
+            ``(scalar, aux)`` with ``has_aux=True``).
+        argnums: Which positional argument(s) to differentiate (an int or a tuple).
+        num_tangents: Number K of random directions averaged (>= 1).
+        tangent: ``"normal"``, ``"rademacher"``, ``"sphere"``, ``"orthogonal"`` or a
+            callable ``tangent(key, tree) -> tree``; see :doc:`/maths`.
+        has_aux: Whether ``fun`` returns ``(value, aux)``; then ``(grad, aux)`` is returned.
+
+    Returns:
+        ``estimate(key, *args, **kwargs)``: the estimate with the structure and dtypes of
+        ``args[argnums]`` (a tuple for a tuple ``argnums``), plus ``aux`` if requested.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> f = lambda w: jnp.dot(w, jnp.arange(3.0))
+        >>> g = fgrad_jax.forward_grad(f, num_tangents=3, tangent="orthogonal")
+        >>> jnp.round(g(jax.random.key(0), jnp.ones(3)), 4)  # K = n: exact
+        Array([0., 1., 2.], dtype=float32)
+    """
+    num_tangents, tangent = _check_common(num_tangents, tangent)
+
+    @functools.wraps(fun)
+    def estimate(key, *args, **kwargs):
+        est = estimate_forward_grad(
+            fun, key, args, kwargs, argnums=argnums, num_tangents=num_tangents,
+            tangent=tangent, has_aux=has_aux,
+        )
+        if has_aux:
+            return est.grad, est.aux
+        return est.grad
+
+    return estimate
+
+
+def all_finite(*arrays: Array) -> Array:
+    return functools.reduce(operator.and_, [jnp.all(jnp.isfinite(a)) for a in arrays])

@@ -1,0 +1,21 @@
+import os
+
+# Several CPU devices for the sharding tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def getkey():
+    """Returns a function that gives a fresh PRNG key at each call (deterministic per test)."""
+    state = {"key": jax.random.key(12345)}
+
+    def _getkey():
+        state["key"], sub = jax.random.split(state["key"])
+        return sub
+
+    return _getkey
