@@ -1,6 +1,7 @@
 """fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
 
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
+from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._tangents import TANGENTS as _TANGENTS
 from fgrad_jax._transform import ForwardGradientState, fgd, forward_gradient
 
@@ -11,8 +12,11 @@ TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_TANGENTS))
 __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
+    "apply_forward_gradient",
     "fgd",
     "forward_grad",
     "forward_gradient",
+    "nnx_value_and_forward_grad",
+    "nnx_value_fn",
     "value_and_forward_grad",
 ]

@@ -250,8 +250,8 @@ def forward_grad(
         >>> import fgrad_jax
         >>> f = lambda w: jnp.dot(w, jnp.arange(3.0))
         >>> g = fgrad_jax.forward_grad(f, num_tangents=3, tangent="orthogonal")
-        >>> jnp.round(g(jax.random.key(0), jnp.ones(3)), 4)  # K = n: exact
-        Array([0., 1., 2.], dtype=float32)
+        >>> bool(jnp.allclose(g(jax.random.key(0), jnp.ones(3)), jnp.arange(3.0), atol=1e-5))  # K = n: exact
+        True
     """
     num_tangents, tangent = _check_common(num_tangents, tangent)
 
