@@ -112,7 +112,7 @@ def test_load_idx_dataset_scales_and_casts(tmp_path):
     assert ds.train_images.shape == (12, 4, 3) and ds.test_images.shape == (5, 4, 3)
     np.testing.assert_allclose(ds.train_images * 255, arrays["train_images"], atol=1e-4)
     np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
-    assert 0.0 <= ds.train_images.min() and ds.train_images.max() <= 1.0
+    assert ds.train_images.min() >= 0.0 and ds.train_images.max() <= 1.0
 
 
 def test_load_idx_dataset_missing_and_mismatched(tmp_path):
@@ -156,7 +156,7 @@ def test_mnist_checksum_mismatch_on_download(tmp_path, fake_mirror, monkeypatch)
     bad["train-labels-idx1-ubyte.gz"] = "0" * 64
     monkeypatch.setattr(datasets, "MNIST_SHA256", bad)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz.*SHA-256 matches no"):
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz.*SHA-256 matches no"):
         datasets.load_mnist(out)
     assert not (out / "train-labels-idx1-ubyte.gz").exists()
     assert not list(out.glob("*.part"))
@@ -225,5 +225,5 @@ def test_digits_deterministic():
     np.testing.assert_array_equal(a.train_labels, b.train_labels)
     np.testing.assert_array_equal(a.test_images, b.test_images)
     assert a.train_images.dtype == np.float32 and a.train_labels.dtype == np.int32
-    assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
+    assert a.train_images.min() >= 0.0 and a.train_images.max() <= 1.0
     assert set(np.unique(a.test_labels)) == set(range(10))
