@@ -19,3 +19,10 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture
+def standard_promotion():
+    """optax.adam's bias correction (int count ** float) is not strict-promotion clean."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield

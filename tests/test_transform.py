@@ -1,0 +1,157 @@
+"""The optax transformation: state, chains, schedules, injection, non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fgrad_jax
+
+TARGET = jnp.array([1.0, -2.0, 0.5, 3.0], jnp.float32)
+
+
+def quadratic(params):
+    return jnp.sum((params["w"] - TARGET) ** 2) + jnp.sum(params["b"] ** 2)
+
+
+def init_params():
+    return {"w": jnp.zeros(4, jnp.float32), "b": jnp.ones(2, jnp.float32)}
+
+
+def run(tx, steps=300, value_fn=quadratic, params=None):
+    params = init_params() if params is None else params
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(None, state, params, value_fn=value_fn)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: fgrad_jax.fgd(0.05, key=1, num_tangents=2),
+        lambda: optax.chain(fgrad_jax.forward_gradient(key=2, num_tangents=4), optax.adam(5e-2)),
+        lambda: fgrad_jax.fgd(optax.exponential_decay(0.05, 100, 0.9), key=3, tangent="rademacher"),
+        lambda: optax.inject_hyperparams(fgrad_jax.fgd)(learning_rate=0.05),
+    ],
+    ids=["fgd", "chain-adam", "schedule", "inject"],
+)
+@pytest.mark.usefixtures("standard_promotion")
+def test_chains_minimise_quadratic(make_tx):
+    initial = float(quadratic(init_params()))
+    params, _ = run(make_tx(), steps=400)
+    assert float(quadratic(params)) < 1e-2 * initial
+
+
+def test_state_counts_splits_key_and_logs_value():
+    tx = fgrad_jax.forward_gradient(key=7)
+    params = init_params()
+    state = tx.init(params)
+    assert isinstance(state, fgrad_jax.ForwardGradientState)
+    assert int(state.count) == 0 and np.isnan(state.value)
+    _, s1 = tx.update(None, state, params, value_fn=quadratic)
+    _, s2 = tx.update(None, s1, params, value_fn=quadratic)
+    assert int(s2.count) == 2
+    assert float(s1.value) == pytest.approx(float(quadratic(params)))
+    keys = [jax.random.key_data(s.key) for s in (state, s1, s2)]
+    assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
+    # Same params and same state: the same update (deterministic), different state: different.
+    u1, _ = tx.update(None, s1, params, value_fn=quadratic)
+    u1b, _ = tx.update(None, s1, params, value_fn=quadratic)
+    u2, _ = tx.update(None, s2, params, value_fn=quadratic)
+    np.testing.assert_array_equal(u1["w"], u1b["w"])
+    assert not np.array_equal(u1["w"], u2["w"])
+
+
+def test_key_forms_agree():
+    params = init_params()
+    outs = []
+    for key in (5, jax.random.key(5), jax.random.PRNGKey(5), np.int64(5)):
+        tx = fgrad_jax.forward_gradient(key=key)
+        u, _ = tx.update(None, tx.init(params), params, value_fn=quadratic)
+        outs.append(np.asarray(u["w"]))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0], o)
+
+
+def test_updates_argument_is_ignored_and_extra_args_pass_through():
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+    params = init_params()
+    state = tx.init(params)
+    u_none, _ = tx.update(None, state, params, value_fn=quadratic, unused_arg=3)
+    u_junk, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params, value_fn=quadratic)
+    np.testing.assert_array_equal(u_none["w"], u_junk["w"])
+
+
+def test_nonfinite_step_is_zeroed_and_counted():
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0, num_tangents=2), optax.sgd(0.1))
+    params = init_params()
+    state = tx.init(params)
+
+    def bad(p):
+        return jnp.sum(jnp.sqrt(p["w"] - 10.0))  # NaN everywhere
+
+    updates, state = jax.jit(lambda s, p: tx.update(None, s, p, value_fn=bad))(state, params)
+    for u in jax.tree_util.tree_leaves(updates):
+        assert np.all(np.asarray(u) == 0)
+    new_params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new_params["w"], params["w"])
+    fg_state = state[0]
+    assert int(fg_state.num_nonfinite) == 1 and int(fg_state.count) == 1
+    assert np.isnan(fg_state.value)
+    # A finite step afterwards proceeds normally and the counter stays.
+    updates, state = tx.update(None, state, params, value_fn=quadratic)
+    assert int(state[0].num_nonfinite) == 1
+    assert np.abs(np.asarray(updates["w"])).sum() > 0
+
+
+def test_nonfinite_derivative_with_finite_value():
+    """An infinite slope with a finite loss (sqrt at 0) is also caught."""
+    tx = fgrad_jax.forward_gradient(key=0)
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    updates, state = tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.sum(jnp.sqrt(p["w"])))
+    assert float(state.value) == 0.0 and int(state.num_nonfinite) == 1
+    np.testing.assert_array_equal(updates["w"], np.zeros(3))
+
+
+def test_transform_matches_functional_estimator():
+    key = jax.random.key(11)
+    params = init_params()
+    tx = fgrad_jax.forward_gradient(key=key, num_tangents=3, tangent="sphere")
+    updates, _ = tx.update(None, tx.init(params), params, value_fn=quadratic)
+    _, step_key = jax.random.split(key)
+    expected = fgrad_jax.forward_grad(quadratic, num_tangents=3, tangent="sphere")(step_key, params)
+    for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vmap_over_seeds_runs_independent_trainings():
+    """Several training runs as one vmapped program, each with its own key."""
+    params = init_params()
+
+    def train(key):
+        tx = optax.chain(fgrad_jax.forward_gradient(key=key, num_tangents=2), optax.sgd(0.05))
+        state = tx.init(params)
+
+        def body(carry, _):
+            p, s = carry
+            u, s = tx.update(None, s, p, value_fn=quadratic)
+            return (optax.apply_updates(p, u), s), s[0].value
+
+        (p, _), losses = jax.lax.scan(body, (params, state), length=200)
+        return p, losses
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    final, losses = jax.jit(jax.vmap(train))(keys)
+    assert losses.shape == (3, 200)
+    assert np.all(np.asarray(losses[:, -1]) < 1e-2 * np.asarray(losses[:, 0]))
+    assert not np.allclose(losses[0, :20], losses[1, :20])
+    single, _ = jax.jit(train)(keys[1])
+    np.testing.assert_allclose(final["w"][1], single["w"], rtol=1e-5, atol=1e-6)
