@@ -1,0 +1,162 @@
+"""Figures, drawn from the logged JSONL metrics and the results entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+
+COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
+LABELS = {"fgd": "forward gradient (FGD)", "sgd": "backprop (SGD/GD)"}
+
+
+def _load_arm(path: Path):
+    rows = C.read_jsonl(path)
+    header = rows[0] if rows and rows[0].get("header") else {}
+    recs = [r for r in rows if not r.get("header")]
+    steps = np.array([r["step"] for r in recs])
+    times = np.array([r["time_s"] for r in recs])
+    loss = np.array([[np.nan if v is None else v for v in r["loss"]] for r in recs], float)
+    params = np.array([r["params"] for r in recs], float) if recs and "params" in recs[0] else None
+    return header, steps, times, loss, params
+
+
+def _arms(run_dir: Path):
+    return sorted(p for p in run_dir.glob("*.jsonl") if not p.name.startswith("tune_"))
+
+
+def plot_loss(out: Path, name: str, entry: dict) -> Path:
+    """Loss vs iterations and vs wall time (mean over runs, band = min..max)."""
+    run_dir = out / "runs" / name
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", ":", "-."]
+    for k, path in enumerate(_arms(run_dir)):
+        header, steps, times, loss, _ = _load_arm(path)
+        method = header.get("method", path.stem.split("_")[0])
+        lr = header.get("lrs", [None])[0]
+        mean = np.nanmean(loss, axis=1)
+        label = f"{LABELS[method]}, lr {lr:g}" if lr is not None else LABELS[method]
+        ls = styles[(k // 2) % len(styles)]
+        for ax, x in zip(axes, (steps + 1, times)):
+            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2)
+            if loss.shape[1] > 1:
+                ax.fill_between(x, np.nanmin(loss, axis=1), np.nanmax(loss, axis=1),
+                                color=COLORS[method], alpha=0.15, lw=0)
+    thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_ylabel("training loss")
+        if thr:
+            ax.axhline(thr, color="gray", lw=0.8, ls=":", label="threshold")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{name}: loss vs iterations and vs time")
+    fig.tight_layout()
+    path = out / f"{name}_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_function(out: Path, name: str, entry: dict) -> Path:
+    """Contour plot of a 2-D function with the FGD and GD trajectories."""
+    from _functions import FUNCTIONS, MINIMA, WINDOWS
+
+    import jax
+    import jax.numpy as jnp
+
+    fn = FUNCTIONS[name]
+    (x0, x1), (y0, y1) = WINDOWS[name]
+    xs, ys = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
+    grid = jnp.stack([jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32)])
+    zs = np.asarray(jax.vmap(jax.vmap(fn, in_axes=1), in_axes=2)(grid)).T
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.contourf(xs, ys, np.log10(zs + 1e-3), levels=40, cmap="viridis", alpha=0.85)
+    ax.contour(xs, ys, np.log10(zs + 1e-3), levels=15, colors="k", linewidths=0.3)
+    start = entry["config"]["start"]
+    for method in ("fgd", "sgd"):
+        path = out / "runs" / name / f"{method}.jsonl"
+        _, _, _, _, params = _load_arm(path)
+        for r in range(params.shape[1] if method == "fgd" else 1):
+            traj = np.vstack([start, params[:, r]])
+            ax.plot(traj[:, 0], traj[:, 1], color="white" if method == "fgd" else "tab:red",
+                    lw=0.8 if method == "fgd" else 2.0, alpha=0.8,
+                    label=LABELS[method] if r == 0 else None)
+    ax.plot(*start, "ko", ms=6, label="start")
+    ax.plot(*MINIMA[name], "y*", ms=14, label="minimum")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{name}: trajectories (colour: log10 f)")
+    fig.tight_layout()
+    path = out / f"{name}_trajectories.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tuned(out: Path, experiments: dict) -> Path:
+    """Final loss vs learning rate of the per-method sweeps."""
+    names = [n for n, e in experiments.items() if e.get("tuned")]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, n in zip(axes, names):
+        t = experiments[n]["tuned"]
+        for m in ("fgd", "sgd"):
+            y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
+            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=m)
+            ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(n)
+        ax.set_xlabel("initial learning rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final training loss")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
+    fig.tight_layout()
+    path = out / "tuned_sweeps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_depth(out: Path, depth: dict) -> Path:
+    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
+    rows = depth["rows"]
+    d = [r["depth"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(d, [r["R_f"] for r in rows], "o-", color=COLORS["fgd"], label="R_f (FGD)")
+    axes[0].plot(d, [r["R_b"] for r in rows], "o-", color=COLORS["sgd"], label="R_b (backprop)")
+    axes[0].set_ylabel("cost / cost of f")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(d, [r["R_f_over_R_b"] for r in rows], "o-", color="k")
+    axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
+    axes[1].set_ylabel("R_f / R_b")
+    for m, key in (("fgd", "fgd"), ("sgd", "sgd")):
+        axes[2].plot(d, [(r["memory"][key] or {}).get("total_bytes", np.nan) for r in rows],
+                     "o-", color=COLORS[m], label=f"{m} iteration")
+    axes[2].plot(d, [(r["memory"]["f"] or {}).get("total_bytes", np.nan) for r in rows],
+                 "o--", color="gray", label="f")
+    axes[2].set_ylabel("XLA compiled memory (bytes)")
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("number of hidden layers")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"depth scaling: MLP width {depth['config']['width']}, batch {depth['config']['batch']}")
+    fig.tight_layout()
+    path = out / "depth_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,11 @@
+"""cnn on MNIST (paper preset) or the 8x8 digits (quick): SGD vs forward gradient descent.
+
+Usage: ``python experiments/cnn.py --preset quick --out out/cnn``; see _classify.py.
+"""
+
+import sys
+
+import _classify
+
+if __name__ == "__main__":
+    sys.exit(0 if _classify.main("cnn") is not None else 1)
