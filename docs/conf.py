@@ -29,3 +29,4 @@ intersphinx_mapping = {
 }
 html_theme = "alabaster"
 html_static_path = ["_static"]
+napoleon_use_ivar = True
