@@ -11,6 +11,7 @@ IDX files). The gradient is never back-propagated: each step is one ``jax.jvp`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -26,9 +27,7 @@ from fgrad_jax.datasets import load_fashion_mnist
 
 class MLP(nnx.Module):
     def __init__(self, sizes: tuple[int, ...], rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
-        )
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
 
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
@@ -62,7 +61,9 @@ def main(argv=None) -> dict:
 
     model = MLP((train_x.shape[1], args.hidden, data.num_classes), nnx.Rngs(args.seed))
     tx = optax.chain(
-        fgrad_jax.forward_gradient(key=args.seed, num_tangents=args.num_tangents, tangent=args.tangent),
+        fgrad_jax.forward_gradient(
+            key=args.seed, num_tangents=args.num_tangents, tangent=args.tangent
+        ),
         optax.adam(args.learning_rate),
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -116,8 +116,14 @@ def nnx_value_and_forward_grad(
             return loss, (aux, new_rest)
 
         est = estimate_forward_grad(
-            value_fn, key, (params,), {}, num_tangents=num_tangents, tangent=tangent,
-            has_aux=True, fn_name="loss_fn",
+            value_fn,
+            key,
+            (params,),
+            {},
+            num_tangents=num_tangents,
+            tangent=tangent,
+            has_aux=True,
+            fn_name="loss_fn",
         )
         aux, new_rest = est.aux
         nnx.update(model, new_rest)
@@ -128,7 +134,9 @@ def nnx_value_and_forward_grad(
     return fn
 
 
-def apply_forward_gradient(state: Any, *, value_fn: Callable[[Any], Array], **extra_args: Any) -> Any:
+def apply_forward_gradient(
+    state: Any, *, value_fn: Callable[[Any], Array], **extra_args: Any
+) -> Any:
     """One optimisation step of a linen ``TrainState`` whose ``tx`` contains :func:`forward_gradient`.
 
     :meth:`flax.training.train_state.TrainState.apply_gradients` sends its keyword

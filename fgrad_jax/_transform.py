@@ -121,14 +121,21 @@ def forward_gradient(
                 "nnx.Optimizer: optimizer.update(model, grads, value_fn=loss_fn))."
             )
         if not callable(value_fn):
-            raise TypeError(f"value_fn must be callable params -> scalar; got {type(value_fn).__name__}.")
+            raise TypeError(
+                f"value_fn must be callable params -> scalar; got {type(value_fn).__name__}."
+            )
         if params is None:
             raise ValueError(
                 "forward_gradient needs params: call update(updates, state, params, value_fn=...)."
             )
         next_key, step_key = jax.random.split(state.key)
         est = estimate_forward_grad(
-            value_fn, step_key, (params,), {}, num_tangents=num_tangents, tangent=tangent,
+            value_fn,
+            step_key,
+            (params,),
+            {},
+            num_tangents=num_tangents,
+            tangent=tangent,
             fn_name="value_fn",
         )
         finite = all_finite(est.value, est.directional_derivatives)
@@ -185,6 +192,8 @@ def fgd(
         (2,)
     """
     return optax.chain(
-        forward_gradient(key, num_tangents=1 if num_tangents is None else num_tangents, tangent=tangent),
+        forward_gradient(
+            key, num_tangents=1 if num_tangents is None else num_tangents, tangent=tangent
+        ),
         optax.sgd(learning_rate),
     )

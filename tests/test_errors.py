@@ -57,14 +57,16 @@ def test_value_fn_missing():
 
 
 def test_non_scalar_loss():
-    vector_loss = lambda p: p["w"] ** 2  # noqa: E731
+    vector_loss = lambda p: p["w"] ** 2
     with pytest.raises(ValueError, match="scalar"):
         fgrad_jax.forward_grad(vector_loss)(jax.random.key(0), PARAMS)
     tx = fgrad_jax.forward_gradient()
     with pytest.raises(ValueError, match=r"value_fn must return a scalar"):
         tx.update(None, tx.init(PARAMS), PARAMS, value_fn=vector_loss)
     with pytest.raises(TypeError, match="floating-point scalar"):
-        fgrad_jax.forward_grad(lambda p: jnp.sum(p["w"]).astype(jnp.int32))(jax.random.key(0), PARAMS)
+        fgrad_jax.forward_grad(lambda p: jnp.sum(p["w"]).astype(jnp.int32))(
+            jax.random.key(0), PARAMS
+        )
     with pytest.raises(TypeError, match=r"has_aux=True.*pair"):
         fgrad_jax.forward_grad(loss, has_aux=True)(jax.random.key(0), PARAMS)
 
@@ -72,7 +74,9 @@ def test_non_scalar_loss():
 def test_no_floating_leaves():
     ints = {"n": jnp.arange(3)}
     with pytest.raises(TypeError, match="no floating-point leaves"):
-        fgrad_jax.forward_grad(lambda p: jnp.sum(p["n"]).astype(jnp.float32))(jax.random.key(0), ints)
+        fgrad_jax.forward_grad(lambda p: jnp.sum(p["n"]).astype(jnp.float32))(
+            jax.random.key(0), ints
+        )
 
 
 def test_bad_keys():
@@ -88,7 +92,9 @@ def test_bad_keys():
 
 def test_orthogonal_needs_enough_dimensions():
     with pytest.raises(ValueError, match="num_tangents <= number of differentiated parameters"):
-        fgrad_jax.forward_grad(loss, num_tangents=4, tangent="orthogonal")(jax.random.key(0), PARAMS)
+        fgrad_jax.forward_grad(loss, num_tangents=4, tangent="orthogonal")(
+            jax.random.key(0), PARAMS
+        )
 
 
 def test_bad_argnums():
@@ -97,7 +103,7 @@ def test_bad_argnums():
 
 
 def test_bad_user_tangent_shape():
-    bad = lambda key, tree: {"w": jnp.ones(4)}  # noqa: E731
+    bad = lambda key, tree: {"w": jnp.ones(4)}
     with pytest.raises(ValueError, match="shapes"):
         fgrad_jax.forward_grad(loss, tangent=bad)(jax.random.key(0), PARAMS)
 

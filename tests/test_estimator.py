@@ -236,7 +236,9 @@ def test_user_tangent_callable():
         )
 
     true = np.asarray(flat(jax.grad(loss)(make_params(), X)), np.float64)
-    samples = sample_estimates(fgrad_jax.forward_grad(loss, tangent=scaled_rademacher, num_tangents=2))
+    samples = sample_estimates(
+        fgrad_jax.forward_grad(loss, tangent=scaled_rademacher, num_tangents=2)
+    )
     assert_unbiased(samples, true)
 
 
@@ -252,6 +254,8 @@ def test_primal_runs_once_for_k_tangents():
             for sub in jax.extend.core.jaxprs_in_params(e.params):
                 yield from eqns(sub)
 
-    closed = jax.make_jaxpr(fgrad_jax.forward_grad(f, num_tangents=8))(jax.random.key(0), jnp.ones(5))
+    closed = jax.make_jaxpr(fgrad_jax.forward_grad(f, num_tangents=8))(
+        jax.random.key(0), jnp.ones(5)
+    )
     sins = [e for e in eqns(closed.jaxpr) if e.primitive.name == "sin"]
     assert len(sins) == 1 and sins[0].outvars[0].aval.shape == (5,)

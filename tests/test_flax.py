@@ -131,7 +131,9 @@ def test_nnx_pure_step_vmaps_over_seeds():
     model = NnxMLP(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.sgd(0.1)
-    grad = fgrad_jax.forward_grad(lambda p, x, y: xent(nnx.merge(graphdef, p)(x), y), num_tangents=2)
+    grad = fgrad_jax.forward_grad(
+        lambda p, x, y: xent(nnx.merge(graphdef, p)(x), y), num_tangents=2
+    )
 
     def train(key):
         opt_state = tx.init(params)
@@ -170,11 +172,13 @@ class LinenPlain(nn.Module):
 def test_linen_train_state_apply_forward_gradient():
     model = LinenPlain()
     params = model.init(jax.random.key(0), X)["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=fgrad_jax.fgd(0.01, num_tangents=4))
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=fgrad_jax.fgd(0.01, num_tangents=4)
+    )
 
     @jax.jit
     def step(state, x, y):
-        value_fn = lambda p: xent(state.apply_fn({"params": p}, x), y)  # noqa: E731
+        value_fn = lambda p: xent(state.apply_fn({"params": p}, x), y)
         return fgrad_jax.apply_forward_gradient(state, value_fn=value_fn)
 
     initial = float(xent(model.apply({"params": params}, X), Y))
@@ -194,15 +198,20 @@ def test_linen_batch_stats_and_dropout_recipe():
     model = LinenMLP()
     variables = model.init(jax.random.key(0), X, train=False)
     state = BNTrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=optax.adam(1e-2),
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.adam(1e-2),
         batch_stats=variables["batch_stats"],
     )
     base_key = jax.random.key(42)
 
     def loss_fn(params, batch_stats, x, y, dropout_key):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": dropout_key},
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_key},
         )
         return xent(logits, y), updates["batch_stats"]
 
@@ -212,11 +221,20 @@ def test_linen_batch_stats_and_dropout_recipe():
     def step(state, x, y):
         key = jax.random.fold_in(base_key, state.step)
         fg_key, dropout_key = jax.random.split(key)
-        (loss, batch_stats), grads = estimate(fg_key, state.params, state.batch_stats, x, y, dropout_key)
+        (loss, batch_stats), grads = estimate(
+            fg_key, state.params, state.batch_stats, x, y, dropout_key
+        )
         return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
 
     def eval_loss(state):
-        return float(xent(model.apply({"params": state.params, "batch_stats": state.batch_stats}, X, train=False), Y))
+        return float(
+            xent(
+                model.apply(
+                    {"params": state.params, "batch_stats": state.batch_stats}, X, train=False
+                ),
+                Y,
+            )
+        )
 
     initial = eval_loss(state)
     for i in range(200):

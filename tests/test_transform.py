@@ -86,7 +86,9 @@ def test_updates_argument_is_ignored_and_extra_args_pass_through():
     params = init_params()
     state = tx.init(params)
     u_none, _ = tx.update(None, state, params, value_fn=quadratic, unused_arg=3)
-    u_junk, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params, value_fn=quadratic)
+    u_junk, _ = tx.update(
+        jax.tree_util.tree_map(jnp.ones_like, params), state, params, value_fn=quadratic
+    )
     np.testing.assert_array_equal(u_none["w"], u_junk["w"])
 
 
@@ -116,7 +118,9 @@ def test_nonfinite_derivative_with_finite_value():
     """An infinite slope with a finite loss (sqrt at 0) is also caught."""
     tx = fgrad_jax.forward_gradient(key=0)
     params = {"w": jnp.zeros(3, jnp.float32)}
-    updates, state = tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.sum(jnp.sqrt(p["w"])))
+    updates, state = tx.update(
+        None, tx.init(params), params, value_fn=lambda p: jnp.sum(jnp.sqrt(p["w"]))
+    )
     assert float(state.value) == 0.0 and int(state.num_nonfinite) == 1
     np.testing.assert_array_equal(updates["w"], np.zeros(3))
 
