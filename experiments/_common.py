@@ -341,12 +341,13 @@ def train_arms(
         st = {
             "params": params,
             "opt_state": opt_state,
-            "losses": jnp.zeros((runs, num_steps), jnp.float32),
+            "losses": np.zeros((runs, num_steps), np.float32),
             "chunk_time": np.zeros((num_chunks,), np.float64),
         }
         if record_params:
-            flat0 = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params)
-            st["traj"] = jnp.zeros((runs, num_steps + 1, flat0.shape[1]), flat0.dtype).at[:, 0].set(flat0)
+            flat0 = np.asarray(jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params))
+            st["traj"] = np.zeros((runs, num_steps + 1, flat0.shape[1]), flat0.dtype)
+            st["traj"][:, 0] = flat0
         state[arm.name] = st
         step = make_step(arm.method, loss_fn, decay_k)
 
@@ -375,7 +376,9 @@ def train_arms(
         restored = ckpt.restore(ckpt.latest_step(), {"arms": state, "chunk": jnp.int32(0)})
         state = {name: dict(s) for name, s in restored["arms"].items()}
         for s in state.values():
-            s["chunk_time"] = np.asarray(s["chunk_time"], np.float64)
+            for k in ("chunk_time", "losses", "traj"):
+                if k in s:
+                    s[k] = np.array(s[k])  # writable host copies
         start_chunk = int(restored["chunk"])
     resume_step = start_chunk * chunk - 1 if start_chunk else None
     loggers = (
@@ -405,10 +408,10 @@ def train_arms(
             jax.block_until_ready((p, o, vals))
             dt = time.perf_counter() - t0
             s["params"], s["opt_state"] = p, o
-            s["losses"] = s["losses"].at[:, c * chunk:(c + 1) * chunk].set(vals)
+            s["losses"][:, c * chunk:(c + 1) * chunk] = np.asarray(vals)
             s["chunk_time"][c] = dt
             if record_params:
-                s["traj"] = s["traj"].at[:, c * chunk + 1:(c + 1) * chunk + 1].set(flats)
+                s["traj"][:, c * chunk + 1:(c + 1) * chunk + 1] = np.asarray(flats)
             if arm.name in loggers:
                 before = float(s["chunk_time"][:c].sum())
                 v = np.asarray(vals)  # (runs, chunk)
