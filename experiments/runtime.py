@@ -23,7 +23,7 @@ assignment: temp bytes are the working memory beyond arguments and outputs).
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import math
 import os
@@ -47,9 +47,12 @@ import fgrad_jax
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
     """Dense layers with ReLU between them; LeCun-normal kernels, zero biases."""
     params = []
-    for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+    for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes)):
         params.append(
-            {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m), "b": jnp.zeros((n,), jnp.float32)}
+            {
+                "w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
+                "b": jnp.zeros((n,), jnp.float32),
+            }
         )
     return params
 
@@ -86,7 +89,8 @@ def init_cnn(key: jax.Array, channels: int = 64, classes: int = 10):
         }
         cin = channels
     params["dense"] = {
-        "w": jax.random.normal(ks[4], (7 * 7 * channels, classes), jnp.float32) / math.sqrt(7 * 7 * channels),
+        "w": jax.random.normal(ks[4], (7 * 7 * channels, classes), jnp.float32)
+        / math.sqrt(7 * 7 * channels),
         "b": jnp.zeros((classes,), jnp.float32),
     }
     return params
@@ -96,7 +100,9 @@ def cnn_apply(params, x):
     # x: (B, 28, 28, 1), NHWC
     for i in range(4):
         w = params[f"conv{i}"]["w"]
-        x = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         x = jax.nn.relu(x + params[f"conv{i}"]["b"])
         if i % 2 == 1:
             x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
@@ -154,8 +160,13 @@ def memory_of(jitted, *args) -> dict[str, int] | None:
     if ma is None:
         return None
     out = {}
-    for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
+    for name in (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    ):
         if hasattr(ma, name):
             out[name.replace("_size_in_bytes", "_bytes")] = int(getattr(ma, name))
     return out
@@ -187,7 +198,7 @@ def _time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate the order
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate the order
         for n in order:
             t0 = time.perf_counter()
             fns[n]()
@@ -299,7 +310,7 @@ def torch_peer(sizes: Sequence[int], batch_size: int, lr: float = 1e-4, seed: in
         return None
     torch.manual_seed(seed)
     layers = []
-    for m, n in zip(sizes[:-1], sizes[1:]):
+    for m, n in itertools.pairwise(sizes):
         layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1])
     x = torch.randn(batch_size, sizes[0])
@@ -328,7 +339,10 @@ def torch_peer(sizes: Sequence[int], batch_size: int, lr: float = 1e-4, seed: in
                 if kind == "normal":
                     v = {k: torch.randn_like(p) for k, p in params.items()}
                 else:
-                    v = {k: torch.randint(0, 2, p.shape).to(p.dtype) * 2 - 1 for k, p in params.items()}
+                    v = {
+                        k: torch.randint(0, 2, p.shape).to(p.dtype) * 2 - 1
+                        for k, p in params.items()
+                    }
                 loss, d = jvp(f, (params,), (v,))
                 for k, p in params.items():
                     p.sub_(lr * d * v[k])
@@ -373,7 +387,10 @@ def environment() -> dict[str, Any]:
         import subprocess
 
         env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
     except OSError:
@@ -395,8 +412,19 @@ def _tangents_available(names):
     return [t for t in names if t in fgrad_jax.TANGENT_NAMES]
 
 
-def run_config(name, *, model, batch_size, variants, reps, warmup, torch_sizes=None, memory=True,
-               width=1024, depth=2):
+def run_config(
+    name,
+    *,
+    model,
+    batch_size,
+    variants,
+    reps,
+    warmup,
+    torch_sizes=None,
+    memory=True,
+    width=1024,
+    depth=2,
+):
     key = jax.random.key(0)
     kp, kb = jax.random.split(key)
     if model == "mlp":
@@ -414,17 +442,30 @@ def run_config(name, *, model, batch_size, variants, reps, warmup, torch_sizes=N
     extra = None
     if torch_sizes is not None:
         extra = torch_peer(sizes, batch_size)
-    res = measure_ratios(loss, params, batch, variants=variants, reps=reps, warmup=warmup,
-                         memory=memory, extra=extra)
-    res.update(name=name, model=model, batch_size=batch_size, width=width, depth=depth,
-               num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))))
+    res = measure_ratios(
+        loss, params, batch, variants=variants, reps=reps, warmup=warmup, memory=memory, extra=extra
+    )
+    res.update(
+        name=name,
+        model=model,
+        batch_size=batch_size,
+        width=width,
+        depth=depth,
+        num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
+    )
     if extra:
         tf = res["extra"]["torch_forward"]["t_s"]
         tb = res["extra"]["torch_backprop"]["t_s"]
         res["torch"] = {
             "R_b": tb / tf,
-            **{k: {"R_f": res["extra"][k]["t_s"] / tf, "fg_over_bp": res["extra"][k]["t_s"] / tb,
-                   "t_s": res["extra"][k]["t_s"]} for k in ("torch_fg_normal", "torch_fg_rademacher")},
+            **{
+                k: {
+                    "R_f": res["extra"][k]["t_s"] / tf,
+                    "fg_over_bp": res["extra"][k]["t_s"] / tb,
+                    "t_s": res["extra"][k]["t_s"],
+                }
+                for k in ("torch_fg_normal", "torch_fg_rademacher")
+            },
         }
     return res
 
@@ -436,19 +477,43 @@ def configs(preset: str):
     quick = preset == "quick"
     reps = 7 if quick else 15
     out = [
-        dict(name="mlp_b64", model="mlp", batch_size=64, variants=every + ks, reps=reps, torch=True),
-        dict(name="mlp_b1024", model="mlp", batch_size=1024, variants=every + ([] if quick else ks),
-             reps=reps, torch=True),
+        dict(
+            name="mlp_b64", model="mlp", batch_size=64, variants=every + ks, reps=reps, torch=True
+        ),
+        dict(
+            name="mlp_b1024",
+            model="mlp",
+            batch_size=1024,
+            variants=every + ([] if quick else ks),
+            reps=reps,
+            torch=True,
+        ),
     ]
     if quick:
         return out
-    out.append(dict(name="mlp_w4096_b64", model="mlp", batch_size=64, width=4096,
-                    variants=every, reps=9, torch=True))
+    out.append(
+        dict(
+            name="mlp_w4096_b64",
+            model="mlp",
+            batch_size=64,
+            width=4096,
+            variants=every,
+            reps=9,
+            torch=True,
+        )
+    )
     out.append(dict(name="cnn_b64", model="cnn", batch_size=64, variants=every, reps=9))
     for depth in (2, 4, 8, 16, 32, 64):
-        out.append(dict(name=f"depth{depth}_b64", model="mlp", batch_size=64, depth=depth,
-                        variants=[(t, 1) for t in _tangents_available(("rademacher", "normal", "lowrank"))],
-                        reps=7))
+        out.append(
+            dict(
+                name=f"depth{depth}_b64",
+                model="mlp",
+                batch_size=64,
+                depth=depth,
+                variants=[(t, 1) for t in _tangents_available(("rademacher", "normal", "lowrank"))],
+                reps=7,
+            )
+        )
     return out
 
 
@@ -461,8 +526,12 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
         sizes = [784] + [width] * depth + [10]
         params = init_mlp(kp, sizes)
         batch = synthetic_batch(kb, batch_size, (784,))
-        row = {"depth": depth, "width": width, "batch_size": batch_size,
-               "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params)))}
+        row = {
+            "depth": depth,
+            "width": width,
+            "batch_size": batch_size,
+            "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params))),
+        }
         tx, st = make_backprop_step(mlp_loss, 1e-4)
         row["backprop"] = memory_of(st, params, tx.init(params), batch)
         for t in tangents:
@@ -474,7 +543,9 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=("quick", "full"), default="quick")
     ap.add_argument("--only", nargs="*", help="config names to run (default: all of the preset)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.func peer")
@@ -501,29 +572,41 @@ def main(argv=None):
         depths = (2, 4, 8, 16, 32) if args.preset == "full" else (2, 8, 32)
         results["memory_sweep"] = memory_sweep(depths)
         for row in results["memory_sweep"]:
-            print("memory depth", row["depth"], "backprop temp MB",
-                  round(row["backprop"]["temp_bytes"] / 2**20, 1),
-                  {t: round(row[t]["temp_bytes"] / 2**20, 1) for t in row if isinstance(row[t], dict) and t != "backprop"},
-                  flush=True)
+            print(
+                "memory depth",
+                row["depth"],
+                "backprop temp MB",
+                round(row["backprop"]["temp_bytes"] / 2**20, 1),
+                {
+                    t: round(row[t]["temp_bytes"] / 2**20, 1)
+                    for t in row
+                    if isinstance(row[t], dict) and t != "backprop"
+                },
+                flush=True,
+            )
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
     return results
 
 
 def format_result(res) -> str:
-    lines = [f"== {res['name']}: t_fwd {res['t_forward_s']*1e3:.2f} ms, backprop {res['t_backprop_s']*1e3:.2f} ms, R_b {res['R_b']:.2f}"]
+    lines = [
+        f"== {res['name']}: t_fwd {res['t_forward_s'] * 1e3:.2f} ms, backprop {res['t_backprop_s'] * 1e3:.2f} ms, R_b {res['R_b']:.2f}"
+    ]
     for v in res["variants"]:
         mem = v.get("memory") or {}
         lines.append(
-            f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s']*1e3:8.2f} ms  R_f {v['R_f']:.2f}  "
-            f"fg/bp {v['fg_over_bp']:.2f} (paired {v['paired_ratio']:.2f})  temp {mem.get('temp_bytes', 0)/2**20:.1f} MB"
+            f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:8.2f} ms  R_f {v['R_f']:.2f}  "
+            f"fg/bp {v['fg_over_bp']:.2f} (paired {v['paired_ratio']:.2f})  temp {mem.get('temp_bytes', 0) / 2**20:.1f} MB"
         )
     if "torch" in res:
         t = res["torch"]
-        lines.append(f"   torch: R_b {t['R_b']:.2f}; fg normal {t['torch_fg_normal']['t_s']*1e3:.2f} ms (fg/bp {t['torch_fg_normal']['fg_over_bp']:.2f}); "
-                     f"fg rademacher {t['torch_fg_rademacher']['t_s']*1e3:.2f} ms")
+        lines.append(
+            f"   torch: R_b {t['R_b']:.2f}; fg normal {t['torch_fg_normal']['t_s'] * 1e3:.2f} ms (fg/bp {t['torch_fg_normal']['fg_over_bp']:.2f}); "
+            f"fg rademacher {t['torch_fg_rademacher']['t_s'] * 1e3:.2f} ms"
+        )
     bm = (res.get("memory") or {}).get("backprop") or {}
-    lines.append(f"   backprop temp {bm.get('temp_bytes', 0)/2**20:.1f} MB")
+    lines.append(f"   backprop temp {bm.get('temp_bytes', 0) / 2**20:.1f} MB")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax._tangents import TangentFn, get_sampler, resolve_tangent
+from fgrad_jax import _random
+from fgrad_jax._tangents import HASHED, TangentFn, get_sampler, resolve_tangent
 
 Array = jax.Array
 ArgNums = int | Sequence[int]
@@ -23,8 +24,10 @@ def check_num_tangents(num_tangents: Any) -> int:
             "num_tangents must be a static Python int, not a traced value. With "
             "optax.inject_hyperparams pass static_args=('num_tangents',)."
         )
-    if isinstance(num_tangents, jax.Array | np.ndarray) and num_tangents.shape == () and (
-        jnp.issubdtype(num_tangents.dtype, jnp.integer)
+    if (
+        isinstance(num_tangents, jax.Array | np.ndarray)
+        and num_tangents.shape == ()
+        and (jnp.issubdtype(num_tangents.dtype, jnp.integer))
     ):
         num_tangents = int(num_tangents)
     if isinstance(num_tangents, bool) or not isinstance(num_tangents, (int, np.integer)):
@@ -84,6 +87,21 @@ def _check_scalar(out: Any, fn_name: str) -> Array:
     return out
 
 
+def _combine(derivs: Array, tangents: Array, scale: Array) -> Array:
+    """(1/K) Σ_k d_k v_k in float32, as an unrolled elementwise sum for small K.
+
+    An explicit sum (rather than a tensordot over K) stays one elementwise expression, which
+    XLA fuses with the tangent draw and the optimizer's update.
+    """
+    k = tangents.shape[0]
+    if k > 16:
+        return jnp.tensordot(derivs, tangents.astype(jnp.float32), axes=1) * scale
+    acc = derivs[0] * tangents[0].astype(jnp.float32)
+    for i in range(1, k):
+        acc = acc + derivs[i] * tangents[i].astype(jnp.float32)
+    return acc * scale if k > 1 else acc
+
+
 def estimate_forward_grad(
     fun: Callable,
     key: Array,
@@ -101,7 +119,9 @@ def estimate_forward_grad(
     argnum_tuple, is_tuple = _normalise_argnums(argnums)
     for a in argnum_tuple:
         if not -len(args) <= a < len(args):
-            raise ValueError(f"argnums={argnums!r} is out of range for {len(args)} positional args.")
+            raise ValueError(
+                f"argnums={argnums!r} is out of range for {len(args)} positional args."
+            )
     diff = tuple(args[a] for a in argnum_tuple)
     leaves, treedef = jax.tree_util.tree_flatten(diff)
     float_index = [i for i, leaf in enumerate(leaves) if is_differentiable(leaf)]
@@ -112,11 +132,25 @@ def estimate_forward_grad(
             "(e.g. jnp.float32 arrays) or choose other argnums."
         )
     primals = [jnp.asarray(leaves[i]) for i in float_index]
-    sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
-    tangents32 = sampler(key, primals, num_tangents)
-    # The JVP needs tangents in the primal dtype; using the rounded values in the
-    # estimate too keeps it consistent with the derivative XLA actually computed.
-    tangents = [t.astype(p.dtype) for t, p in zip(tangents32, primals)]
+    shapes = [(num_tangents, *p.shape) for p in primals]
+    hashed = HASHED.get(tangent) if isinstance(tangent, str) else None
+    if hashed is not None:
+        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf.
+        seeds = _random.seed_words(key, len(primals))
+        tangents = [
+            hashed.draw(seeds[i], s).astype(p.dtype)
+            for i, (s, p) in enumerate(zip(shapes, primals))
+        ]
+        if not hashed.regenerate:
+            # An expensive draw (the Gaussian): compute it once into a buffer. Without the
+            # barrier XLA duplicates the elementwise draw into each of its consumers.
+            tangents = list(jax.lax.optimization_barrier(tangents))
+    else:
+        sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
+        tangents32 = sampler(key, primals, num_tangents)
+        # The JVP needs tangents in the primal dtype; using the rounded values in the
+        # estimate too keeps it consistent with the derivative XLA actually computed.
+        tangents = [t.astype(p.dtype) for t, p in zip(tangents32, primals)]
 
     def flat_fun(*float_leaves):
         new_leaves = list(leaves)
@@ -144,14 +178,23 @@ def estimate_forward_grad(
     # only the tangent work is batched over the K directions.
     value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
     derivs = derivs.astype(jnp.float32)
+    if hashed is not None and hashed.regenerate:
+        # Draw the tangents again where the estimate is consumed (bitwise the same values)
+        # instead of keeping all of them alive through the JVP: under jit the draw fuses
+        # into the optimizer's elementwise update. The barrier stops XLA from merging the
+        # two draws back into one stored buffer.
+        seeds_again = jax.lax.optimization_barrier(seeds)
+        est_tangents = [
+            hashed.draw(seeds_again[i], s).astype(p.dtype)
+            for i, (s, p) in enumerate(zip(shapes, primals))
+        ]
+    else:
+        est_tangents = tangents
     scale = jnp.float32(1.0 / num_tangents)
     grads_float = [
-        (jnp.tensordot(derivs, t.astype(jnp.float32), axes=1) * scale).astype(p.dtype)
-        for t, p in zip(tangents, primals)
+        _combine(derivs, t, scale).astype(p.dtype) for t, p in zip(est_tangents, primals)
     ]
-    grad_leaves = [
-        jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
-    ]
+    grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
     for i, g in zip(float_index, grads_float):
         grad_leaves[i] = g
     grad = jax.tree_util.tree_unflatten(treedef, grad_leaves)
@@ -207,8 +250,14 @@ def value_and_forward_grad(
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
         est = estimate_forward_grad(
-            fun, key, args, kwargs, argnums=argnums, num_tangents=num_tangents,
-            tangent=tangent, has_aux=has_aux,
+            fun,
+            key,
+            args,
+            kwargs,
+            argnums=argnums,
+            num_tangents=num_tangents,
+            tangent=tangent,
+            has_aux=has_aux,
         )
         if has_aux:
             return (est.value, est.aux), est.grad
@@ -258,8 +307,14 @@ def forward_grad(
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
         est = estimate_forward_grad(
-            fun, key, args, kwargs, argnums=argnums, num_tangents=num_tangents,
-            tangent=tangent, has_aux=has_aux,
+            fun,
+            key,
+            args,
+            kwargs,
+            argnums=argnums,
+            num_tangents=num_tangents,
+            tangent=tangent,
+            has_aux=has_aux,
         )
         if has_aux:
             return est.grad, est.aux
