@@ -20,3 +20,7 @@ __all__ = [
     "nnx_value_fn",
     "value_and_forward_grad",
 ]
+
+from fgrad_jax._lowrank import lowrank  # noqa: E402
+
+__all__ += ["lowrank"]

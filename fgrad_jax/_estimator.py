@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax import _random
-from fgrad_jax._tangents import HASHED, TangentFn, get_sampler, resolve_tangent
+from fgrad_jax import _lowrank, _random
+from fgrad_jax._tangents import HASHED, TangentFn, as_lowrank, get_sampler, resolve_tangent
 
 Array = jax.Array
 ArgNums = int | Sequence[int]
@@ -134,17 +134,20 @@ def estimate_forward_grad(
     primals = [jnp.asarray(leaves[i]) for i in float_index]
     shapes = [(num_tangents, *p.shape) for p in primals]
     hashed = HASHED.get(tangent) if isinstance(tangent, str) else None
-    if hashed is not None:
+    lowrank_spec = as_lowrank(tangent)
+    if lowrank_spec is not None:
+        seeds = _random.seed_words(key, len(primals))
+        drawn = _lowrank.draw_lowrank(seeds, primals, num_tangents, lowrank_spec.rank)
+        tangents = [d[1:] if d[0] == "lowrank" else (d[1],) for d in drawn]
+    elif hashed is not None:
         # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf.
         seeds = _random.seed_words(key, len(primals))
-        tangents = [
-            hashed.draw(seeds[i], s).astype(p.dtype)
-            for i, (s, p) in enumerate(zip(shapes, primals))
-        ]
+        tangents = [hashed.draw(seeds[i], s) for i, s in enumerate(shapes)]
         if not hashed.regenerate:
-            # An expensive draw (the Gaussian): compute it once into a buffer. Without the
-            # barrier XLA duplicates the elementwise draw into each of its consumers.
-            tangents = list(jax.lax.optimization_barrier(tangents))
+            # An expensive draw (the Gaussian): compute it once into a buffer; otherwise XLA
+            # duplicates the elementwise draw into each of its consumers.
+            tangents = [_random.materialize(t, seeds[i]) for i, t in enumerate(tangents)]
+        tangents = [t.astype(p.dtype) for t, p in zip(tangents, primals)]
     else:
         sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
         tangents32 = sampler(key, primals, num_tangents)
@@ -174,10 +177,29 @@ def estimate_forward_grad(
         value, deriv, aux = jax.jvp(flat_fun, tuple(primals), tangent_leaves, has_aux=True)
         return value, deriv, aux
 
+    def one_lowrank_direction(*factors):
+        tans = [
+            _lowrank.LowRankTangent(f[0], f[1], p.shape, p.dtype)
+            if len(f) == 2
+            else f[0].astype(p.dtype)
+            for f, p in zip(factors, primals)
+        ]
+        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, tans)
+        return value, deriv, aux
+
     # The primal does not depend on the tangent, so under vmap it is computed once and
     # only the tangent work is batched over the K directions.
-    value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
+    if lowrank_spec is not None:
+        value, derivs, aux = jax.vmap(one_lowrank_direction, out_axes=(None, 0, None))(*tangents)
+    else:
+        value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
     derivs = derivs.astype(jnp.float32)
+    if lowrank_spec is not None:
+        grads_float = [
+            _lowrank.combine_lowrank(derivs, d, p, lowrank_spec.rank)
+            for d, p in zip(drawn, primals)
+        ]
+        return _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs)
     if hashed is not None and hashed.regenerate:
         # Draw the tangents again where the estimate is consumed (bitwise the same values)
         # instead of keeping all of them alive through the JVP: under jit the draw fuses
@@ -194,6 +216,10 @@ def estimate_forward_grad(
     grads_float = [
         _combine(derivs, t, scale).astype(p.dtype) for t, p in zip(est_tangents, primals)
     ]
+    return _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs)
+
+
+def _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs) -> _Estimate:
     grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
     for i, g in zip(float_index, grads_float):
         grad_leaves[i] = g

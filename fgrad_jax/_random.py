@@ -162,6 +162,20 @@ def neg_ndtri_lower(p: Array) -> Array:
     return f32(math.sqrt(2)) * x * jnp.where(w < f32(5), central, tail)
 
 
+def materialize(x: Array, seed: Array) -> Array:
+    """Returns ``x`` unchanged, through one floating divide so that XLA stores it.
+
+    XLA:CPU removes ``optimization_barrier`` before fusion and happily duplicates cheap
+    elementwise producers into every consumer; for an expensive draw (the Gaussian) that
+    means recomputing it per use, and for low-rank factors recomputing each factor entry
+    for every kernel element. A divide is an "expensive" op that XLA does not duplicate
+    into a broadcasting consumer, so the draw is computed once into a buffer. Scaling by a
+    power of two and back is exact: the values are bitwise unchanged.
+    """
+    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(jnp.float32)  # 1.0 or 2.0
+    return (x * two) / two
+
+
 def normal(seed: Array, shape: tuple[int, ...]) -> Array:
     """Standard normal float32 draws of ``shape``: inverse CDF of hashed bits."""
     h = hash_bits(seed, shape)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from fgrad_jax import _random
+from fgrad_jax import _lowrank, _random
 
 Array = jax.Array
 
@@ -129,7 +129,24 @@ def _sample_orthogonal(key: Array, leaves: Sequence[Array], num_tangents: int) -
     return out
 
 
+def _sample_lowrank(
+    key: Array, leaves: Sequence[Array], num_tangents: int, rank: int = 1
+) -> list[Array]:
+    """Dense view of the low-rank tangents (the estimator itself never forms them)."""
+    seeds = _random.seed_words(key, len(leaves))
+    out = []
+    for (kind, *f), leaf in zip(_lowrank.draw_lowrank(seeds, leaves, num_tangents, rank), leaves):
+        if kind == "dense":
+            out.append(f[0])
+        else:
+            u, w = f
+            v = jnp.einsum("kmr,knr->kmn", u, w) * jnp.float32(1 / math.sqrt(rank))
+            out.append(v.reshape((num_tangents, *leaf.shape)))
+    return out
+
+
 TANGENTS: dict[str, Sampler] = {
+    "lowrank": _sample_lowrank,
     "normal": _sample_normal,
     "rademacher": _sample_rademacher,
     "sphere": _sample_sphere,
@@ -162,8 +179,19 @@ def _user_sampler(fn: TangentFn, tree: Any, float_index: Sequence[int]) -> Sampl
     return sampler
 
 
+def as_lowrank(tangent: Any) -> _lowrank.LowRank | None:
+    """The low-rank spec of ``tangent`` (``"lowrank"`` is rank 1), or None."""
+    if isinstance(tangent, _lowrank.LowRank):
+        return tangent
+    if isinstance(tangent, str) and tangent == "lowrank":
+        return _lowrank.LowRank(1)
+    return None
+
+
 def resolve_tangent(tangent: str | TangentFn) -> str | TangentFn:
     """Validates ``tangent`` early, so a typo fails at construction, not at the first step."""
+    if isinstance(tangent, _lowrank.LowRank):
+        return tangent
     if isinstance(tangent, str):
         if tangent not in TANGENTS:
             raise ValueError(
