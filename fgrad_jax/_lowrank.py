@@ -9,7 +9,7 @@
 so ``E[V_ij V_i'j'] = (1/r) Σ_a E[u_ia u_i'a] E[w_ja w_j'a] = δ_ii' δ_jj'``: ``E[v vᵀ] = I``
 and the estimate ``(∇f·v) v`` stays unbiased. Every other floating leaf gets a Gaussian
 tangent. (The components of V are uncorrelated but not independent, and ``E V_ij⁴ = 9``
-for r = 1 (``(1 + 2/r)²`` in general), so the estimate's variance is higher than with dense
+for r = 1 (``3 + 6/r`` in general), so the estimate's variance is higher than with dense
 Gaussian tangents; its point is cost.)
 
 The JVP never materialises V. :func:`lowrank_jvp` evaluates the function's jaxpr with an
