@@ -27,13 +27,13 @@ import json
 import time
 from pathlib import Path
 
+import _common as C
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import _common as C
 from fgrad_jax import datasets
 
 
@@ -101,6 +101,11 @@ class ClassifyConfig:
         tune_steps: Iterations of the sweep runs (0: ``steps``).
         runtime_rounds: Rounds of the R_f/R_b measurement.
         checkpoint_every: Checkpoint every this many chunks (0: no checkpoints).
+        run_axis: ``"vmap"`` (seeds as one vectorised program) or ``"map"`` (a
+            ``lax.map`` loop in one program).
+        scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
+            over one compiled step (the CNN on CPU: XLA:CPU runs convolution backward
+            passes inside loops ~40x slower than outside).
         seed: Base seed.
     """
 
@@ -122,6 +127,8 @@ class ClassifyConfig:
     tune_steps: int = 0
     runtime_rounds: int = 15
     checkpoint_every: int = 4
+    run_axis: str = "vmap"
+    scan: bool = True
     seed: int = 0
 
 
@@ -147,29 +154,30 @@ PRESETS: dict[str, dict[str, ClassifyConfig]] = {
                                  chunk=250, log_every=10, smooth_window=100,
                                  tune_factors=(0.1, 1.0, 10.0, 30.0), tune_seeds=2,
                                  runtime_rounds=15, checkpoint_every=2),
-        "mlp": ClassifyConfig("mlp", "digits", lrs=(2e-3,), steps=600, seeds=2,
+        "mlp": ClassifyConfig("mlp", "digits", lrs=(2e-4,), steps=500, seeds=2,
                               chunk=100, log_every=10, smooth_window=50,
-                              tune_factors=(0.1, 1.0, 10.0), tune_seeds=1,
-                              runtime_rounds=10, checkpoint_every=2),
-        "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-3,), steps=300, seeds=2,
+                              tune_factors=(0.1, 1.0, 10.0, 100.0), tune_seeds=1,
+                              tune_steps=300, runtime_rounds=10, checkpoint_every=2),
+        "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-4,), steps=150, seeds=2,
                               chunk=50, log_every=5, smooth_window=30,
-                              tune_factors=(0.1, 1.0, 10.0), tune_seeds=1,
-                              runtime_rounds=8, checkpoint_every=2),
+                              tune_factors=(1.0, 10.0, 100.0), tune_seeds=1,
+                              tune_steps=100, runtime_rounds=8, checkpoint_every=2,
+                              run_axis="vmap", scan=False),
     },
     # Tiny: for the tests.
     "test": {
-        "logreg": ClassifyConfig("logreg", "digits", lrs=(1e-2,), steps=200, seeds=2,
+        "logreg": ClassifyConfig("logreg", "digits", lrs=(3e-2,), steps=100, seeds=2,
                                  chunk=50, log_every=10, smooth_window=20,
-                                 tune_factors=(1.0, 10.0), tune_seeds=1, runtime_rounds=3,
+                                 tune_factors=(1.0, 3.0), tune_seeds=1, runtime_rounds=2,
                                  checkpoint_every=1),
-        "mlp": ClassifyConfig("mlp", "digits", lrs=(2e-3,), steps=40, seeds=2, width=64,
+        "mlp": ClassifyConfig("mlp", "digits", lrs=(5e-3,), steps=40, seeds=2, width=64,
                               chunk=20, log_every=5, smooth_window=10,
-                              tune_factors=(1.0, 10.0), tune_seeds=1, runtime_rounds=3,
-                              checkpoint_every=1),
-        "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-3,), steps=20, seeds=2, channels=8,
-                              chunk=10, log_every=5, smooth_window=5,
-                              tune_factors=(1.0, 10.0), tune_seeds=1, runtime_rounds=3,
-                              checkpoint_every=1),
+                              tune_factors=(1.0, 3.0), tune_seeds=1, runtime_rounds=2,
+                              checkpoint_every=0),
+        "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-2,), steps=20, seeds=2, channels=8,
+                              chunk=10, log_every=5, smooth_window=5, run_axis="vmap",
+                              scan=False, tune_factors=(1.0, 3.0), tune_seeds=1,
+                              runtime_rounds=2, checkpoint_every=0),
     },
 }
 
@@ -270,6 +278,7 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir, checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every), progress=progress,
         stop_after_chunks=stop_after_chunks, desc=f"{cfg.name} shared lr",
+        run_axis=cfg.run_axis, scan=cfg.scan,
     )
     if res is None:
         return None
@@ -327,7 +336,8 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
          C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds)],
         loss_fn, init_params, sample_batch, num_steps=steps, decay_k=cfg.decay_k,
         chunk=min(cfg.chunk, steps), log_every=cfg.log_every, out_dir=run_dir,
-        progress=progress, desc=f"{cfg.name} lr sweep",
+        progress=progress, desc=f"{cfg.name} lr sweep", run_axis=cfg.run_axis,
+        scan=cfg.scan,
     )
     t = C.pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
     t["steps"] = steps

@@ -286,6 +286,8 @@ def train_arms(
     stop_after_chunks: int | None = None,
     progress: bool = True,
     desc: str = "",
+    run_axis: str = "vmap",
+    scan: bool = True,
 ) -> dict[str, ArmResult] | None:
     """Trains the arms side by side, chunk by chunk, interleaved and timed.
 
@@ -313,6 +315,12 @@ def train_arms(
             returns ``None`` then. For testing resume.
         progress: Show a tqdm progress bar.
         desc: Progress-bar label.
+        run_axis: ``"vmap"`` (all runs of an arm as one vectorised program) or ``"map"``
+            (one compiled program looping over the runs with ``lax.map``; use it for
+            convolutions on CPU, where vmapping over parameters gives slow grouped
+            convolutions). Both give the same numbers.
+        scan: Run a chunk as one compiled ``lax.scan`` (default) or as ``chunk`` calls of
+            one compiled step from Python (for the CNN on CPU, see the comment inside).
 
     Returns:
         ``{arm.name: ArmResult}``, or ``None`` if stopped early.
@@ -351,18 +359,48 @@ def train_arms(
         state[arm.name] = st
         step = make_step(arm.method, loss_fn, decay_k)
 
-        def run_one(lr, p, s, dkey, start, step=step):
+        def one_step(lr, p, s, dkey, i, step=step):
+            batch = None if sample_batch is None else sample_batch(jax.random.fold_in(dkey, i))
+            p, s, value = step(lr, p, s, batch)
+            flat = jax.flatten_util.ravel_pytree(p)[0] if record_params else jnp.zeros(())
+            return p, s, value.astype(jnp.float32), flat
+
+        def run_one(lr, p, s, dkey, start, one_step=one_step):
             def body(carry, i):
-                p, s = carry
-                batch = None if sample_batch is None else sample_batch(jax.random.fold_in(dkey, i))
-                p, s, value = step(lr, p, s, batch)
-                flat = jax.flatten_util.ravel_pytree(p)[0] if record_params else jnp.zeros(())
-                return (p, s), (value.astype(jnp.float32), flat)
+                p, s, value, flat = one_step(lr, *carry, dkey, i)
+                return (p, s), (value, flat)
 
             (p, s), (vals, flats) = jax.lax.scan(body, (p, s), start + jnp.arange(chunk))
             return p, s, vals, flats
 
-        chunk_fn = jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None)))
+        if run_axis == "vmap":
+            batched_one = jax.vmap(one_step, in_axes=(0, 0, 0, 0, None))
+            chunk_fn = jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None)))
+        elif run_axis == "map":
+            def batched_one(lrs, p, s, dkeys, i, one_step=one_step):
+                return jax.lax.map(lambda a: one_step(*a, i), (lrs, p, s, dkeys))
+
+            def chunk_fn_map(lrs, p, s, dkeys, start, run_one=run_one):
+                return jax.lax.map(lambda a: run_one(*a, start), (lrs, p, s, dkeys))
+
+            chunk_fn = jax.jit(chunk_fn_map)
+        else:
+            raise ValueError(f"run_axis must be 'vmap' or 'map'; got {run_axis!r}.")
+        if not scan:
+            # One compiled step, called `chunk` times from Python (XLA:CPU runs the
+            # backward pass of convolutions inside a while loop ~40x slower).
+            step_c = jax.jit(batched_one).lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
+
+            def chunk_fn_py(lrs, p, s, dkeys, start, step_c=step_c):
+                vals, flats = [], []
+                for j in range(chunk):
+                    p, s, v, f = step_c(lrs, p, s, dkeys, np.int32(start + j))
+                    vals.append(v)
+                    flats.append(f)
+                return p, s, jnp.stack(vals, axis=1), jnp.stack(flats, axis=1)
+
+            compiled[arm.name] = (chunk_fn_py, lrs, dkeys)
+            continue
         compiled[arm.name] = (
             chunk_fn.lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile(),
             lrs,
@@ -404,7 +442,7 @@ def train_arms(
             fn, lrs, dkeys = compiled[arm.name]
             s = state[arm.name]
             t0 = time.perf_counter()
-            p, o, vals, flats = fn(lrs, s["params"], s["opt_state"], dkeys, jnp.int32(c * chunk))
+            p, o, vals, flats = fn(lrs, s["params"], s["opt_state"], dkeys, np.int32(c * chunk))
             jax.block_until_ready((p, o, vals))
             dt = time.perf_counter() - t0
             s["params"], s["opt_state"] = p, o
@@ -527,7 +565,7 @@ def summarise_pair(
 def _memory(compiled) -> dict | None:
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
+    except Exception:
         return None
     if m is None:
         return None
@@ -543,7 +581,7 @@ def device_peak_bytes() -> int | None:
     """The device's peak memory in use so far (``None`` where unsupported, e.g. CPU)."""
     try:
         stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
@@ -646,7 +684,6 @@ def num_params(params: PyTree) -> int:
 
 # jax.flatten_util is a submodule that is not imported by ``import jax``.
 import jax.flatten_util  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- tuning / text
 

@@ -14,11 +14,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import _common as C
 
 
 def beale(p: jax.Array) -> jax.Array:

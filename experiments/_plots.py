@@ -7,10 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import _common as C  # noqa: E402
+import _common as C
+import matplotlib.pyplot as plt
+import numpy as np
 
 COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
 LABELS = {"fgd": "forward gradient (FGD)", "sgd": "backprop (SGD/GD)"}
@@ -68,10 +67,9 @@ def plot_loss(out: Path, name: str, entry: dict) -> Path:
 
 def plot_function(out: Path, name: str, entry: dict) -> Path:
     """Contour plot of a 2-D function with the FGD and GD trajectories."""
-    from _functions import FUNCTIONS, MINIMA, WINDOWS
-
     import jax
     import jax.numpy as jnp
+    from _functions import FUNCTIONS, MINIMA, WINDOWS
 
     fn = FUNCTIONS[name]
     (x0, x1), (y0, y1) = WINDOWS[name]

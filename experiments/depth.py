@@ -16,11 +16,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import optax
-
-import _common as C
 from _classify import MLP
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _classify  # noqa: E402
-import _common as C  # noqa: E402
-import _functions  # noqa: E402
-import _plots  # noqa: E402
-import _report  # noqa: E402
-import depth as _depth  # noqa: E402
+import _classify
+import _common as C
+import _functions
+import _plots
+import _report
+import depth as _depth
 
 EXPERIMENTS = ("beale", "rosenbrock", "logreg", "mlp", "cnn")
 
