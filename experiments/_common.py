@@ -98,12 +98,22 @@ def environment(config: Any = None) -> dict:
             return None
 
     dev = jax.devices()[0]
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
     return {
-        "device": f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}",
+        "device": dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform
+        else f"{dev.platform}: {dev.device_kind}",
         "num_devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model,
         "python": sys.version.split()[0],
         "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
@@ -507,6 +517,20 @@ def smooth(curve: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def diverged(losses: np.ndarray) -> np.ndarray:
+    """Which runs (rows of ``losses``) have a non-finite loss at some step."""
+    return ~np.isfinite(np.asarray(losses)).all(axis=1)
+
+
+def mean_curve(losses: np.ndarray) -> np.ndarray:
+    """Mean loss curve over the runs that did not diverge (all ``inf`` if none is left)."""
+    losses = np.asarray(losses, np.float64)
+    ok = ~diverged(losses)
+    if not ok.any():
+        return np.full(losses.shape[1], np.inf)
+    return losses[ok].mean(axis=0)
+
+
 def first_crossing(curve: np.ndarray, threshold: float) -> int | None:
     """Index of the first element ``<= threshold`` (``None`` if never)."""
     hits = np.nonzero(np.asarray(curve) <= threshold)[0]
@@ -518,8 +542,8 @@ def summarise_pair(
 ) -> dict:
     """Initial/final losses and time/iterations to a common loss threshold.
 
-    The curves are the per-step training losses averaged over the runs and smoothed with
-    a trailing moving average. Unless given, the threshold is the higher of the two final
+    The curves are the per-step training losses averaged over the runs that did not
+    diverge (their number is reported) and smoothed with a trailing moving average. Unless given, the threshold is the higher of the two final
     smoothed losses -- a level both methods reach. ``T_f``/``T_b`` are the measured wall
     times (of the vmapped program of all runs, compilation excluded) at the first step the
     smoothed curve is at or below the threshold.
@@ -533,8 +557,8 @@ def summarise_pair(
     Returns:
         A JSON-friendly dict.
     """
-    cf = smooth(np.nanmean(fgd.losses, axis=0), smooth_window)
-    cb = smooth(np.nanmean(sgd.losses, axis=0), smooth_window)
+    cf = smooth(mean_curve(fgd.losses), smooth_window)
+    cb = smooth(mean_curve(sgd.losses), smooth_window)
     final_f, final_b = float(cf[-1]), float(cb[-1])
     if threshold is None:
         threshold = max(final_f, final_b)
@@ -556,6 +580,8 @@ def summarise_pair(
         "time_per_iter_fgd": fgd.wall_time / fgd.losses.shape[1],
         "time_per_iter_sgd": sgd.wall_time / sgd.losses.shape[1],
         "runs": int(fgd.losses.shape[0]),
+        "diverged_runs_fgd": int(diverged(fgd.losses).sum()),
+        "diverged_runs_sgd": int(diverged(sgd.losses).sum()),
     }
 
 
@@ -699,7 +725,7 @@ def pick_tuned(
 
     ``results`` holds arms ``"tune_fgd"`` and ``"tune_sgd"`` whose runs are ordered
     ``lr``-major (``runs_per_lr`` seeds per learning rate). A learning rate's score is the
-    final smoothed training loss averaged over its seeds (diverged: ``inf``). With each
+    final smoothed training loss averaged over its seeds (``inf`` if any seed diverged). With each
     method at its best rate, the threshold is the higher of the two final losses, and
     ``T = iterations to threshold x median time of one iteration`` (from
     :func:`measure_runtime`), since the sweep's runs share one vmapped program.
@@ -720,10 +746,12 @@ def pick_tuned(
         losses = results[f"tune_{m}"].losses.reshape(len(lrs), runs_per_lr, -1)
         finals, cs = [], []
         for li in range(len(lrs)):
-            c = smooth(np.nanmean(losses[li], axis=0), smooth_window)
+            c = smooth(mean_curve(losses[li]), smooth_window)
             cs.append(c)
             v = float(c[-1])
-            finals.append(v if math.isfinite(v) else math.inf)
+            # A rate at which any seed diverges does not count as tuned.
+            bad = diverged(losses[li]).any() or not math.isfinite(v)
+            finals.append(math.inf if bad else v)
         best = int(np.argmin(finals))
         out["final_loss"][m] = finals
         out["best_lr"][m] = float(lrs[best])

@@ -110,17 +110,26 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, names):
         t = experiments[n]["tuned"]
+        finite = [v for m in ("fgd", "sgd") for v in t["final_loss"][m]
+                  if v is not None and np.isfinite(v)]
+        top = max(finite) if finite else 1.0
         for m in ("fgd", "sgd"):
             y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
             ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=m)
+            bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
+            if bad:
+                ax.plot(bad, [top] * len(bad), "x", color=COLORS[m], ms=9, mew=2,
+                        label=f"{m} diverged")
             ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(n)
         ax.set_xlabel("initial learning rate")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final training loss")
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
     fig.tight_layout()
     path = out / "tuned_sweeps.png"

@@ -49,7 +49,8 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     cfg = env.get("config", {})
     L = []
     L.append("# Forward gradients vs backprop: reproduction report\n")
-    L.append(f"Preset **{cfg.get('preset', '?')}** on **{env['device']}** "
+    L.append(f"Preset **{cfg.get('preset', '?')}** on **{env['device']}**"
+             f"{' (' + env['cpu_model'] + ')' if env.get('cpu_model') else ''} "
              f"({env.get('cpu_count')} CPU cores visible, {env['platform']}); jax {env['jax']}, "
              f"flax {env['flax']}, optax {env['optax']}, fgrad_jax {env['fgrad_jax']}, "
              f"commit `{(env.get('git_commit') or '?')[:12]}`"
@@ -64,7 +65,8 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
              "the trend, not the value. Definitions: R = time of one iteration / time of one "
              "evaluation of f (medians of interleaved rounds in one process, warmed up, "
              "compilation excluded); T = wall time until the smoothed mean training loss first "
-             "reaches a common threshold (the higher of the two methods' final losses).\n")
+             "reaches a common threshold (the higher of the two methods' final losses); runs whose "
+             "loss became non-finite count as diverged and are left out of the mean curve.\n")
 
     L.append("## Cost per iteration\n")
     L.append("| experiment | params | R_f | R_b | R_f/R_b | paper R_f | paper R_b | paper R_f/R_b "
@@ -85,7 +87,7 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     L.append("Both methods at the same initial learning rate (the paper's protocol; the paper's "
              "rates in the paper preset). This favours FGD: the rate is one at which FGD is "
              "stable, usually far below backprop's best.\n")
-    L.append("| experiment | data | lr | runs | initial loss | final FGD | final BP | threshold "
+    L.append("| experiment | data | lr | runs (diverged FGD/BP) | initial loss | final FGD | final BP | threshold "
              "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b | paper T_f/T_b | test acc FGD / BP |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, e in exps.items():
@@ -94,7 +96,8 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             pt, note = _paper_t(n, s.get("lr"))
             acc = (f"{_fmt(s['test_accuracy_fgd'])} / {_fmt(s['test_accuracy_sgd'])}"
                    if "test_accuracy_fgd" in s else "-")
-            L.append(f"| {n} | {data} | {s['lr']:g} | {s['runs']} | {_fmt(s['initial_loss'])} | "
+            div = f"{s.get('diverged_runs_fgd', 0)}/{s.get('diverged_runs_sgd', 0)}"
+            L.append(f"| {n} | {data} | {s['lr']:g} | {s['runs']} ({div}) | {_fmt(s['initial_loss'])} | "
                      f"{_fmt(s['final_loss_fgd'])} | {_fmt(s['final_loss_sgd'])} | "
                      f"{_fmt(s['threshold'])} | {s['iters_to_threshold_fgd']} / "
                      f"{s['iters_to_threshold_sgd']} | {_fmt(s['T_f'])} | {_fmt(s['T_b'])} | "
