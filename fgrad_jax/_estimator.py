@@ -140,14 +140,10 @@ def estimate_forward_grad(
         drawn = _lowrank.draw_lowrank(seeds, primals, num_tangents, lowrank_spec.rank)
         tangents = [d[1:] if d[0] == "lowrank" else (d[1],) for d in drawn]
     elif hashed is not None:
-        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf.
+        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf and
+        # drawn lazily, right before the operation that first uses them (one_hashed_direction).
         seeds = _random.seed_words(key, len(primals))
-        tangents = [hashed.draw(seeds[i], s) for i, s in enumerate(shapes)]
-        if not hashed.regenerate:
-            # An expensive draw (the Gaussian): compute it once into a buffer; otherwise XLA
-            # duplicates the elementwise draw into each of its consumers.
-            tangents = [_random.materialize(t, seeds[i]) for i, t in enumerate(tangents)]
-        tangents = [t.astype(p.dtype) for t, p in zip(tangents, primals)]
+        tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
     else:
         sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
         tangents32 = sampler(key, primals, num_tangents)
@@ -187,10 +183,32 @@ def estimate_forward_grad(
         (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, tans)
         return value, deriv, aux
 
+    def draw_one(i, k, zero):
+        p = primals[i]
+        offset = k * np.uint32(max(p.size, 1))
+        t = hashed.draw(seeds[i] ^ zero, p.shape, offset)
+        if not hashed.regenerate:
+            # An expensive draw (the Gaussian): computed once into a buffer; otherwise XLA
+            # duplicates the elementwise draw into each of its consumers.
+            t = _random.materialize(t, seeds[i])
+        return t.astype(p.dtype)
+
+    def one_hashed_direction(k):
+        lazy = [
+            _lowrank.LazyTangent(functools.partial(draw_one, i, k)) for i in range(len(primals))
+        ]
+        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, lazy)
+        drawn = [] if hashed.regenerate else [t.materialize() for t in lazy]
+        return value, deriv, aux, drawn
+
     # The primal does not depend on the tangent, so under vmap it is computed once and
     # only the tangent work is batched over the K directions.
     if lowrank_spec is not None:
         value, derivs, aux = jax.vmap(one_lowrank_direction, out_axes=(None, 0, None))(*tangents)
+    elif hashed is not None:
+        value, derivs, aux, tangents = jax.vmap(one_hashed_direction, out_axes=(None, 0, None, 0))(
+            *tangents
+        )
     else:
         value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
     derivs = derivs.astype(jnp.float32)
@@ -203,9 +221,12 @@ def estimate_forward_grad(
     if hashed is not None and hashed.regenerate:
         # Draw the tangents again where the estimate is consumed (bitwise the same values)
         # instead of keeping all of them alive through the JVP: under jit the draw fuses
-        # into the optimizer's elementwise update. The barrier stops XLA from merging the
-        # two draws back into one stored buffer.
-        seeds_again = jax.lax.optimization_barrier(seeds)
+        # into the optimizer's elementwise update. XLA:CPU drops optimization barriers
+        # before fusion, so to stop CSE from merging the two draws back into one stored
+        # buffer the second draw's seeds get a data dependence on the derivatives that is
+        # always zero but not provably so (x & (x ^ 1) for a bit x). It also orders the
+        # redraw after the JVP, so no tangent of one layer lives across the others.
+        seeds_again = seeds ^ _random.fake_zero(derivs)
         est_tangents = [
             hashed.draw(seeds_again[i], s).astype(p.dtype)
             for i, (s, p) in enumerate(zip(shapes, primals))

@@ -97,11 +97,39 @@ class LowRankTangent:
         return v.reshape(self.shape).astype(self.dtype)
 
 
+class LazyTangent:
+    """A dense tangent drawn where it is first used: ``make(zero)`` with a fake zero that
+    depends on another input of the consuming operation (``_random.fake_zero``).
+
+    Drawing every tangent up front lets XLA's scheduler keep all of them alive through the
+    whole JVP (working memory grows with depth); a lazy tangent is drawn right before the
+    layer that uses it.
+    """
+
+    def __init__(self, make: Callable[[Array], Array]):
+        self.make = make
+        self.value: Array | None = None
+
+    def materialize(self, anchor: Array | None = None) -> Array:
+        if self.value is None:
+            self.value = self.make(_random.fake_zero(anchor))
+        return self.value
+
+
 STATS = {"structured": 0, "fallback_densified": 0}
 
 
 def _dense(t):
+    if isinstance(t, LazyTangent):
+        return t.materialize()
     return t.dense() if isinstance(t, LowRankTangent) else t
+
+
+def _is_anchor(p) -> bool:
+    dtype = getattr(p, "dtype", None)
+    if dtype is None or getattr(p, "size", 0) == 0:
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_)
 
 
 def _scale(r: int) -> np.float32:
@@ -209,14 +237,21 @@ def _eval(jaxpr, consts, primals, tangents):
         ps = [a for a, _ in ins]
         ts = [b for _, b in ins]
         name = eqn.primitive.name
+        inline = (name in _INLINE and "jaxpr" in eqn.params) or (
+            name == "closed_call" and "call_jaxpr" in eqn.params
+        )
+        if not inline and any(isinstance(t, LazyTangent) for t in ts):
+            anchor = next(
+                (p for p, t in zip(ps, ts) if not isinstance(t, LazyTangent) and _is_anchor(p)),
+                None,
+            )
+            ts = [t.materialize(anchor) if isinstance(t, LazyTangent) else t for t in ts]
         if all(t is None for t in ts):
             subfuns, bind_params = _bind_params(eqn)
             out = eqn.primitive.bind(*subfuns, *ps, **bind_params)
             outs = list(out) if eqn.primitive.multiple_results else [out]
             touts = [None] * len(outs)
-        elif (name in _INLINE and "jaxpr" in eqn.params) or (
-            name == "closed_call" and "call_jaxpr" in eqn.params
-        ):
+        elif inline:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
             inner_consts = closed.consts if hasattr(closed, "consts") else ()

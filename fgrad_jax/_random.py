@@ -59,8 +59,13 @@ def seed_words(key: Array, n: int) -> Array:
     return jax.random.bits(key, (n, 2), jnp.uint32)
 
 
-def hash_bits(seed: Array, shape: tuple[int, ...]) -> Array:
-    """32 random bits per element of ``shape``: ``lowbias32(c * (s1 | 1) + s0)``."""
+def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
+    """32 random bits per element of ``shape``: ``lowbias32(c * (s1 | 1) + s0)``.
+
+    ``c`` is the element's flat index plus ``offset`` (a uint32 scalar): tangent ``k`` of a
+    leaf of ``n`` elements is drawn with ``offset = k n``, bitwise equal to row ``k`` of the
+    ``(K, n)`` draw.
+    """
     size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(
@@ -72,12 +77,14 @@ def hash_bits(seed: Array, shape: tuple[int, ...]) -> Array:
         if len(shape) != 1
         else jax.lax.iota(jnp.uint32, size)
     )
+    if offset is not None:
+        c = c + offset
     return mix32(c * (seed[1] | _ONE) + seed[0])
 
 
-def rademacher(seed: Array, shape: tuple[int, ...]) -> Array:
+def rademacher(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
     """``±1`` float32 draws of ``shape`` (the hash's top bit)."""
-    h = hash_bits(seed, shape)
+    h = hash_bits(seed, shape, offset)
     bits = (h & np.uint32(0x80000000)) | np.uint32(0x3F800000)  # ±1.0f: sign bit + exponent
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
@@ -162,6 +169,19 @@ def neg_ndtri_lower(p: Array) -> Array:
     return f32(math.sqrt(2)) * x * jnp.where(w < f32(5), central, tail)
 
 
+def fake_zero(anchor: Array | None) -> Array:
+    """A uint32 zero that XLA cannot prove is zero, computed from ``anchor``'s first element.
+
+    Adding it to a seed makes a draw depend on ``anchor``: XLA then neither merges the draw
+    with an identical one elsewhere (CSE) nor schedules it before ``anchor`` exists.
+    """
+    if anchor is None or anchor.size == 0:
+        return np.uint32(0)
+    a = jnp.ravel(anchor)[0].astype(jnp.float32)
+    bit = jax.lax.bitcast_convert_type(a, jnp.uint32) >> np.uint32(31)
+    return bit & (bit ^ _ONE)
+
+
 def materialize(x: Array, seed: Array) -> Array:
     """Returns ``x`` unchanged, through one floating divide so that XLA stores it.
 
@@ -176,9 +196,9 @@ def materialize(x: Array, seed: Array) -> Array:
     return (x * two) / two
 
 
-def normal(seed: Array, shape: tuple[int, ...]) -> Array:
+def normal(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
     """Standard normal float32 draws of ``shape``: inverse CDF of hashed bits."""
-    h = hash_bits(seed, shape)
+    h = hash_bits(seed, shape, offset)
     # 23 high bits -> p = (2j + 1) 2**-25 in (0, 1/2), exactly representable.
     p = ((h >> np.uint32(9)) * np.uint32(2) + _ONE).astype(jnp.float32) * f32(2.0**-25)
     z = neg_ndtri_lower(p)
