@@ -112,8 +112,20 @@ class LazyTangent:
 
     def materialize(self, anchor: Array | None = None) -> Array:
         if self.value is None:
-            self.value = self.make(_random.fake_zero(anchor))
+            self.value = self.make(_random.fake_zero(anchor if anchor_lazy_draws() else None))
         return self.value
+
+
+def anchor_lazy_draws() -> bool:
+    """Whether lazy draws get a data dependence on the consuming operation's other input.
+
+    The anchor is one element of an activation. Under data parallelism (batch-sharded
+    activations) reading it costs a small all-reduce per layer, which would break the
+    forward gradient's "K+1 scalars per step" communication; so anchoring is only used when
+    a single device is visible. Without it XLA may draw all tangents up front, and the
+    step's working memory then holds all of them (about the size of the parameters).
+    """
+    return jax.device_count() == 1
 
 
 STATS = {"structured": 0, "fallback_densified": 0}

@@ -158,7 +158,7 @@ def test_optax_transform_aux_and_errors():
     for _ in range(200):
         p, state = step(p, state)
     assert _mlp_loss(p, x) < first
-    (val, aux), g = fgrad_jax.value_and_forward_grad(
+    (_val, aux), g = fgrad_jax.value_and_forward_grad(
         lambda q: (_mlp_loss(q, x), 3), tangent="lowrank", has_aux=True
     )(jax.random.key(0), p)
     assert aux == 3 and g["w1"].shape == (5, 4)
