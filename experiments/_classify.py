@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -104,8 +105,9 @@ class ClassifyConfig:
         run_axis: ``"vmap"`` (seeds as one vectorised program) or ``"map"`` (a
             ``lax.map`` loop in one program).
         scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
-            over one compiled step (the CNN on CPU: XLA:CPU runs convolution backward
-            passes inside loops ~40x slower than outside).
+            over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
+            because XLA:CPU runs convolution backward passes inside loops ~40x slower than
+            outside; ``lax.scan`` otherwise.
         seed: Base seed.
     """
 
@@ -128,7 +130,7 @@ class ClassifyConfig:
     runtime_rounds: int = 15
     checkpoint_every: int = 4
     run_axis: str = "vmap"
-    scan: bool = True
+    scan: bool | None = None
     seed: int = 0
 
 
@@ -163,7 +165,7 @@ PRESETS: dict[str, dict[str, ClassifyConfig]] = {
                               chunk=50, log_every=5, smooth_window=30,
                               tune_factors=(0.2, 2.0, 20.0), tune_seeds=1,
                               tune_steps=100, runtime_rounds=8, checkpoint_every=2,
-                              run_axis="vmap", scan=False),
+                              run_axis="vmap"),
     },
     # Tiny: for the tests.
     "test": {
@@ -177,7 +179,7 @@ PRESETS: dict[str, dict[str, ClassifyConfig]] = {
                               checkpoint_every=0),
         "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-2,), steps=20, seeds=2, channels=8,
                               chunk=10, log_every=5, smooth_window=5, run_axis="vmap",
-                              scan=False, tune_factors=(1.0, 3.0), tune_seeds=1,
+                              tune_factors=(1.0, 3.0), tune_seeds=1,
                               runtime_rounds=2, checkpoint_every=0),
     },
 }
@@ -238,6 +240,13 @@ def _accuracy(model, params_stacked, images, labels) -> list[float]:
     return [float(a) for a in acc(params_stacked)]
 
 
+def use_scan(cfg: ClassifyConfig) -> bool:
+    """Resolves ``cfg.scan`` (``None``: no ``lax.scan`` for the CNN on CPU)."""
+    if cfg.scan is not None:
+        return bool(cfg.scan)
+    return not (cfg.name == "cnn" and jax.default_backend() == "cpu")
+
+
 def config_hash(cfg: ClassifyConfig) -> str:
     """Short hash of the configuration (checkpoints of another config are never reused)."""
     return hashlib.sha256(json.dumps(C.to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
@@ -279,7 +288,7 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir, checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every), progress=progress,
         stop_after_chunks=stop_after_chunks, desc=f"{cfg.name} shared lr",
-        run_axis=cfg.run_axis, scan=cfg.scan,
+        run_axis=cfg.run_axis, scan=use_scan(cfg),
     )
     if res is None:
         return None
@@ -321,6 +330,7 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
                     "test": int(data.test_images.shape[0]),
                     "image_shape": list(data.train_images.shape[1:])},
         "model": repr(model),
+        "scan": use_scan(cfg),
         "wall_time_s": time.perf_counter() - t_start,
         "config": C.to_jsonable(cfg),
     }
@@ -338,7 +348,7 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
         loss_fn, init_params, sample_batch, num_steps=steps, decay_k=cfg.decay_k,
         chunk=min(cfg.chunk, steps), log_every=cfg.log_every, out_dir=run_dir,
         progress=progress, desc=f"{cfg.name} lr sweep", run_axis=cfg.run_axis,
-        scan=cfg.scan,
+        scan=use_scan(cfg),
     )
     t = C.pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
     t["steps"] = steps
@@ -368,6 +378,8 @@ def main(name: str, argv=None) -> dict | None:
         cfg.lrs = tuple(a.lrs)
     if a.steps:
         cfg.steps = a.steps
+        cfg.chunk = math.gcd(cfg.chunk, cfg.steps)
+        cfg.tune_steps = min(cfg.tune_steps or cfg.steps, cfg.steps)
     if a.seeds:
         cfg.seeds = a.seeds
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_root=a.checkpoint_root)

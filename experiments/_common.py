@@ -444,8 +444,7 @@ def train_arms(
 
     bar = tqdm(total=num_chunks, initial=start_chunk, desc=desc, disable=not progress,
                leave=False, unit="chunk")
-    done_this_call = 0
-    for c in range(start_chunk, num_chunks):
+    for done_this_call, c in enumerate(range(start_chunk, num_chunks), start=1):
         # Alternate the arms' order every chunk so neither always runs first.
         order = list(arms) if c % 2 == 0 else list(reversed(arms))
         for arm in order:
@@ -473,7 +472,6 @@ def train_arms(
                         rec["params"] = fl[:, j1 - 1]
                     loggers[arm.name].log(rec)
         bar.update(1)
-        done_this_call += 1
         last = c == num_chunks - 1
         if ckpt is not None and ((c + 1) % checkpoint_every == 0 or last):
             ckpt.save(c + 1, {"arms": state, "chunk": jnp.int32(c + 1)})
@@ -671,7 +669,7 @@ def measure_runtime(
             if time.perf_counter() - t0 >= min_time / 4 or n >= 1000:
                 break
         per = (time.perf_counter() - t0) / n
-        reps[name] = max(1, int(math.ceil(min_time / max(per, 1e-7))))
+        reps[name] = max(1, math.ceil(min_time / max(per, 1e-7)))
     rng = np.random.default_rng(seed)
     samples = {name: [] for name in progs}
     names = list(progs)
