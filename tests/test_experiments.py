@@ -120,7 +120,7 @@ def test_results_schema(reproduced):
     for key in ("device", "jax", "flax", "optax", "git_commit", "config"):
         assert key in env
     assert env["config"]["preset"] == "test"
-    assert env["config"]["mlp"]["lrs"] == [5e-3]
+    assert env["config"]["mlp"]["lrs"] == [2e-2]
     assert [r["depth"] for r in results["depth"]["rows"]] == [1, 3]
 
 
