@@ -108,6 +108,8 @@ class ClassifyConfig:
             over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
             because XLA:CPU runs convolution backward passes inside loops ~40x slower than
             outside; ``lax.scan`` otherwise.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
         seed: Base seed.
     """
 
@@ -131,6 +133,7 @@ class ClassifyConfig:
     checkpoint_every: int = 4
     run_axis: str = "vmap"
     scan: bool | None = None
+    tangent: str = "normal"
     seed: int = 0
 
 
@@ -288,7 +291,7 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir, checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every), progress=progress,
         stop_after_chunks=stop_after_chunks, desc=f"{cfg.name} shared lr",
-        run_axis=cfg.run_axis, scan=use_scan(cfg),
+        run_axis=cfg.run_axis, scan=use_scan(cfg), tangent=cfg.tangent,
     )
     if res is None:
         return None
@@ -297,7 +300,7 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
     params1 = init_params(key)
     batch1 = sample_batch(jax.random.fold_in(key, 7))
     rt = C.measure_runtime(loss_fn, params1, batch1, lr=cfg.lrs[0], decay_k=cfg.decay_k,
-                           rounds=cfg.runtime_rounds, seed=cfg.seed)
+                           rounds=cfg.runtime_rounds, seed=cfg.seed, tangent=cfg.tangent)
     per_iter = {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]}
 
     shared = []
@@ -348,7 +351,7 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
         loss_fn, init_params, sample_batch, num_steps=steps, decay_k=cfg.decay_k,
         chunk=min(cfg.chunk, steps), log_every=cfg.log_every, out_dir=run_dir,
         progress=progress, desc=f"{cfg.name} lr sweep", run_axis=cfg.run_axis,
-        scan=use_scan(cfg),
+        scan=use_scan(cfg), tangent=cfg.tangent,
     )
     t = C.pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
     t["steps"] = steps
@@ -366,6 +369,7 @@ def main(name: str, argv=None) -> dict | None:
     p.add_argument("--lrs", type=float, nargs="+", help="shared learning rate(s)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seeds", type=int)
+    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
     p.add_argument("--checkpoint-root", help="orbax checkpoint root (default OUT/checkpoints)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -382,6 +386,8 @@ def main(name: str, argv=None) -> dict | None:
         cfg.tune_steps = min(cfg.tune_steps or cfg.steps, cfg.steps)
     if a.seeds:
         cfg.seeds = a.seeds
+    if a.tangent:
+        cfg.tangent = a.tangent
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_root=a.checkpoint_root)
     C.write_json(Path(a.out) / f"{name}.json", {"experiments": {name: entry},
                                                 "environment": C.environment(cfg)})

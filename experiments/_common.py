@@ -156,17 +156,21 @@ def exp_decay(lr: Array | float, k: float) -> optax.Schedule:
     return schedule
 
 
-def make_tx(method: str, lr: Array | float, decay_k: float, key: Array | int = 0):
-    """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with exponential decay."""
+def make_tx(method: str, lr: Array | float, decay_k: float, key: Array | int = 0,
+            tangent: str = "normal"):
+    """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with exponential decay.
+
+    ``tangent`` is FGD's tangent distribution (the paper's is ``"normal"``).
+    """
     sched = exp_decay(lr, decay_k)
     if method == "fgd":
-        return fgrad_jax.fgd(sched, key=key)
+        return fgrad_jax.fgd(sched, key=key, tangent=tangent)
     if method == "sgd":
         return optax.sgd(sched)
     raise ValueError(f"unknown method {method!r}; use one of {METHODS}.")
 
 
-def make_step(method: str, loss_fn: Callable, decay_k: float) -> Callable:
+def make_step(method: str, loss_fn: Callable, decay_k: float, tangent: str = "normal") -> Callable:
     """One iteration ``(lr, params, opt_state, batch) -> (params, opt_state, loss)``.
 
     The returned loss is the loss at the parameters *before* the update, which both
@@ -174,7 +178,7 @@ def make_step(method: str, loss_fn: Callable, decay_k: float) -> Callable:
     """
 
     def step(lr, params, opt_state, batch):
-        tx = make_tx(method, lr, decay_k)
+        tx = make_tx(method, lr, decay_k, tangent=tangent)
         if method == "fgd":
             updates, opt_state = tx.update(
                 None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
@@ -298,6 +302,7 @@ def train_arms(
     desc: str = "",
     run_axis: str = "vmap",
     scan: bool = True,
+    tangent: str = "normal",
 ) -> dict[str, ArmResult] | None:
     """Trains the arms side by side, chunk by chunk, interleaved and timed.
 
@@ -331,6 +336,7 @@ def train_arms(
             convolutions). Both give the same numbers.
         scan: Run a chunk as one compiled ``lax.scan`` (default) or as ``chunk`` calls of
             one compiled step from Python (for the CNN on CPU, see the comment inside).
+        tangent: FGD's tangent distribution (``"normal"``: the paper's).
 
     Returns:
         ``{arm.name: ArmResult}``, or ``None`` if stopped early.
@@ -353,7 +359,7 @@ def train_arms(
         dkeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(base)
         params = jax.vmap(init_params)(pkeys)
         opt_state = jax.vmap(
-            lambda lr, k, p, m=arm.method: make_tx(m, lr, decay_k, key=k).init(p)
+            lambda lr, k, p, m=arm.method: make_tx(m, lr, decay_k, key=k, tangent=tangent).init(p)
         )(lrs, tkeys, params)
         runs = len(arm.seeds)
         st = {
@@ -367,7 +373,7 @@ def train_arms(
             st["traj"] = np.zeros((runs, num_steps + 1, flat0.shape[1]), flat0.dtype)
             st["traj"][:, 0] = flat0
         state[arm.name] = st
-        step = make_step(arm.method, loss_fn, decay_k)
+        step = make_step(arm.method, loss_fn, decay_k, tangent)
 
         def one_step(lr, p, s, dkey, i, step=step):
             batch = None if sample_batch is None else sample_batch(jax.random.fold_in(dkey, i))
@@ -620,6 +626,7 @@ def measure_runtime(
     rounds: int = 15,
     min_time: float = 0.02,
     seed: int = 0,
+    tangent: str = "normal",
 ) -> dict:
     """R_f and R_b as the paper defines them, measured side by side in one process.
 
@@ -639,15 +646,16 @@ def measure_runtime(
         rounds: Number of interleaved rounds.
         min_time: Minimum seconds per measurement.
         seed: Seed of the shuffling and the FGD key.
+        tangent: FGD's tangent distribution.
 
     Returns:
         A dict with ``R_f``, ``R_b``, ``R_f_over_R_b``, the median times (s), their
         interquartile ranges and the XLA memory analysis of each program.
     """
     f = jax.jit(loss_fn)
-    fgd_tx = make_tx("fgd", lr, decay_k, key=seed)
+    fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
     sgd_tx = make_tx("sgd", lr, decay_k)
-    fgd_step = jax.jit(make_step("fgd", loss_fn, decay_k))
+    fgd_step = jax.jit(make_step("fgd", loss_fn, decay_k, tangent))
     sgd_step = jax.jit(make_step("sgd", loss_fn, decay_k))
     lr_arr = jnp.float32(lr)
     progs = {

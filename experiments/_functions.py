@@ -2,8 +2,9 @@
 
 The paper states the learning rates and iteration counts (Beale: lr 0.01, 1,000
 iterations; Rosenbrock: lr 5e-4, 25,000 iterations; 10 runs). It does not state the
-starting points; ours (Beale ``(1, 1)``... see :data:`PRESETS`) are assumptions, fixed so
-that every run starts from the same point and the runs differ only in their tangents.
+starting points; ours (Beale ``(1, 1)``, Rosenbrock ``(-1.5, 2)``, see :data:`PRESETS`) are
+assumptions, fixed so that every run starts from the same point and the runs differ only
+in their tangents.
 Both methods use a constant learning rate (``decay_k = 0``) as in the paper's Fig. 2.
 """
 
@@ -55,6 +56,8 @@ class FunctionConfig:
         tune_factors: Learning-rate multipliers of the per-method sweep.
         tune_runs: Runs per learning rate in the sweep.
         runtime_rounds: Rounds of the R_f/R_b measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
         seed: Base seed.
     """
 
@@ -69,6 +72,7 @@ class FunctionConfig:
     tune_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     tune_runs: int = 5
     runtime_rounds: int = 15
+    tangent: str = "normal"
     seed: int = 0
 
 
@@ -130,7 +134,7 @@ def run(cfg: FunctionConfig, out: str | Path, progress: bool = True,
         loss_fn, init_params, None, num_steps=cfg.steps, decay_k=cfg.decay_k,
         chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir,
         checkpoint_dir=checkpoint_dir, record_params=True, progress=progress,
-        desc=f"{cfg.name} shared lr",
+        desc=f"{cfg.name} shared lr", tangent=cfg.tangent,
     )
     shared = C.summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
     shared["lr"] = cfg.lr
@@ -138,7 +142,7 @@ def run(cfg: FunctionConfig, out: str | Path, progress: bool = True,
         m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")
     }
     rt = C.measure_runtime(loss_fn, init_params(None), None, lr=cfg.lr, decay_k=cfg.decay_k,
-                           rounds=cfg.runtime_rounds, seed=cfg.seed)
+                           rounds=cfg.runtime_rounds, seed=cfg.seed, tangent=cfg.tangent)
     tuned = tune(cfg, run_dir, progress, rt)
     entry = {
         "R_f": rt["R_f"], "R_b": rt["R_b"], "R_f_over_R_b": rt["R_f_over_R_b"],
@@ -168,7 +172,7 @@ def tune(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
          C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds)],
         *_problem(cfg), None, num_steps=cfg.steps, decay_k=cfg.decay_k, chunk=cfg.chunk,
         log_every=cfg.steps // 10 or 1, out_dir=run_dir, progress=progress,
-        desc=f"{cfg.name} lr sweep",
+        desc=f"{cfg.name} lr sweep", tangent=cfg.tangent,
     )
     return C.pick_tuned(res, lrs, cfg.tune_runs, smooth_window=1,
                         time_per_iter={"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]})
@@ -182,11 +186,12 @@ def main(argv=None, name: str = "beale") -> dict:
     p.add_argument("--lr", type=float)
     p.add_argument("--steps", type=int)
     p.add_argument("--runs", type=int)
+    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = dataclasses.replace(PRESETS[a.preset][name])
-    for field in ("lr", "steps", "runs"):
+    for field in ("lr", "steps", "runs", "tangent"):
         if getattr(a, field) is not None:
             setattr(cfg, field, getattr(a, field))
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_dir=a.checkpoint_dir)

@@ -55,6 +55,10 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
              f"flax {env['flax']}, optax {env['optax']}, fgrad_jax {env['fgrad_jax']}, "
              f"commit `{(env.get('git_commit') or '?')[:12]}`"
              f"{' (dirty tree)' if env.get('git_dirty') else ''}.")
+    tangents = sorted({v.get("tangent", "normal") for v in cfg.values()
+                       if isinstance(v, dict) and "seed" in v})
+    L.append(f"FGD tangent distribution: {', '.join(tangents) or 'normal'}"
+             f"{' (the paper' + chr(39) + 's)' if tangents in ([], ['normal']) else ' (not the paper' + chr(39) + 's normal)'}.")
     if wall_time is not None:
         L.append(f"Total wall time: {wall_time:.0f} s.")
     L.append("")

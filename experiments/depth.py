@@ -35,6 +35,8 @@ class DepthConfig:
         num_classes: Output classes.
         lr: Learning rate of the timed steps (irrelevant to the timing).
         runtime_rounds: Rounds per measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
         seed: Seed.
     """
 
@@ -45,6 +47,7 @@ class DepthConfig:
     num_classes: int = 10
     lr: float = 2e-5
     runtime_rounds: int = 15
+    tangent: str = "normal"
     seed: int = 0
 
 
@@ -74,7 +77,7 @@ def run(cfg: DepthConfig, progress: bool = True) -> dict:
             return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
 
         rt = C.measure_runtime(loss_fn, params, (x, y), lr=cfg.lr, rounds=cfg.runtime_rounds,
-                               seed=cfg.seed)
+                               seed=cfg.seed, tangent=cfg.tangent)
         rows.append({"depth": depth, "num_params": C.num_params(params), **rt})
     return {"rows": rows, "config": C.to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
 
@@ -86,9 +89,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="out/depth")
     p.add_argument("--width", type=int)
     p.add_argument("--depths", type=int, nargs="+")
+    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = dataclasses.replace(PRESETS[a.preset])
+    if a.tangent:
+        cfg.tangent = a.tangent
     if a.width:
         cfg.width = a.width
     if a.depths:

@@ -44,6 +44,9 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", help="directory of the MNIST IDX files (paper preset)")
     p.add_argument("--dataset", help="override the classification data set "
                    "(digits | mnist | fashion_mnist | a directory of IDX files)")
+    p.add_argument("--tangent", default=None,
+                   help="FGD tangent distribution for every experiment (default: normal, "
+                   "the paper's; e.g. rademacher or lowrank)")
     p.add_argument("--only", nargs="+", choices=(*EXPERIMENTS, "depth"),
                    help="run only these experiments")
     p.add_argument("--no-progress", action="store_true")
@@ -65,6 +68,9 @@ def main(argv=None) -> dict:
             cfg.dataset = a.dataset
         configs[name] = cfg
     configs["depth"] = dataclasses.replace(_depth.PRESETS[a.preset])
+    if a.tangent:
+        for cfg in configs.values():
+            cfg.tangent = a.tangent
     full_config = {"preset": a.preset, "out": str(out), "experiments": list(selected),
                    **{k: v for k, v in configs.items() if k in selected}}
 

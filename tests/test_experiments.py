@@ -137,3 +137,13 @@ def test_report_and_figures(reproduced):
     rows = C.read_jsonl(reproduced / "runs" / "logreg" / "fgd.jsonl")
     assert rows[0]["header"] and rows[0]["method"] == "fgd"
     assert all("time_s" in r and len(r["loss"]) == 2 for r in rows[1:])
+
+
+def test_tangent_option_reaches_fgd(tmp_path):
+    loss_fn, init_params, sample_batch = _toy_problem()
+    kw = dict(num_steps=20, decay_k=1e-4, chunk=10, progress=False)
+    arm = [C.Arm("f", "fgd", [0.02], [0])]
+    normal = C.train_arms(arm, loss_fn, init_params, sample_batch, **kw)
+    rad = C.train_arms(arm, loss_fn, init_params, sample_batch, tangent="rademacher", **kw)
+    assert not np.array_equal(normal["f"].losses, rad["f"].losses)
+    assert rad["f"].losses[0, -5:].mean() < rad["f"].losses[0, :3].mean()
