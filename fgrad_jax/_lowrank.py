@@ -253,10 +253,24 @@ def _eval(jaxpr, consts, primals, tangents):
             name == "closed_call" and "call_jaxpr" in eqn.params
         )
         if not inline and any(isinstance(t, LazyTangent) for t in ts):
+            # Prefer another input's (dense) tangent as the anchor: the draws then follow
+            # the tangent chain that consumes them, not the primal chain, which XLA may
+            # run far ahead.
             anchor = next(
-                (p for p, t in zip(ps, ts) if not isinstance(t, LazyTangent) and _is_anchor(p)),
+                (
+                    t
+                    for t in ts
+                    if t is not None
+                    and not isinstance(t, (LazyTangent, LowRankTangent))
+                    and _is_anchor(t)
+                ),
                 None,
             )
+            if anchor is None:
+                anchor = next(
+                    (p for p, t in zip(ps, ts) if not isinstance(t, LazyTangent) and _is_anchor(p)),
+                    None,
+                )
             ts = [t.materialize(anchor) if isinstance(t, LazyTangent) else t for t in ts]
         if all(t is None for t in ts):
             subfuns, bind_params = _bind_params(eqn)

@@ -58,7 +58,7 @@ _MEMORY_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import runtime
-rows = runtime.memory_sweep(depths=(8, 16), width=256, batch_size=256, tangents=["rademacher", "lowrank"])
+rows = runtime.memory_sweep(depths=(16, 32), width=256, batch_size=256, tangents=["rademacher", "lowrank"])
 print(json.dumps([{k: row[k]["temp_bytes"] for k in ("backprop", "rademacher", "lowrank")} for row in rows]))
 """
 
@@ -73,11 +73,11 @@ def test_step_working_memory_is_flat_in_depth():
         check=True,
         timeout=300,
     )
-    d8, d16 = json.loads(out.stdout.strip().splitlines()[-1])
-    assert d16["backprop"] > 1.5 * d8["backprop"]  # backprop stores activations per layer
-    assert d16["rademacher"] <= 1.05 * d8["rademacher"]
-    assert d16["lowrank"] <= 1.05 * d8["lowrank"]
-    assert d16["rademacher"] < d16["backprop"] and d16["lowrank"] < 0.5 * d16["backprop"]
+    d16, d32 = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d32["backprop"] > 1.5 * d16["backprop"]  # backprop stores activations per layer
+    assert d32["rademacher"] <= 1.05 * d16["rademacher"]
+    assert d32["lowrank"] <= 1.05 * d16["lowrank"]
+    assert d32["rademacher"] < 0.5 * d32["backprop"] and d32["lowrank"] < 0.5 * d32["backprop"]
 
 
 def test_k_tangents_are_the_mean_of_single_tangent_estimates():
