@@ -275,7 +275,9 @@ def value_and_forward_grad(
         num_tangents: Number K of random directions; the estimate is the mean of the K
             single-direction estimates. Must be >= 1.
         tangent: Distribution of the directions: ``"normal"`` (the paper),
-            ``"rademacher"``, ``"sphere"``, ``"orthogonal"``, or a callable
+            ``"rademacher"`` (lowest variance, cheapest; recommended), ``"sphere"``,
+            ``"orthogonal"``, ``"lowrank"`` or :func:`fgrad_jax.lowrank` ``(rank)``
+            (rank-r kernel tangents, never materialised in the JVP), or a callable
             ``tangent(key, tree) -> tree`` with ``E[v vᵀ] = I``.
         has_aux: Whether ``fun`` returns ``(value, aux)``.
 
@@ -333,8 +335,10 @@ def forward_grad(
             ``(scalar, aux)`` with ``has_aux=True``).
         argnums: Which positional argument(s) to differentiate (an int or a tuple).
         num_tangents: Number K of random directions averaged (>= 1).
-        tangent: ``"normal"``, ``"rademacher"``, ``"sphere"``, ``"orthogonal"`` or a
-            callable ``tangent(key, tree) -> tree``; see :doc:`/maths`.
+        tangent: ``"normal"``, ``"rademacher"`` (recommended), ``"sphere"``,
+            ``"orthogonal"``, ``"lowrank"``/:func:`fgrad_jax.lowrank` ``(rank)``, or a
+            callable ``tangent(key, tree) -> tree``; see :doc:`/maths` and
+            :doc:`/performance`.
         has_aux: Whether ``fun`` returns ``(value, aux)``; then ``(grad, aux)`` is returned.
 
     Returns:
