@@ -308,13 +308,10 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
         s = C.summarise_pair(res[f"fgd{tag}"], res[f"sgd{tag}"], cfg.smooth_window)
         s["lr"] = lr
+        C.add_estimates(s, per_iter)
         for m in ("fgd", "sgd"):
-            i = s[f"iters_to_threshold_{m}"]
-            s[f"T_{m}_est"] = (i + 1) * per_iter[m] if i is not None else None
             s[f"test_accuracy_{m}"] = float(np.mean(_accuracy(
                 model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)))
-        s["T_ratio_est"] = (s["T_fgd_est"] / s["T_sgd_est"]
-                            if s["T_fgd_est"] is not None and s["T_sgd_est"] else None)
         shared.append(s)
 
     tuned = tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter)

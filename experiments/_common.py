@@ -589,6 +589,21 @@ def summarise_pair(
     }
 
 
+def add_estimates(summary: dict, time_per_iter: dict[str, float]) -> dict:
+    """Adds ``T_fgd_est``, ``T_sgd_est`` and ``T_ratio_est`` to a :func:`summarise_pair` dict.
+
+    The estimate is iterations to the threshold x the median time of one un-vmapped
+    iteration (from :func:`measure_runtime`): the per-run time the paper reports, free of
+    how ``jax.vmap`` over runs changes each method's cost.
+    """
+    for m in METHODS:
+        i = summary[f"iters_to_threshold_{m}"]
+        summary[f"T_{m}_est"] = (i + 1) * time_per_iter[m] if i is not None else None
+    f, b = summary["T_fgd_est"], summary["T_sgd_est"]
+    summary["T_ratio_est"] = f / b if (f is not None and b) else None
+    return summary
+
+
 # ----------------------------------------------------------------------------- runtime
 
 

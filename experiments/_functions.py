@@ -143,6 +143,7 @@ def run(cfg: FunctionConfig, out: str | Path, progress: bool = True,
     }
     rt = C.measure_runtime(loss_fn, init_params(None), None, lr=cfg.lr, decay_k=cfg.decay_k,
                            rounds=cfg.runtime_rounds, seed=cfg.seed, tangent=cfg.tangent)
+    C.add_estimates(shared, {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]})
     tuned = tune(cfg, run_dir, progress, rt)
     entry = {
         "R_f": rt["R_f"], "R_b": rt["R_b"], "R_f_over_R_b": rt["R_f_over_R_b"],
