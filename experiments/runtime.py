@@ -34,16 +34,25 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# `--mesh N` on a CPU host: N host devices must be requested before jax is imported.
+if "--mesh" in sys.argv[1:-1] and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    _n = sys.argv[sys.argv.index("--mesh") + 1]
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
+    ).strip()
+
 # The torch peer runs in the same process: stop OpenMP worker threads from busy-waiting
 # after each torch op, which would steal the 2 cores from the JAX step that runs next.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import fgrad_jax  # noqa: E402
+import fgrad_jax
 
 # ----------------------------------------------------------------------------- models
 
@@ -298,6 +307,62 @@ def measure_ratios(
     return out
 
 
+def measure_sharded(
+    loss_fn,
+    params,
+    batch,
+    *,
+    mesh_size: int,
+    variants,
+    lr: float = 1e-4,
+    reps: int = 9,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Data parallel: batch sharded over a 1-D mesh of ``mesh_size`` devices, params replicated.
+
+    Times the backprop step and each forward-gradient variant (interleaved, medians) and
+    counts the bytes of every collective in each compiled step (``_sharding.collective_bytes``).
+    """
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fgrad_jax._sharding import collective_bytes
+
+    devices = jax.devices()
+    if len(devices) < mesh_size:
+        raise ValueError(f"--mesh {mesh_size} needs {mesh_size} devices; found {len(devices)}.")
+    mesh = Mesh(np.array(devices[:mesh_size]), ("data",))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    fns: dict[str, Callable[[], None]] = {}
+    tx, st = make_backprop_step(loss_fn, lr)
+    fns["backprop"] = _Runner("backprop", st, tx, params, batch)
+    out: dict[str, Any] = {"mesh_size": mesh_size, "variants": []}
+    out["backprop_collective_bytes"] = collective_bytes(
+        st.lower(params, tx.init(params), batch).compile().as_text()
+    )
+    for i, (tan, k) in enumerate(variants):
+        tx, st = make_fg_step(loss_fn, lr, tan, k)
+        fns[f"fg{i}"] = _Runner(f"fg{i}", st, tx, params, batch)
+        out["variants"].append(
+            {
+                "tangent": tan if isinstance(tan, str) else repr(tan),
+                "num_tangents": k,
+                "collective_bytes": collective_bytes(
+                    st.lower(params, tx.init(params), batch).compile().as_text()
+                ),
+            }
+        )
+    times = _time_interleaved(fns, reps, warmup)
+    out["t_backprop_s"] = statistics.median(times["backprop"])
+    for i, v in enumerate(out["variants"]):
+        v["t_step_s"] = statistics.median(times[f"fg{i}"])
+        v["paired_ratio"] = statistics.median(
+            a / b for a, b in zip(times[f"fg{i}"], times["backprop"])
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- torch peer
 
 
@@ -495,7 +560,9 @@ def run_config(
 def configs(preset: str):
     tans = _tangents_available(ALL_TANGENTS)
     every = [(t, 1) for t in tans] + [(THREEFRY_NORMAL, 1)]
-    ks = [(t, k) for t in _tangents_available(("rademacher", "normal", "lowrank")) for k in (2, 4, 8)]
+    ks = [
+        (t, k) for t in _tangents_available(("rademacher", "normal", "lowrank")) for k in (2, 4, 8)
+    ]
     quick = preset == "quick"
     reps = 7 if quick else 15
     out = [
@@ -574,8 +641,43 @@ def main(argv=None):
     ap.add_argument("--no-memory-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default="runtime.json")
+    ap.add_argument(
+        "--mesh",
+        type=int,
+        default=None,
+        help="also run the MLP steps data-parallel on a 1-D mesh of N devices (on a CPU host "
+        "N host devices are requested automatically) and count their collective bytes",
+    )
     args = ap.parse_args(argv)
     results = {"environment": environment(), "preset": args.preset, "configs": []}
+    if args.mesh:
+        results["mesh"] = []
+        for bsz in (64, 1024):
+            kp, kb = jax.random.split(jax.random.key(0))
+            params = init_mlp(kp, [784, 1024, 1024, 10])
+            batch = synthetic_batch(kb, bsz, (784,))
+            res = measure_sharded(
+                mlp_loss,
+                params,
+                batch,
+                mesh_size=args.mesh,
+                reps=args.reps or 9,
+                variants=[(t, 1) for t in _tangents_available(("rademacher", "normal", "lowrank"))]
+                + [("rademacher", 4)],
+            )
+            res["batch_size"] = bsz
+            results["mesh"].append(res)
+            print(
+                f"== mesh {args.mesh}, B={bsz}: backprop {res['t_backprop_s'] * 1e3:.2f} ms, "
+                f"all-reduce {res['backprop_collective_bytes']['all-reduce']} B",
+                flush=True,
+            )
+            for v in res["variants"]:
+                print(
+                    f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:.2f} ms "
+                    f"(paired {v['paired_ratio']:.2f}), collectives {v['collective_bytes']}",
+                    flush=True,
+                )
     for cfg in configs(args.preset):
         if args.only and cfg["name"] not in args.only:
             continue

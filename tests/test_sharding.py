@@ -7,9 +7,6 @@ directional derivatives: K+1 scalars. Backprop all-reduces the whole gradient. C
 bytes are counted from the compiled HLO text.
 """
 
-import math
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,39 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fgrad_jax
-
-_DTYPE_BYTES = {
-    "f32": 4,
-    "f16": 2,
-    "bf16": 2,
-    "f64": 8,
-    "s32": 4,
-    "u32": 4,
-    "s64": 8,
-    "u64": 8,
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-}
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes of the results of every collective op in an HLO module, by op kind."""
-    out = dict.fromkeys(_COLLECTIVES, 0)
-    for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)\(", line)
-        if not m:
-            continue
-        shape, op = m.groups()
-        op = op.removesuffix("-start")
-        if op not in out:
-            continue
-        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
-            if dt in _DTYPE_BYTES:
-                n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-                out[op] += n * _DTYPE_BYTES[dt]
-    return out
+from fgrad_jax._sharding import collective_bytes
 
 
 def _mlp(key, sizes):
