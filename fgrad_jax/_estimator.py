@@ -143,6 +143,8 @@ def estimate_forward_grad(
         # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf and
         # drawn lazily, right before the operation that first uses them (one_hashed_direction).
         seeds = _random.seed_words(key, len(primals))
+        for s in shapes:  # the counter of tangent k, element j is k * size + j (uint32)
+            _random.check_counter_range(s)
         tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
     else:
         sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)

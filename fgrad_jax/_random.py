@@ -59,6 +59,17 @@ def seed_words(key: Array, n: int) -> Array:
     return jax.random.bits(key, (n, 2), jnp.uint32)
 
 
+def check_counter_range(shape: tuple[int, ...]) -> int:
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(
+            f"A tangent array of {size} elements (num_tangents x parameter size) exceeds the "
+            "2**32 counter range of the hashed tangent generator; split the parameter into "
+            "smaller leaves or use fewer tangents."
+        )
+    return size
+
+
 def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
     """32 random bits per element of ``shape``: ``lowbias32(c * (s1 | 1) + s0)``.
 
@@ -66,12 +77,7 @@ def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) 
     leaf of ``n`` elements is drawn with ``offset = k n``, bitwise equal to row ``k`` of the
     ``(K, n)`` draw.
     """
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise ValueError(
-            f"A tangent array of {size} elements exceeds the 2**32 counter range of the hashed "
-            "tangent generator; split the parameter into smaller leaves."
-        )
+    size = check_counter_range(shape)
     c = (
         jax.lax.iota(jnp.uint32, size).reshape(shape)
         if len(shape) != 1
