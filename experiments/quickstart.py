@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     def train_step(model, optimizer, images, labels):
         value_fn = fgrad_jax.nnx_value_fn(loss_fn, model, images, labels)
         optimizer.update(model, None, value_fn=value_fn)
-        return optimizer.opt_state[0].value[...]  # the loss, from the same JVP pass
+        return fgrad_jax.forward_gradient_state(optimizer.opt_state).value  # same JVP pass
 
     @nnx.jit
     def accuracy(model, images, labels):

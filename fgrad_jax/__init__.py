@@ -3,7 +3,12 @@
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._tangents import TANGENTS as _TANGENTS
-from fgrad_jax._transform import ForwardGradientState, fgd, forward_gradient
+from fgrad_jax._transform import (
+    ForwardGradientState,
+    fgd,
+    forward_gradient,
+    forward_gradient_state,
+)
 
 __version__ = "0.1.0"
 
@@ -16,6 +21,7 @@ __all__ = [
     "fgd",
     "forward_grad",
     "forward_gradient",
+    "forward_gradient_state",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",
     "value_and_forward_grad",

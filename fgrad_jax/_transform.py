@@ -153,6 +153,53 @@ def forward_gradient(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _unwrap_variable(x: Any) -> Any:
+    # flax.nnx.Optimizer wraps every optimizer-state array in an OptArray variable.
+    return x.get_value() if hasattr(x, "get_value") and not isinstance(x, jax.Array) else x
+
+
+def forward_gradient_state(opt_state: Any) -> ForwardGradientState:
+    """Finds the :class:`ForwardGradientState` inside any optimizer state.
+
+    Works on the state of :func:`fgd`, of an :func:`optax.chain` or
+    :func:`optax.inject_hyperparams` around :func:`forward_gradient`, and on
+    ``nnx.Optimizer.opt_state`` (whose variables it unwraps to arrays), so a training loop can
+    log ``forward_gradient_state(opt_state).value`` (the loss from the step's own JVP pass)
+    without depending on the chain's layout.
+
+    Args:
+        opt_state: An optimizer state containing exactly one :class:`ForwardGradientState`.
+
+    Returns:
+        That state, with plain arrays as fields.
+
+    Raises:
+        ValueError: If ``opt_state`` holds no :class:`ForwardGradientState`, or several.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> tx = fgrad_jax.fgd(0.1)
+        >>> params = jnp.zeros(3)
+        >>> _, state = tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.sum((p - 1) ** 2))
+        >>> float(fgrad_jax.forward_gradient_state(state).value)
+        3.0
+    """
+    found = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, ForwardGradientState)
+        )
+        if isinstance(leaf, ForwardGradientState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"Expected exactly one ForwardGradientState in the optimizer state, found "
+            f"{len(found)}. Pass the state of a transformation built with forward_gradient or fgd."
+        )
+    return ForwardGradientState(*(_unwrap_variable(x) for x in found[0]))
+
+
 def fgd(
     learning_rate: optax.ScalarOrSchedule,
     key: int | Array = 0,

@@ -159,3 +159,22 @@ def test_vmap_over_seeds_runs_independent_trainings():
     assert not np.allclose(losses[0, :20], losses[1, :20])
     single, _ = jax.jit(train)(keys[1])
     np.testing.assert_allclose(final["w"][1], single["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_gradient_state_accessor():
+    params = init_params()
+    for tx in (
+        fgrad_jax.fgd(0.1),
+        optax.inject_hyperparams(fgrad_jax.fgd)(learning_rate=0.1),
+        optax.chain(optax.clip(1.0), fgrad_jax.forward_gradient(), optax.sgd(0.1)),
+    ):
+        _, state = tx.update(None, tx.init(params), params, value_fn=quadratic)
+        fg = fgrad_jax.forward_gradient_state(state)
+        assert isinstance(fg, fgrad_jax.ForwardGradientState)
+        assert float(fg.value) == pytest.approx(float(quadratic(params)))
+        assert int(fg.count) == 1
+    with pytest.raises(ValueError, match="exactly one ForwardGradientState"):
+        fgrad_jax.forward_gradient_state(optax.sgd(0.1).init(params))
+    two = optax.chain(fgrad_jax.forward_gradient(), fgrad_jax.forward_gradient())
+    with pytest.raises(ValueError, match="found 2"):
+        fgrad_jax.forward_gradient_state(two.init(params))
