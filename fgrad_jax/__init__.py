@@ -2,6 +2,7 @@
 
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
+from fgrad_jax._lowrank import lowrank
 from fgrad_jax._tangents import TANGENTS as _TANGENTS
 from fgrad_jax._transform import (
     ForwardGradientState,
@@ -22,11 +23,8 @@ __all__ = [
     "forward_grad",
     "forward_gradient",
     "forward_gradient_state",
+    "lowrank",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",
     "value_and_forward_grad",
 ]
-
-from fgrad_jax._lowrank import lowrank  # noqa: E402
-
-__all__ += ["lowrank"]

@@ -355,23 +355,14 @@ def forward_grad(
         >>> bool(jnp.allclose(g(jax.random.key(0), jnp.ones(3)), jnp.arange(3.0), atol=1e-5))  # K = n: exact
         True
     """
-    num_tangents, tangent = _check_common(num_tangents, tangent)
+    value_and_grad = value_and_forward_grad(
+        fun, argnums, num_tangents=num_tangents, tangent=tangent, has_aux=has_aux
+    )
 
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
-        est = estimate_forward_grad(
-            fun,
-            key,
-            args,
-            kwargs,
-            argnums=argnums,
-            num_tangents=num_tangents,
-            tangent=tangent,
-            has_aux=has_aux,
-        )
-        if has_aux:
-            return est.grad, est.aux
-        return est.grad
+        value, grad = value_and_grad(key, *args, **kwargs)
+        return (grad, value[1]) if has_aux else grad
 
     return estimate
 
