@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax import _lowrank, _random
+from fgrad_jax import _lowrank, _random, _sharding
 from fgrad_jax._tangents import HASHED, TangentFn, as_lowrank, get_sampler, resolve_tangent
 
 Array = jax.Array
@@ -152,6 +152,8 @@ def estimate_forward_grad(
         # The JVP needs tangents in the primal dtype; using the rounded values in the
         # estimate too keeps it consistent with the derivative XLA actually computed.
         tangents = [t.astype(p.dtype) for t, p in zip(tangents32, primals)]
+        # Drawn in full on every device (see _sharding.replicated_like).
+        tangents = [_sharding.replicated_like(t, p) for t, p in zip(tangents, primals)]
 
     def flat_fun(*float_leaves):
         new_leaves = list(leaves)
@@ -193,6 +195,9 @@ def estimate_forward_grad(
             # An expensive draw (the Gaussian): computed once into a buffer; otherwise XLA
             # duplicates the elementwise draw into each of its consumers.
             t = _random.materialize(t, seeds[i])
+            # Drawn in full on every device, not sharded like an FSDP parameter and then
+            # all-gathered for the JVP (see _sharding.replicated_like).
+            t = _sharding.replicated_like(t, p)
         return t.astype(p.dtype)
 
     def one_hashed_direction(k):

@@ -40,6 +40,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from fgrad_jax import _random
+from fgrad_jax._sharding import replicated_like
 
 Array = jax.Array
 
@@ -323,7 +324,11 @@ def draw_lowrank(seeds: Array, primals: Sequence[Array], num_tangents: int, rank
             out.append(("dense", _random.normal(seeds[i], (num_tangents, *p.shape))))
     # Materialise the (small) factors once: otherwise XLA fuses the Gaussian draw of u and w
     # into the (m, n) update loop and recomputes it for every kernel element.
-    return [(d[0], *(_random.materialize(a, seeds[i]) for a in d[1:])) for i, d in enumerate(out)]
+    # Replicated: every device draws them (no collective for FSDP-sharded parameters).
+    return [
+        (d[0], *(replicated_like(_random.materialize(a, seeds[i]), primals[i]) for a in d[1:]))
+        for i, d in enumerate(out)
+    ]
 
 
 def combine_lowrank(derivs: Array, drawn, primal: Array, rank: int) -> Array:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _DTYPE_BYTES = {
     "f32": 4,
@@ -45,3 +50,27 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
                 out[op] += n * _DTYPE_BYTES[dt]
     return out
+
+
+def replicated_like(x: Any, ref: Any) -> Any:
+    """``x`` constrained to be replicated over the mesh that ``ref`` (a traced array) lives on.
+
+    Tangents depend only on the key, so every device can draw all of them locally. XLA's
+    sharding propagation does not know that a draw is cheap: when a stored draw (the
+    Gaussian, the low-rank factors) feeds both the JVP and the update of an FSDP-sharded
+    parameter, it shards the draw like the parameter and then all-gathers it for the JVP,
+    a parameter-sized collective per tangent. Replicating the draw removes it; the update
+    then reads the local slice. Without a mesh (one device, or no sharding information in
+    the trace) ``x`` is returned unchanged.
+    """
+    if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+        # Outside jit: a concrete array carries its concrete sharding.
+        mesh = getattr(ref.sharding, "mesh", None)
+    else:
+        try:
+            mesh = jax.typeof(ref).sharding.mesh
+        except (AttributeError, TypeError):
+            return x
+    if not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
+        return x
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())), x)

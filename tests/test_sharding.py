@@ -1,6 +1,7 @@
 """Data-parallel forward gradients under jax.sharding on 8 host CPU devices.
 
-The batch is sharded over a 1-D mesh and the parameters are replicated. Every device draws
+The batch is sharded over a 1-D mesh and the parameters are replicated, or FSDP-sharded
+over the same axis (then the forward pass all-gathers them, as backprop's does). Every device draws
 the same tangents from the same key (they depend on the key only), so the only
 communication a forward-gradient step needs is the all-reduce of the loss and of the K
 directional derivatives: K+1 scalars. Backprop all-reduces the whole gradient. Collective
@@ -100,6 +101,86 @@ def test_backprop_all_reduces_the_whole_gradient():
     coll = collective_bytes(hlo)
     param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     assert coll["all-reduce"] >= param_bytes
+
+
+def _fsdp_spec(mesh, x):
+    """FSDP: shard the largest axis that the mesh divides; replicate leaves with none."""
+    n = mesh.shape["data"]
+    axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % n == 0]
+    spec = [None] * x.ndim
+    if axes:
+        spec[int(axes[0])] = "data"
+    return NamedSharding(mesh, P(*spec))
+
+
+def _shard_fsdp(mesh, params, batch):
+    sp = jax.tree_util.tree_map(lambda x: jax.device_put(x, _fsdp_spec(mesh, x)), params)
+    sharded_bytes = sum(
+        x.nbytes for x in jax.tree_util.tree_leaves(params) if _fsdp_spec(mesh, x).spec != P()
+    )
+    return sp, jax.device_put(batch, NamedSharding(mesh, P("data"))), sharded_bytes
+
+
+@pytest.mark.parametrize(
+    ("tangent", "k"),
+    [
+        ("rademacher", 1),
+        ("rademacher", 4),
+        ("normal", 1),
+        ("normal", 4),
+        ("lowrank", 1),
+        ("sphere", 2),
+    ],
+)
+def test_fsdp_forward_gradient_step_reduces_only_k_plus_one_scalars(tangent, k):
+    """FSDP-sharded parameters (largest axis over the same mesh axis as the batch).
+
+    The forward pass needs the parameters gathered, for backprop and the forward gradient
+    alike: those all-gathers are allowed, and nothing more. Every device draws the full
+    tangents from the key (no all-gather of tangent-sized buffers) and updates its own
+    parameter shard, so the only reduction is that of the loss and the K directional
+    derivatives.
+    """
+    mesh, params, batch = _setup()
+    sp, sb, sharded_bytes = _shard_fsdp(mesh, params, batch)
+    assert sharded_bytes > 0.9 * sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    tx = fgrad_jax.fgd(0.1, key=3, tangent=tangent, num_tangents=k)
+    state = tx.init(params)
+    step = _fg_step(tx)
+    coll = collective_bytes(step.lower(sp, state, sb).compile().as_text())
+    assert coll["all-reduce"] + coll["reduce-scatter"] <= 4 * (k + 1), coll
+    # At most the parameters' own all-gathers (the forward pass's), no tangent-sized ones.
+    assert coll["all-gather"] <= sharded_bytes, (coll, sharded_bytes)
+    assert coll["all-to-all"] == coll["collective-permute"] == 0, coll
+
+    p1, _ = step(params, state, batch)
+    p8, _ = step(sp, state, sb)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_fsdp_backprop_reduces_the_whole_gradient():
+    mesh, params, batch = _setup()
+    sp, sb, sharded_bytes = _shard_fsdp(mesh, params, batch)
+    tx = optax.sgd(0.1)
+    step = _bp_step(tx)
+    coll = collective_bytes(step.lower(sp, tx.init(params), sb).compile().as_text())
+    # XLA may all-reduce the whole gradient or reduce-scatter it (then a reduce-scatter's
+    # result is the 1/8 shard per device); either way the reduction is parameter-sized.
+    reduced = coll["all-reduce"] + coll["reduce-scatter"] * mesh.shape["data"]
+    assert reduced >= sharded_bytes, (coll, sharded_bytes)
+    p1, _ = step(params, tx.init(params), batch)
+    p8, _ = step(sp, tx.init(params), sb)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_replicated_like_without_a_mesh_is_the_identity():
+    from fgrad_jax._sharding import replicated_like
+
+    x = jnp.arange(4.0)
+    assert replicated_like(x, x) is x
+    assert jax.jit(lambda a: replicated_like(a * 2, a))(x).sharding.is_fully_replicated
 
 
 def test_collective_parser():
