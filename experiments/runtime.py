@@ -317,8 +317,11 @@ def measure_sharded(
     lr: float = 1e-4,
     reps: int = 9,
     warmup: int = 2,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
-    """Data parallel: batch sharded over a 1-D mesh of ``mesh_size`` devices, params replicated.
+    """Data parallel: batch sharded over a 1-D mesh of ``mesh_size`` devices, params replicated
+    (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
+    mesh divides; leaves with none stay replicated).
 
     Times the backprop step and each forward-gradient variant (interleaved, medians) and
     counts the bytes of every collective in each compiled step (``_sharding.collective_bytes``).
@@ -332,12 +335,26 @@ def measure_sharded(
     if len(devices) < mesh_size:
         raise ValueError(f"--mesh {mesh_size} needs {mesh_size} devices; found {len(devices)}.")
     mesh = Mesh(np.array(devices[:mesh_size]), ("data",))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+
+    def spec(x):
+        if not fsdp:
+            return P()
+        axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % mesh_size == 0]
+        return P(*["data" if a == (axes[0] if axes else -1) else None for a in range(x.ndim)])
+
+    params = jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
+    )
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     fns: dict[str, Callable[[], None]] = {}
     tx, st = make_backprop_step(loss_fn, lr)
     fns["backprop"] = _Runner("backprop", st, tx, params, batch)
-    out: dict[str, Any] = {"mesh_size": mesh_size, "variants": []}
+    out: dict[str, Any] = {
+        "mesh_size": mesh_size,
+        "fsdp": fsdp,
+        "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
+        "variants": [],
+    }
     out["backprop_collective_bytes"] = collective_bytes(
         st.lower(params, tx.init(params), batch).compile().as_text()
     )
@@ -648,6 +665,11 @@ def main(argv=None):
         help="also run the MLP steps data-parallel on a 1-D mesh of N devices (on a CPU host "
         "N host devices are requested automatically) and count their collective bytes",
     )
+    ap.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --mesh: shard the parameters FSDP-style (largest axis over the mesh)",
+    )
     args = ap.parse_args(argv)
     results = {"environment": environment(), "preset": args.preset, "configs": []}
     if args.mesh:
@@ -662,14 +684,15 @@ def main(argv=None):
                 batch,
                 mesh_size=args.mesh,
                 reps=args.reps or 9,
+                fsdp=args.fsdp,
                 variants=[(t, 1) for t in _tangents_available(("rademacher", "normal", "lowrank"))]
-                + [("rademacher", 4)],
+                + [("rademacher", 4), ("normal", 4)],
             )
             res["batch_size"] = bsz
             results["mesh"].append(res)
             print(
                 f"== mesh {args.mesh}, B={bsz}: backprop {res['t_backprop_s'] * 1e3:.2f} ms, "
-                f"all-reduce {res['backprop_collective_bytes']['all-reduce']} B",
+                f"collectives {res['backprop_collective_bytes']} (params {res['param_bytes']} B)",
                 flush=True,
             )
             for v in res["variants"]:
