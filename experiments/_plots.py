@@ -15,6 +15,13 @@ COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
 LABELS = {"fgd": "forward gradient (FGD)", "sgd": "backprop (SGD/GD)"}
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _load_arm(path: Path):
     rows = C.read_jsonl(path)
     header = rows[0] if rows and rows[0].get("header") else {}
@@ -45,8 +52,14 @@ def plot_loss(out: Path, name: str, entry: dict) -> Path:
         for ax, x in zip(axes, (steps + 1, times)):
             ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2)
             if loss.shape[1] > 1:
-                ax.fill_between(x, np.nanmin(loss, axis=1), np.nanmax(loss, axis=1),
-                                color=COLORS[method], alpha=0.15, lw=0)
+                ax.fill_between(
+                    x,
+                    np.nanmin(loss, axis=1),
+                    np.nanmax(loss, axis=1),
+                    color=COLORS[method],
+                    alpha=0.15,
+                    lw=0,
+                )
     thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
     for ax in axes:
         ax.set_yscale("log")
@@ -58,11 +71,7 @@ def plot_loss(out: Path, name: str, entry: dict) -> Path:
     axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{name}: loss vs iterations and vs time")
-    fig.tight_layout()
-    path = out / f"{name}_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{name}_loss.png")
 
 
 def plot_function(out: Path, name: str, entry: dict) -> Path:
@@ -85,9 +94,14 @@ def plot_function(out: Path, name: str, entry: dict) -> Path:
         _, _, _, _, params = _load_arm(path)
         for r in range(params.shape[1] if method == "fgd" else 1):
             traj = np.vstack([start, params[:, r]])
-            ax.plot(traj[:, 0], traj[:, 1], color="white" if method == "fgd" else "tab:red",
-                    lw=0.8 if method == "fgd" else 2.0, alpha=0.8,
-                    label=LABELS[method] if r == 0 else None)
+            ax.plot(
+                traj[:, 0],
+                traj[:, 1],
+                color="white" if method == "fgd" else "tab:red",
+                lw=0.8 if method == "fgd" else 2.0,
+                alpha=0.8,
+                label=LABELS[method] if r == 0 else None,
+            )
     ax.plot(*start, "ko", ms=6, label="start")
     ax.plot(*MINIMA[name], "y*", ms=14, label="minimum")
     ax.set_xlim(x0, x1)
@@ -96,11 +110,7 @@ def plot_function(out: Path, name: str, entry: dict) -> Path:
     ax.set_ylabel("y")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"{name}: trajectories (colour: log10 f)")
-    fig.tight_layout()
-    path = out / f"{name}_trajectories.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{name}_trajectories.png")
 
 
 def plot_tuned(out: Path, experiments: dict) -> Path:
@@ -110,16 +120,21 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, names):
         t = experiments[n]["tuned"]
-        finite = [v for m in ("fgd", "sgd") for v in t["final_loss"][m]
-                  if v is not None and np.isfinite(v)]
+        finite = [
+            v
+            for m in ("fgd", "sgd")
+            for v in t["final_loss"][m]
+            if v is not None and np.isfinite(v)
+        ]
         top = max(finite) if finite else 1.0
         for m in ("fgd", "sgd"):
             y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
             ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=m)
             bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
             if bad:
-                ax.plot(bad, [top] * len(bad), "x", color=COLORS[m], ms=9, mew=2,
-                        label=f"{m} diverged")
+                ax.plot(
+                    bad, [top] * len(bad), "x", color=COLORS[m], ms=9, mew=2, label=f"{m} diverged"
+                )
             ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -131,11 +146,7 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
-    fig.tight_layout()
-    path = out / "tuned_sweeps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tuned_sweeps.png")
 
 
 def plot_depth(out: Path, depth: dict) -> Path:
@@ -151,19 +162,27 @@ def plot_depth(out: Path, depth: dict) -> Path:
     axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes[1].set_ylabel("R_f / R_b")
     for m, key in (("fgd", "fgd"), ("sgd", "sgd")):
-        axes[2].plot(d, [(r["memory"][key] or {}).get("total_bytes", np.nan) for r in rows],
-                     "o-", color=COLORS[m], label=f"{m} iteration")
-    axes[2].plot(d, [(r["memory"]["f"] or {}).get("total_bytes", np.nan) for r in rows],
-                 "o--", color="gray", label="f")
+        axes[2].plot(
+            d,
+            [(r["memory"][key] or {}).get("total_bytes", np.nan) for r in rows],
+            "o-",
+            color=COLORS[m],
+            label=f"{m} iteration",
+        )
+    axes[2].plot(
+        d,
+        [(r["memory"]["f"] or {}).get("total_bytes", np.nan) for r in rows],
+        "o--",
+        color="gray",
+        label="f",
+    )
     axes[2].set_ylabel("XLA compiled memory (bytes)")
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("number of hidden layers")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"depth scaling: MLP width {depth['config']['width']}, batch {depth['config']['batch']}")
-    fig.tight_layout()
-    path = out / "depth_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.suptitle(
+        f"depth scaling: MLP width {depth['config']['width']}, batch {depth['config']['batch']}"
+    )
+    return _save(fig, out / "depth_scaling.png")

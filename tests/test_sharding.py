@@ -69,6 +69,14 @@ def _bp_step(tx):
     return jax.jit(step)
 
 
+def assert_same_update_as_one_device(step, state, params, batch, sharded_params, sharded_batch):
+    """The sharded step gives the one-device update (up to the order of the batch reduction)."""
+    p1, _ = step(params, state, batch)
+    p8, _ = step(sharded_params, state, sharded_batch)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     ("tangent", "k"),
     [("rademacher", 1), ("rademacher", 4), ("normal", 2), ("lowrank", 1), ("sphere", 1)],
@@ -87,10 +95,7 @@ def test_forward_gradient_step_communicates_only_k_plus_one_scalars(tangent, k):
     assert sum(v for op, v in coll.items() if op != "all-reduce") == 0, coll
 
     # The same update as on one device (up to the order of the batch reduction).
-    p1, _ = step(params, state, batch)
-    p8, _ = step(sp, state, sb)
-    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_same_update_as_one_device(step, state, params, batch, sp, sb)
 
 
 def test_backprop_all_reduces_the_whole_gradient():
@@ -153,10 +158,7 @@ def test_fsdp_forward_gradient_step_reduces_only_k_plus_one_scalars(tangent, k):
     assert coll["all-gather"] <= sharded_bytes, (coll, sharded_bytes)
     assert coll["all-to-all"] == coll["collective-permute"] == 0, coll
 
-    p1, _ = step(params, state, batch)
-    p8, _ = step(sp, state, sb)
-    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_same_update_as_one_device(step, state, params, batch, sp, sb)
 
 
 def test_fsdp_backprop_reduces_the_whole_gradient():
