@@ -141,49 +141,141 @@ PRESETS: dict[str, dict[str, ClassifyConfig]] = {
     # The paper's settings on MNIST (steps, lrs, batch, decay, seeds). CNN: steps and lr
     # are not retrieved from the paper; we use the MLP's.
     "paper": {
-        "logreg": ClassifyConfig("logreg", "mnist", lrs=(1e-4,), steps=25000, seeds=5,
-                                 chunk=500, log_every=50, smooth_window=500,
-                                 tune_factors=(1.0, 10.0, 100.0, 1000.0), tune_steps=10000),
-        "mlp": ClassifyConfig("mlp", "mnist", lrs=(2e-5, 2e-4), steps=20000, seeds=5,
-                              chunk=500, log_every=50, smooth_window=500,
-                              tune_factors=(1.0, 10.0, 100.0, 1000.0), tune_steps=10000),
-        "cnn": ClassifyConfig("cnn", "mnist", lrs=(2e-4,), steps=20000, seeds=5, chunk=500,
-                              log_every=50, smooth_window=500,
-                              tune_factors=(1.0, 10.0, 100.0, 1000.0), tune_steps=10000),
+        "logreg": ClassifyConfig(
+            "logreg",
+            "mnist",
+            lrs=(1e-4,),
+            steps=25000,
+            seeds=5,
+            chunk=500,
+            log_every=50,
+            smooth_window=500,
+            tune_factors=(1.0, 10.0, 100.0, 1000.0),
+            tune_steps=10000,
+        ),
+        "mlp": ClassifyConfig(
+            "mlp",
+            "mnist",
+            lrs=(2e-5, 2e-4),
+            steps=20000,
+            seeds=5,
+            chunk=500,
+            log_every=50,
+            smooth_window=500,
+            tune_factors=(1.0, 10.0, 100.0, 1000.0),
+            tune_steps=10000,
+        ),
+        "cnn": ClassifyConfig(
+            "cnn",
+            "mnist",
+            lrs=(2e-4,),
+            steps=20000,
+            seeds=5,
+            chunk=500,
+            log_every=50,
+            smooth_window=500,
+            tune_factors=(1.0, 10.0, 100.0, 1000.0),
+            tune_steps=10000,
+        ),
     },
     # Small and offline: the 8x8 digits on 2 CPU cores. Same models (MLP 1024-1024-10,
     # CNN with 64 channels), fewer steps and seeds. Shared rates: logreg 1e-2 and CNN 1e-3
     # (the paper's barely move the loss in a few hundred steps), MLP the paper's 2e-4
     # (FGD diverges on this MLP at 2e-3). See docs/reproducing.md.
     "quick": {
-        "logreg": ClassifyConfig("logreg", "digits", lrs=(1e-2,), steps=2000, seeds=3,
-                                 chunk=250, log_every=10, smooth_window=100,
-                                 tune_factors=(0.1, 1.0, 10.0, 30.0), tune_seeds=2,
-                                 runtime_rounds=15, checkpoint_every=2),
-        "mlp": ClassifyConfig("mlp", "digits", lrs=(2e-4,), steps=600, seeds=2,
-                              chunk=100, log_every=10, smooth_window=50,
-                              tune_factors=(0.1, 1.0, 10.0, 100.0), tune_seeds=1,
-                              tune_steps=300, runtime_rounds=10, checkpoint_every=2),
-        "cnn": ClassifyConfig("cnn", "digits", lrs=(1e-3,), steps=200, seeds=2,
-                              chunk=50, log_every=5, smooth_window=30,
-                              tune_factors=(0.2, 2.0, 20.0), tune_seeds=1,
-                              tune_steps=100, runtime_rounds=8, checkpoint_every=2,
-                              run_axis="vmap"),
+        "logreg": ClassifyConfig(
+            "logreg",
+            "digits",
+            lrs=(1e-2,),
+            steps=2000,
+            seeds=3,
+            chunk=250,
+            log_every=10,
+            smooth_window=100,
+            tune_factors=(0.1, 1.0, 10.0, 30.0),
+            tune_seeds=2,
+            runtime_rounds=15,
+            checkpoint_every=2,
+        ),
+        "mlp": ClassifyConfig(
+            "mlp",
+            "digits",
+            lrs=(2e-4,),
+            steps=600,
+            seeds=2,
+            chunk=100,
+            log_every=10,
+            smooth_window=50,
+            tune_factors=(0.1, 1.0, 10.0, 100.0),
+            tune_seeds=1,
+            tune_steps=300,
+            runtime_rounds=10,
+            checkpoint_every=2,
+        ),
+        "cnn": ClassifyConfig(
+            "cnn",
+            "digits",
+            lrs=(1e-3,),
+            steps=200,
+            seeds=2,
+            chunk=50,
+            log_every=5,
+            smooth_window=30,
+            tune_factors=(0.2, 2.0, 20.0),
+            tune_seeds=1,
+            tune_steps=100,
+            runtime_rounds=8,
+            checkpoint_every=2,
+            run_axis="vmap",
+        ),
     },
     # Tiny: for the tests.
     "test": {
-        "logreg": ClassifyConfig("logreg", "digits", lrs=(3e-2,), steps=100, seeds=2,
-                                 chunk=50, log_every=10, smooth_window=20,
-                                 tune_factors=(1.0, 3.0), tune_seeds=1, runtime_rounds=2,
-                                 checkpoint_every=1),
-        "mlp": ClassifyConfig("mlp", "digits", lrs=(2e-2,), steps=40, seeds=2, width=64,
-                              chunk=20, log_every=5, smooth_window=10,
-                              tune_factors=(1.0, 3.0), tune_seeds=1, runtime_rounds=2,
-                              checkpoint_every=0),
-        "cnn": ClassifyConfig("cnn", "digits", lrs=(2e-2,), steps=40, seeds=2, channels=8,
-                              chunk=10, log_every=5, smooth_window=5, run_axis="vmap",
-                              tune_factors=(1.0, 3.0), tune_seeds=1,
-                              runtime_rounds=2, checkpoint_every=0),
+        "logreg": ClassifyConfig(
+            "logreg",
+            "digits",
+            lrs=(3e-2,),
+            steps=100,
+            seeds=2,
+            chunk=50,
+            log_every=10,
+            smooth_window=20,
+            tune_factors=(1.0, 3.0),
+            tune_seeds=1,
+            runtime_rounds=2,
+            checkpoint_every=1,
+        ),
+        "mlp": ClassifyConfig(
+            "mlp",
+            "digits",
+            lrs=(2e-2,),
+            steps=40,
+            seeds=2,
+            width=64,
+            chunk=20,
+            log_every=5,
+            smooth_window=10,
+            tune_factors=(1.0, 3.0),
+            tune_seeds=1,
+            runtime_rounds=2,
+            checkpoint_every=0,
+        ),
+        "cnn": ClassifyConfig(
+            "cnn",
+            "digits",
+            lrs=(2e-2,),
+            steps=40,
+            seeds=2,
+            channels=8,
+            chunk=10,
+            log_every=5,
+            smooth_window=5,
+            run_axis="vmap",
+            tune_factors=(1.0, 3.0),
+            tune_seeds=1,
+            runtime_rounds=2,
+            checkpoint_every=0,
+        ),
     },
 }
 
@@ -255,8 +347,13 @@ def config_hash(cfg: ClassifyConfig) -> str:
     return hashlib.sha256(json.dumps(C.to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
-        checkpoint_root: str | Path | None = None, stop_after_chunks: int | None = None):
+def run(
+    cfg: ClassifyConfig,
+    out: str | Path,
+    progress: bool = True,
+    checkpoint_root: str | Path | None = None,
+    stop_after_chunks: int | None = None,
+):
     """Runs one classification experiment.
 
     Args:
@@ -280,18 +377,32 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
     arms = []
     for lr in cfg.lrs:
         tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
-        arms += [C.Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
-                 C.Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds)]
+        arms += [
+            C.Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
+            C.Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds),
+        ]
     ckpt = None
     if cfg.checkpoint_every:
         root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
         ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
     res = C.train_arms(
-        arms, loss_fn, init_params, sample_batch, num_steps=cfg.steps, decay_k=cfg.decay_k,
-        chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir, checkpoint_dir=ckpt,
-        checkpoint_every=max(1, cfg.checkpoint_every), progress=progress,
-        stop_after_chunks=stop_after_chunks, desc=f"{cfg.name} shared lr",
-        run_axis=cfg.run_axis, scan=use_scan(cfg), tangent=cfg.tangent,
+        arms,
+        loss_fn,
+        init_params,
+        sample_batch,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        checkpoint_dir=ckpt,
+        checkpoint_every=max(1, cfg.checkpoint_every),
+        progress=progress,
+        stop_after_chunks=stop_after_chunks,
+        desc=f"{cfg.name} shared lr",
+        run_axis=cfg.run_axis,
+        scan=use_scan(cfg),
+        tangent=cfg.tangent,
     )
     if res is None:
         return None
@@ -299,8 +410,16 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
     batch1 = sample_batch(jax.random.fold_in(key, 7))
-    rt = C.measure_runtime(loss_fn, params1, batch1, lr=cfg.lrs[0], decay_k=cfg.decay_k,
-                           rounds=cfg.runtime_rounds, seed=cfg.seed, tangent=cfg.tangent)
+    rt = C.measure_runtime(
+        loss_fn,
+        params1,
+        batch1,
+        lr=cfg.lrs[0],
+        decay_k=cfg.decay_k,
+        rounds=cfg.runtime_rounds,
+        seed=cfg.seed,
+        tangent=cfg.tangent,
+    )
     per_iter = {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]}
 
     shared = []
@@ -310,15 +429,22 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         s["lr"] = lr
         C.add_estimates(s, per_iter)
         for m in ("fgd", "sgd"):
-            s[f"test_accuracy_{m}"] = float(np.mean(_accuracy(
-                model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)))
+            s[f"test_accuracy_{m}"] = float(
+                np.mean(
+                    _accuracy(model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)
+                )
+            )
         shared.append(s)
 
     tuned = tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter)
     first = shared[0]
     return {
-        "R_f": rt["R_f"], "R_b": rt["R_b"], "R_f_over_R_b": rt["R_f_over_R_b"],
-        "T_f": first["T_f"], "T_b": first["T_b"], "T_ratio": first["T_ratio"],
+        "R_f": rt["R_f"],
+        "R_b": rt["R_b"],
+        "R_f_over_R_b": rt["R_f_over_R_b"],
+        "T_f": first["T_f"],
+        "T_b": first["T_b"],
+        "T_ratio": first["T_ratio"],
         "initial_loss": first["initial_loss"],
         "final_loss_fgd": first["final_loss_fgd"],
         "final_loss_sgd": first["final_loss_sgd"],
@@ -326,9 +452,12 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True,
         "tuned": tuned,
         "runtime": rt,
         "num_params": C.num_params(params1),
-        "dataset": {"name": data.name, "train": int(data.train_images.shape[0]),
-                    "test": int(data.test_images.shape[0]),
-                    "image_shape": list(data.train_images.shape[1:])},
+        "dataset": {
+            "name": data.name,
+            "train": int(data.train_images.shape[0]),
+            "test": int(data.test_images.shape[0]),
+            "image_shape": list(data.train_images.shape[1:]),
+        },
         "model": repr(model),
         "scan": use_scan(cfg),
         "wall_time_s": time.perf_counter() - t_start,
@@ -343,12 +472,23 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
     grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_seeds)]
     grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_seeds)]
     res = C.train_arms(
-        [C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-         C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds)],
-        loss_fn, init_params, sample_batch, num_steps=steps, decay_k=cfg.decay_k,
-        chunk=min(cfg.chunk, steps), log_every=cfg.log_every, out_dir=run_dir,
-        progress=progress, desc=f"{cfg.name} lr sweep", run_axis=cfg.run_axis,
-        scan=use_scan(cfg), tangent=cfg.tangent,
+        [
+            C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+        ],
+        loss_fn,
+        init_params,
+        sample_batch,
+        num_steps=steps,
+        decay_k=cfg.decay_k,
+        chunk=min(cfg.chunk, steps),
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        progress=progress,
+        desc=f"{cfg.name} lr sweep",
+        run_axis=cfg.run_axis,
+        scan=use_scan(cfg),
+        tangent=cfg.tangent,
     )
     t = C.pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
     t["steps"] = steps
@@ -361,8 +501,11 @@ def main(name: str, argv=None) -> dict | None:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--out", default=f"out/{name}")
     p.add_argument("--dataset", help="digits | mnist | fashion_mnist | a directory of IDX files")
-    p.add_argument("--data-dir", help="directory of the IDX files (MNIST: default "
-                   "$FGRAD_JAX_DATA/mnist or ~/.cache/fgrad_jax/mnist)")
+    p.add_argument(
+        "--data-dir",
+        help="directory of the IDX files (MNIST: default "
+        "$FGRAD_JAX_DATA/mnist or ~/.cache/fgrad_jax/mnist)",
+    )
     p.add_argument("--lrs", type=float, nargs="+", help="shared learning rate(s)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seeds", type=int)
@@ -386,8 +529,10 @@ def main(name: str, argv=None) -> dict | None:
     if a.tangent:
         cfg.tangent = a.tangent
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_root=a.checkpoint_root)
-    C.write_json(Path(a.out) / f"{name}.json", {"experiments": {name: entry},
-                                                "environment": C.environment(cfg)})
+    C.write_json(
+        Path(a.out) / f"{name}.json",
+        {"experiments": {name: entry}, "environment": C.environment(cfg)},
+    )
     import _plots
 
     _plots.plot_loss(Path(a.out), name, entry)

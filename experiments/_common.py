@@ -92,7 +92,9 @@ def environment(config: Any = None) -> dict:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10
+            )
             return out.stdout.strip() if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             return None
@@ -107,7 +109,8 @@ def environment(config: Any = None) -> dict:
     except OSError:
         pass
     return {
-        "device": dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform
+        "device": dev.platform
+        if getattr(dev, "device_kind", dev.platform) == dev.platform
         else f"{dev.platform}: {dev.device_kind}",
         "num_devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
@@ -156,8 +159,9 @@ def exp_decay(lr: Array | float, k: float) -> optax.Schedule:
     return schedule
 
 
-def make_tx(method: str, lr: Array | float, decay_k: float, key: Array | int = 0,
-            tangent: str = "normal"):
+def make_tx(
+    method: str, lr: Array | float, decay_k: float, key: Array | int = 0, tangent: str = "normal"
+):
     """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with exponential decay.
 
     ``tangent`` is FGD's tangent distribution (the paper's is ``"normal"``).
@@ -207,9 +211,15 @@ def _to_saveable(tree: PyTree) -> PyTree:
 
 def _from_saved(saved: PyTree, template: PyTree) -> PyTree:
     return jax.tree_util.tree_map(
-        lambda s, t: jax.random.wrap_key_data(jnp.asarray(s), impl=jax.random.key_impl(t))
-        if _is_key(t)
-        else (np.asarray(s, dtype=t.dtype) if isinstance(t, np.ndarray) else jnp.asarray(s, dtype=t.dtype)),
+        lambda s, t: (
+            jax.random.wrap_key_data(jnp.asarray(s), impl=jax.random.key_impl(t))
+            if _is_key(t)
+            else (
+                np.asarray(s, dtype=t.dtype)
+                if isinstance(t, np.ndarray)
+                else jnp.asarray(s, dtype=t.dtype)
+            )
+        ),
         saved,
         template,
     )
@@ -393,6 +403,7 @@ def train_arms(
             batched_one = jax.vmap(one_step, in_axes=(0, 0, 0, 0, None))
             chunk_fn = jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None)))
         elif run_axis == "map":
+
             def batched_one(lrs, p, s, dkeys, i, one_step=one_step):
                 return jax.lax.map(lambda a: one_step(*a, i), (lrs, p, s, dkeys))
 
@@ -405,7 +416,9 @@ def train_arms(
         if not scan:
             # One compiled step, called `chunk` times from Python (XLA:CPU runs the
             # backward pass of convolutions inside a while loop ~40x slower).
-            step_c = jax.jit(batched_one).lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
+            step_c = (
+                jax.jit(batched_one).lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
+            )
 
             def chunk_fn_py(lrs, p, s, dkeys, start, step_c=step_c):
                 vals, flats = [], []
@@ -443,13 +456,28 @@ def train_arms(
     if start_chunk == 0:
         for a in arms:
             if a.name in loggers:
-                loggers[a.name].log({"header": True, "arm": a.name, "method": a.method,
-                                     "lrs": list(a.lrs), "seeds": list(a.seeds),
-                                     "num_steps": num_steps, "decay_k": decay_k,
-                                     "chunk": chunk, "log_every": log_every})
+                loggers[a.name].log(
+                    {
+                        "header": True,
+                        "arm": a.name,
+                        "method": a.method,
+                        "lrs": list(a.lrs),
+                        "seeds": list(a.seeds),
+                        "num_steps": num_steps,
+                        "decay_k": decay_k,
+                        "chunk": chunk,
+                        "log_every": log_every,
+                    }
+                )
 
-    bar = tqdm(total=num_chunks, initial=start_chunk, desc=desc, disable=not progress,
-               leave=False, unit="chunk")
+    bar = tqdm(
+        total=num_chunks,
+        initial=start_chunk,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+        unit="chunk",
+    )
     for done_this_call, c in enumerate(range(start_chunk, num_chunks), start=1):
         # Alternate the arms' order every chunk so neither always runs first.
         order = list(arms) if c % 2 == 0 else list(reversed(arms))
@@ -461,19 +489,21 @@ def train_arms(
             jax.block_until_ready((p, o, vals))
             dt = time.perf_counter() - t0
             s["params"], s["opt_state"] = p, o
-            s["losses"][:, c * chunk:(c + 1) * chunk] = np.asarray(vals)
+            s["losses"][:, c * chunk : (c + 1) * chunk] = np.asarray(vals)
             s["chunk_time"][c] = dt
             if record_params:
-                s["traj"][:, c * chunk + 1:(c + 1) * chunk + 1] = np.asarray(flats)
+                s["traj"][:, c * chunk + 1 : (c + 1) * chunk + 1] = np.asarray(flats)
             if arm.name in loggers:
                 before = float(s["chunk_time"][:c].sum())
                 v = np.asarray(vals)  # (runs, chunk)
                 fl = np.asarray(flats) if record_params else None
                 for j0 in range(0, chunk, log_every):
                     j1 = min(chunk, j0 + log_every)
-                    rec = {"step": c * chunk + j1 - 1,
-                           "time_s": before + dt * j1 / chunk,
-                           "loss": v[:, j0:j1].mean(axis=1)}
+                    rec = {
+                        "step": c * chunk + j1 - 1,
+                        "time_s": before + dt * j1 / chunk,
+                        "loss": v[:, j0:j1].mean(axis=1),
+                    }
                     if record_params:
                         rec["params"] = fl[:, j1 - 1]
                     loggers[arm.name].log(rec)
@@ -614,11 +644,20 @@ def _memory(compiled) -> dict | None:
         return None
     if m is None:
         return None
-    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-            "alias_size_in_bytes", "generated_code_size_in_bytes")
+    keys = (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     out = {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
-    out["total_bytes"] = (out.get("temp_size_in_bytes", 0) + out.get("argument_size_in_bytes", 0)
-                          + out.get("output_size_in_bytes", 0) - out.get("alias_size_in_bytes", 0))
+    out["total_bytes"] = (
+        out.get("temp_size_in_bytes", 0)
+        + out.get("argument_size_in_bytes", 0)
+        + out.get("output_size_in_bytes", 0)
+        - out.get("alias_size_in_bytes", 0)
+    )
     return out
 
 
@@ -675,10 +714,14 @@ def measure_runtime(
     lr_arr = jnp.float32(lr)
     progs = {
         "f": (f.lower(params, batch).compile(), (params, batch)),
-        "fgd": (fgd_step.lower(lr_arr, params, fgd_tx.init(params), batch).compile(),
-                (lr_arr, params, fgd_tx.init(params), batch)),
-        "sgd": (sgd_step.lower(lr_arr, params, sgd_tx.init(params), batch).compile(),
-                (lr_arr, params, sgd_tx.init(params), batch)),
+        "fgd": (
+            fgd_step.lower(lr_arr, params, fgd_tx.init(params), batch).compile(),
+            (lr_arr, params, fgd_tx.init(params), batch),
+        ),
+        "sgd": (
+            sgd_step.lower(lr_arr, params, sgd_tx.init(params), batch).compile(),
+            (lr_arr, params, sgd_tx.init(params), batch),
+        ),
     }
     # Warm up and calibrate the number of calls per measurement.
     reps = {}
@@ -707,7 +750,9 @@ def measure_runtime(
             jax.block_until_ready(out)
             samples[name].append((time.perf_counter() - t0) / n)
     med = {k: float(np.median(v)) for k, v in samples.items()}
-    iqr = {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in samples.items()}
+    iqr = {
+        k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in samples.items()
+    }
     r_f, r_b = med["fgd"] / med["f"], med["sgd"] / med["f"]
     return {
         "R_f": r_f,
@@ -782,17 +827,19 @@ def pick_tuned(
     i_b = first_crossing(curves["sgd"], threshold)
     t_f = (i_f + 1) * time_per_iter["fgd"] if i_f is not None else None
     t_b = (i_b + 1) * time_per_iter["sgd"] if i_b is not None else None
-    out.update({
-        "final_loss_fgd": float(curves["fgd"][-1]),
-        "final_loss_sgd": float(curves["sgd"][-1]),
-        "threshold": threshold,
-        "iters_to_threshold_fgd": i_f,
-        "iters_to_threshold_sgd": i_b,
-        "T_f": t_f,
-        "T_b": t_b,
-        "T_ratio": (t_f / t_b) if (t_f is not None and t_b) else None,
-        "T_definition": "iterations to threshold x median time of one iteration",
-    })
+    out.update(
+        {
+            "final_loss_fgd": float(curves["fgd"][-1]),
+            "final_loss_sgd": float(curves["sgd"][-1]),
+            "threshold": threshold,
+            "iters_to_threshold_fgd": i_f,
+            "iters_to_threshold_sgd": i_b,
+            "T_f": t_f,
+            "T_b": t_b,
+            "T_ratio": (t_f / t_b) if (t_f is not None and t_b) else None,
+            "T_definition": "iterations to threshold x median time of one iteration",
+        }
+    )
     return out
 
 

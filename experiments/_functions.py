@@ -80,18 +80,38 @@ PRESETS = {
     # The paper's settings (lr, iterations, runs); start points are assumptions.
     "paper": {
         "beale": FunctionConfig("beale", 0.01, 1000, 10, (1.0, 1.0), chunk=100, log_every=1),
-        "rosenbrock": FunctionConfig("rosenbrock", 5e-4, 25000, 10, (-1.5, 2.0), chunk=2500,
-                                     log_every=25),
+        "rosenbrock": FunctionConfig(
+            "rosenbrock", 5e-4, 25000, 10, (-1.5, 2.0), chunk=2500, log_every=25
+        ),
     },
 }
 # These problems are cheap, so the quick preset is the paper's.
 PRESETS["quick"] = PRESETS["paper"]
 PRESETS["test"] = {
-    "beale": FunctionConfig("beale", 0.01, 200, 3, (1.0, 1.0), chunk=100, log_every=10,
-                            tune_factors=(0.5, 1.0), tune_runs=2, runtime_rounds=3),
-    "rosenbrock": FunctionConfig("rosenbrock", 5e-4, 400, 3, (-1.5, 2.0), chunk=200,
-                                 log_every=20, tune_factors=(0.5, 1.0), tune_runs=2,
-                                 runtime_rounds=3),
+    "beale": FunctionConfig(
+        "beale",
+        0.01,
+        200,
+        3,
+        (1.0, 1.0),
+        chunk=100,
+        log_every=10,
+        tune_factors=(0.5, 1.0),
+        tune_runs=2,
+        runtime_rounds=3,
+    ),
+    "rosenbrock": FunctionConfig(
+        "rosenbrock",
+        5e-4,
+        400,
+        3,
+        (-1.5, 2.0),
+        chunk=200,
+        log_every=20,
+        tune_factors=(0.5, 1.0),
+        tune_runs=2,
+        runtime_rounds=3,
+    ),
 }
 
 
@@ -110,8 +130,12 @@ def _problem(cfg: FunctionConfig):
     return loss_fn, init_params
 
 
-def run(cfg: FunctionConfig, out: str | Path, progress: bool = True,
-        checkpoint_dir: str | Path | None = None) -> dict:
+def run(
+    cfg: FunctionConfig,
+    out: str | Path,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> dict:
     """Runs one 2-D experiment: shared-lr comparison, tuned comparison, runtime ratios.
 
     Args:
@@ -129,25 +153,46 @@ def run(cfg: FunctionConfig, out: str | Path, progress: bool = True,
     seeds = [cfg.seed + i for i in range(cfg.runs)]
     t0 = time.perf_counter()
     res = C.train_arms(
-        [C.Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
-         C.Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds)],
-        loss_fn, init_params, None, num_steps=cfg.steps, decay_k=cfg.decay_k,
-        chunk=cfg.chunk, log_every=cfg.log_every, out_dir=run_dir,
-        checkpoint_dir=checkpoint_dir, record_params=True, progress=progress,
-        desc=f"{cfg.name} shared lr", tangent=cfg.tangent,
+        [
+            C.Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
+            C.Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
+        ],
+        loss_fn,
+        init_params,
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        checkpoint_dir=checkpoint_dir,
+        record_params=True,
+        progress=progress,
+        desc=f"{cfg.name} shared lr",
+        tangent=cfg.tangent,
     )
     shared = C.summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
     shared["lr"] = cfg.lr
-    final_points = {
-        m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")
-    }
-    rt = C.measure_runtime(loss_fn, init_params(None), None, lr=cfg.lr, decay_k=cfg.decay_k,
-                           rounds=cfg.runtime_rounds, seed=cfg.seed, tangent=cfg.tangent)
+    final_points = {m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")}
+    rt = C.measure_runtime(
+        loss_fn,
+        init_params(None),
+        None,
+        lr=cfg.lr,
+        decay_k=cfg.decay_k,
+        rounds=cfg.runtime_rounds,
+        seed=cfg.seed,
+        tangent=cfg.tangent,
+    )
     C.add_estimates(shared, {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]})
     tuned = tune(cfg, run_dir, progress, rt)
     entry = {
-        "R_f": rt["R_f"], "R_b": rt["R_b"], "R_f_over_R_b": rt["R_f_over_R_b"],
-        "T_f": shared["T_f"], "T_b": shared["T_b"], "T_ratio": shared["T_ratio"],
+        "R_f": rt["R_f"],
+        "R_b": rt["R_b"],
+        "R_f_over_R_b": rt["R_f_over_R_b"],
+        "T_f": shared["T_f"],
+        "T_b": shared["T_b"],
+        "T_ratio": shared["T_ratio"],
         "initial_loss": shared["initial_loss"],
         "final_loss_fgd": shared["final_loss_fgd"],
         "final_loss_sgd": shared["final_loss_sgd"],
@@ -169,14 +214,28 @@ def tune(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
     grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_runs)]
     grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_runs)]
     res = C.train_arms(
-        [C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-         C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds)],
-        *_problem(cfg), None, num_steps=cfg.steps, decay_k=cfg.decay_k, chunk=cfg.chunk,
-        log_every=cfg.steps // 10 or 1, out_dir=run_dir, progress=progress,
-        desc=f"{cfg.name} lr sweep", tangent=cfg.tangent,
+        [
+            C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+        ],
+        *_problem(cfg),
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.steps // 10 or 1,
+        out_dir=run_dir,
+        progress=progress,
+        desc=f"{cfg.name} lr sweep",
+        tangent=cfg.tangent,
     )
-    return C.pick_tuned(res, lrs, cfg.tune_runs, smooth_window=1,
-                        time_per_iter={"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]})
+    return C.pick_tuned(
+        res,
+        lrs,
+        cfg.tune_runs,
+        smooth_window=1,
+        time_per_iter={"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]},
+    )
 
 
 def main(argv=None, name: str = "beale") -> dict:
@@ -196,8 +255,10 @@ def main(argv=None, name: str = "beale") -> dict:
         if getattr(a, field) is not None:
             setattr(cfg, field, getattr(a, field))
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_dir=a.checkpoint_dir)
-    C.write_json(Path(a.out) / f"{name}.json", {"experiments": {name: entry},
-                                                "environment": C.environment(cfg)})
+    C.write_json(
+        Path(a.out) / f"{name}.json",
+        {"experiments": {name: entry}, "environment": C.environment(cfg)},
+    )
     import _plots
 
     _plots.plot_function(Path(a.out), name, entry)

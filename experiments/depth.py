@@ -76,8 +76,15 @@ def run(cfg: DepthConfig, progress: bool = True) -> dict:
             xb, yb = batch
             return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
 
-        rt = C.measure_runtime(loss_fn, params, (x, y), lr=cfg.lr, rounds=cfg.runtime_rounds,
-                               seed=cfg.seed, tangent=cfg.tangent)
+        rt = C.measure_runtime(
+            loss_fn,
+            params,
+            (x, y),
+            lr=cfg.lr,
+            rounds=cfg.runtime_rounds,
+            seed=cfg.seed,
+            tangent=cfg.tangent,
+        )
         rows.append({"depth": depth, "num_params": C.num_params(params), **rt})
     return {"rows": rows, "config": C.to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
 
@@ -106,8 +113,10 @@ def main(argv=None) -> dict:
 
     _plots.plot_depth(out, res)
     for r in res["rows"]:
-        print(f"depth {r['depth']:3d}: R_f={r['R_f']:.3f} R_b={r['R_b']:.3f} "
-              f"R_f/R_b={r['R_f_over_R_b']:.3f}")
+        print(
+            f"depth {r['depth']:3d}: R_f={r['R_f']:.3f} R_b={r['R_b']:.3f} "
+            f"R_f/R_b={r['R_f_over_R_b']:.3f}"
+        )
     return res
 
 

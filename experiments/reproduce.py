@@ -42,13 +42,20 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="quick", choices=("quick", "paper", "test"))
     p.add_argument("--out", default=None, help="output directory (default out/<preset>)")
     p.add_argument("--data-dir", help="directory of the MNIST IDX files (paper preset)")
-    p.add_argument("--dataset", help="override the classification data set "
-                   "(digits | mnist | fashion_mnist | a directory of IDX files)")
-    p.add_argument("--tangent", default=None,
-                   help="FGD tangent distribution for every experiment (default: normal, "
-                   "the paper's; e.g. rademacher or lowrank)")
-    p.add_argument("--only", nargs="+", choices=(*EXPERIMENTS, "depth"),
-                   help="run only these experiments")
+    p.add_argument(
+        "--dataset",
+        help="override the classification data set "
+        "(digits | mnist | fashion_mnist | a directory of IDX files)",
+    )
+    p.add_argument(
+        "--tangent",
+        default=None,
+        help="FGD tangent distribution for every experiment (default: normal, "
+        "the paper's; e.g. rademacher or lowrank)",
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=(*EXPERIMENTS, "depth"), help="run only these experiments"
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     out = Path(a.out or f"out/{a.preset}")
@@ -71,8 +78,12 @@ def main(argv=None) -> dict:
     if a.tangent:
         for cfg in configs.values():
             cfg.tangent = a.tangent
-    full_config = {"preset": a.preset, "out": str(out), "experiments": list(selected),
-                   **{k: v for k, v in configs.items() if k in selected}}
+    full_config = {
+        "preset": a.preset,
+        "out": str(out),
+        "experiments": list(selected),
+        **{k: v for k, v in configs.items() if k in selected},
+    }
 
     experiments = {}
     for name in EXPERIMENTS:
@@ -93,8 +104,11 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         results["depth"] = _depth.run(configs["depth"], progress=progress)
         _plots.plot_depth(out, results["depth"])
-        print(f"[{time.perf_counter() - t:6.1f} s] depth: " + ", ".join(
-            f"{r['depth']}:{r['R_f_over_R_b']:.2f}" for r in results["depth"]["rows"]), flush=True)
+        print(
+            f"[{time.perf_counter() - t:6.1f} s] depth: "
+            + ", ".join(f"{r['depth']}:{r['R_f_over_R_b']:.2f}" for r in results["depth"]["rows"]),
+            flush=True,
+        )
     if experiments:
         _plots.plot_tuned(out, experiments)
     wall = time.perf_counter() - t0

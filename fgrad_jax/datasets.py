@@ -209,7 +209,9 @@ def _find_file(data_dir: Path, gz_name: str) -> Path | None:
 
 def _to_split(images: np.ndarray, labels: np.ndarray, path_i: Path, path_l: Path):
     if images.ndim < 2:
-        raise ValueError(f"{path_i}: expected images with >= 2 dimensions, got shape {images.shape}.")
+        raise ValueError(
+            f"{path_i}: expected images with >= 2 dimensions, got shape {images.shape}."
+        )
     if labels.ndim != 1:
         raise ValueError(f"{path_l}: expected a 1-D label array, got shape {labels.shape}.")
     if images.shape[0] != labels.shape[0]:
@@ -261,10 +263,12 @@ def load_idx_dataset(
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte."
         )
     arrays = {role: load_idx(p) for role, p in paths.items()}
-    xtr, ytr = _to_split(arrays["train_images"], arrays["train_labels"],
-                         paths["train_images"], paths["train_labels"])
-    xte, yte = _to_split(arrays["test_images"], arrays["test_labels"],
-                         paths["test_images"], paths["test_labels"])
+    xtr, ytr = _to_split(
+        arrays["train_images"], arrays["train_labels"], paths["train_images"], paths["train_labels"]
+    )
+    xte, yte = _to_split(
+        arrays["test_images"], arrays["test_labels"], paths["test_images"], paths["test_labels"]
+    )
     if num_classes is None:
         num_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
     return Dataset(xtr, ytr, xte, yte, name or data_dir.name, int(num_classes))
@@ -296,9 +300,10 @@ def _download(name: str, dest: Path, mirrors: Sequence[str]) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=dest.parent)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                url, timeout=_DOWNLOAD_TIMEOUT_S
-            ) as resp:
+            with (
+                os.fdopen(fd, "wb") as out,
+                urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp,
+            ):
                 shutil.copyfileobj(resp, out)
             got = _sha256(tmp)
             if got != expected:
@@ -319,7 +324,9 @@ def _download(name: str, dest: Path, mirrors: Sequence[str]) -> None:
             f"{dest.parent}."
         )
     raise DataUnavailableError(
-        f"Could not download {name} (offline?):\n  " + "\n  ".join(errors) + "\n"
+        f"Could not download {name} (offline?):\n  "
+        + "\n  ".join(errors)
+        + "\n"
         + _how_to_get_mnist(dest.parent, mirrors)
     )
 
@@ -336,9 +343,7 @@ def _how_to_get_mnist(data_dir: Path, mirrors: Sequence[str]) -> str:
     )
 
 
-def load_mnist(
-    data_dir: str | os.PathLike | None = None, download: bool = True
-) -> Dataset:
+def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
     """Loads MNIST (60,000 train / 10,000 test images of 28x28), downloading it if needed.
 
     Files are looked up in ``data_dir`` (default: ``cache_dir() / "mnist"``, i.e.
@@ -435,6 +440,4 @@ def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
     xtr, xte, ytr, yte = train_test_split(
         images, labels, test_size=test_size, random_state=seed, stratify=labels
     )
-    return Dataset(
-        np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte, "digits", 10
-    )
+    return Dataset(np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte, "digits", 10)

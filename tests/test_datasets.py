@@ -16,8 +16,14 @@ from fgrad_jax import datasets
 def write_idx(path, array, compress=None, code=None):
     """Writes ``array`` as an IDX file (gzip if the name ends in .gz)."""
     array = np.asarray(array)
-    codes = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
-             np.float32: 0x0D, np.float64: 0x0E}
+    codes = {
+        np.uint8: 0x08,
+        np.int8: 0x09,
+        np.int16: 0x0B,
+        np.int32: 0x0C,
+        np.float32: 0x0D,
+        np.float64: 0x0E,
+    }
     if code is None:
         code = codes[array.dtype.type]
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -45,9 +51,7 @@ def make_idx_dir(directory, n_train=12, n_test=5, gz=True, seed=0):
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
-@pytest.mark.parametrize(
-    "dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
-)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 def test_idx_round_trip(tmp_path, suffix, dtype):
     a = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
     if dtype == np.uint8:
@@ -198,7 +202,9 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 
 def test_fashion_mnist_missing_message(tmp_path):
-    with pytest.raises(datasets.DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        datasets.DataUnavailableError, match="apt-get install dataset-fashion-mnist"
+    ):
         datasets.load_fashion_mnist(tmp_path)
 
 

@@ -28,7 +28,10 @@ def _toy_problem():
         return jnp.mean((xb @ p["w"] + p["b"] - yb) ** 2)
 
     def init_params(key):
-        return {"w": 0.1 * jax.random.normal(key, (8,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+        return {
+            "w": 0.1 * jax.random.normal(key, (8,), jnp.float32),
+            "b": jnp.zeros((), jnp.float32),
+        }
 
     def sample_batch(key):
         idx = jax.random.randint(key, (16,), 0, 256)
@@ -40,8 +43,19 @@ def _toy_problem():
 def _train(tmp_path, name, **kw):
     loss_fn, init_params, sample_batch = _toy_problem()
     arms = [C.Arm("fgd", "fgd", [0.02, 0.05], [0, 1]), C.Arm("sgd", "sgd", [0.02, 0.05], [0, 1])]
-    return C.train_arms(arms, loss_fn, init_params, sample_batch, num_steps=60, decay_k=1e-4,
-                        chunk=10, log_every=5, out_dir=tmp_path / name, progress=False, **kw)
+    return C.train_arms(
+        arms,
+        loss_fn,
+        init_params,
+        sample_batch,
+        num_steps=60,
+        decay_k=1e-4,
+        chunk=10,
+        log_every=5,
+        out_dir=tmp_path / name,
+        progress=False,
+        **kw,
+    )
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path):
@@ -52,8 +66,10 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     resumed = _train(tmp_path, "resumed", checkpoint_dir=ckpt)
     for arm in ("fgd", "sgd"):
         np.testing.assert_array_equal(full[arm].losses, resumed[arm].losses)
-        for a, b in zip(jax.tree_util.tree_leaves(full[arm].params),
-                        jax.tree_util.tree_leaves(resumed[arm].params)):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(full[arm].params),
+            jax.tree_util.tree_leaves(resumed[arm].params),
+        ):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # The JSONL log of the resumed run has each step exactly once, in order.
         rows = [r for r in C.read_jsonl(tmp_path / "resumed" / f"{arm}.jsonl") if "step" in r]
@@ -66,8 +82,9 @@ def test_runs_are_independent_of_grouping(tmp_path):
     """A run's result depends only on its seed and lr, not on the other vmapped runs."""
     loss_fn, init_params, sample_batch = _toy_problem()
     kw = dict(num_steps=20, decay_k=1e-4, chunk=10, progress=False)
-    both = C.train_arms([C.Arm("f", "fgd", [0.02, 0.05], [0, 1])], loss_fn, init_params,
-                        sample_batch, **kw)
+    both = C.train_arms(
+        [C.Arm("f", "fgd", [0.02, 0.05], [0, 1])], loss_fn, init_params, sample_batch, **kw
+    )
     one = C.train_arms([C.Arm("f", "fgd", [0.05], [1])], loss_fn, init_params, sample_batch, **kw)
     np.testing.assert_allclose(both["f"].losses[1], one["f"].losses[0], rtol=1e-5)
 
@@ -82,8 +99,13 @@ def test_fgd_lowers_the_toy_loss(tmp_path):
 
 def test_measure_runtime_fields():
     loss_fn, init_params, sample_batch = _toy_problem()
-    rt = C.measure_runtime(loss_fn, init_params(jax.random.key(0)),
-                           sample_batch(jax.random.key(1)), rounds=3, min_time=0.002)
+    rt = C.measure_runtime(
+        loss_fn,
+        init_params(jax.random.key(0)),
+        sample_batch(jax.random.key(1)),
+        rounds=3,
+        min_time=0.002,
+    )
     for k in ("R_f", "R_b", "R_f_over_R_b", "time_f", "time_fgd_iter", "time_sgd_iter"):
         assert math.isfinite(rt[k]) and rt[k] > 0
     assert rt["memory"]["fgd"]["argument_size_in_bytes"] > 0
