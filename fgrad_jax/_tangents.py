@@ -51,10 +51,6 @@ not floating point are ignored.
 """
 
 
-def _leaf_keys(key: Array, n: int) -> list[Array]:
-    return list(jax.random.split(key, n))
-
-
 class HashedTangent:
     """A built-in elementwise distribution drawn by the counter-based hash of ``_random``.
 
@@ -81,25 +77,9 @@ _NORMAL = HashedTangent("normal", _random.normal, regenerate=False)
 HASHED: dict[str, HashedTangent] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
 
 
-def _sample_normal(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
-    return _NORMAL(key, leaves, num_tangents)
-
-
-def _sample_rademacher(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
-    return _RADEMACHER(key, leaves, num_tangents)
-
-
-def _sample_normal_threefry(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
-    """The original sampler (jax.random.normal per leaf); kept for benchmarks."""
-    return [
-        jax.random.normal(k, (num_tangents, *leaf.shape), jnp.float32)
-        for k, leaf in zip(_leaf_keys(key, len(leaves)), leaves)
-    ]
-
-
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
     # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I.
-    gaussians = _sample_normal(key, leaves, num_tangents)
+    gaussians = _NORMAL(key, leaves, num_tangents)
     n = sum(math.prod(leaf.shape) for leaf in leaves)
     sq_norm = sum(jnp.sum(g.reshape(num_tangents, -1) ** 2, axis=1) for g in gaussians)
     scale = jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(sq_norm)
@@ -147,8 +127,8 @@ def _sample_lowrank(
 
 TANGENTS: dict[str, Sampler] = {
     "lowrank": _sample_lowrank,
-    "normal": _sample_normal,
-    "rademacher": _sample_rademacher,
+    "normal": _NORMAL,
+    "rademacher": _RADEMACHER,
     "sphere": _sample_sphere,
     "orthogonal": _sample_orthogonal,
 }
