@@ -130,6 +130,35 @@ def anchor_lazy_draws() -> bool:
 
 
 STATS = {"structured": 0, "fallback_densified": 0}
+TIE_PRIMAL = True  # see tie_to_tangent; a switch for A/B benchmarks
+
+
+@jax.custom_jvp
+@jax.custom_batching.custom_vmap
+def tie_to_tangent(primal: Array, tangent: Array) -> Array:
+    """``primal``, unchanged, but computed only once ``tangent`` exists (for the scheduler).
+
+    XLA's scheduler is free to run the primal chain of a JVP far ahead of the tangent chain
+    (the primal does not depend on it); every primal activation then stays alive until its
+    tangent consumer runs, and the working memory grows with depth like backprop's stored
+    activations. Adding a float zero computed from one element of the tangent
+    (``_random.fake_zero``) makes the next layer's primal wait for this layer's tangent.
+    Under :func:`jax.vmap` over the K tangents only the primal's batching is kept (the zero
+    is read from the whole batched tangent), so the primal is still computed once; its
+    derivative is the identity in ``primal``.
+    """
+    return primal + _random.fake_zero(tangent).astype(primal.dtype)
+
+
+@tie_to_tangent.def_vmap
+def _tie_vmap(axis_size, in_batched, primal, tangent):
+    del axis_size
+    return tie_to_tangent(primal, tangent), in_batched[0]
+
+
+@tie_to_tangent.defjvp
+def _tie_jvp(primals, tangents):
+    return tie_to_tangent(*primals), tangents[0]
 
 
 def _dense(t):
@@ -288,6 +317,18 @@ def _eval(jaxpr, consts, primals, tangents):
             if res is None:
                 res = _fallback(eqn, ps, ts)
             outs, touts = res
+            if name in _RULES and TIE_PRIMAL and anchor_lazy_draws():
+                # The expensive ops: the primal output waits for its tangent (see
+                # tie_to_tangent), so the primal chain cannot run ahead of the tangent chain.
+                outs = [
+                    tie_to_tangent(o, t)
+                    if t is not None
+                    and not isinstance(t, LowRankTangent)
+                    and jnp.issubdtype(jnp.result_type(o), jnp.floating)
+                    and _is_anchor(t)
+                    else o
+                    for o, t in zip(outs, touts)
+                ]
         for v, o, t in zip(eqn.outvars, outs, touts):
             env[v] = (o, t)
     outs = [read(v) for v in jaxpr.outvars]
