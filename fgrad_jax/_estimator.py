@@ -87,6 +87,26 @@ def _check_scalar(out: Any, fn_name: str) -> Array:
     return out
 
 
+def _k_axis(leaf: Array) -> int:
+    """Where the K tangents of a leaf are stacked: before a kernel's last (output) axis.
+
+    Under vmap a batched ``x @ W`` folds K into W's free dimensions; with K next to the
+    output axis, ``(in, K, out)`` is already the ``(in, K·out)`` matrix XLA multiplies, so no
+    transposing copy of the K stored tangents is needed (with K first it was one).
+    """
+    return leaf.ndim - 1 if leaf.ndim >= 2 else 0
+
+
+def _stored_draw(hashed, seed: Array, leaf: Array, num_tangents: int, k_axis: int) -> Array:
+    t = hashed.draw_stacked(seed, num_tangents, leaf.shape, k_axis)
+    # Computed once into a buffer; otherwise XLA duplicates the elementwise draw into each
+    # of its consumers.
+    t = _random.materialize(t, seed)
+    # Drawn in full on every device, not sharded like an FSDP parameter and then
+    # all-gathered for the JVP (see _sharding.replicated_like).
+    return _sharding.replicated_like(t, leaf).astype(leaf.dtype)
+
+
 def _combine(derivs: Array, tangents: Array, scale: Array) -> Array:
     """(1/K) Σ_k d_k v_k in float32, as an unrolled elementwise sum for small K.
 
@@ -140,12 +160,22 @@ def estimate_forward_grad(
         drawn = _lowrank.draw_lowrank(seeds, primals, num_tangents, lowrank_spec.rank)
         tangents = [d[1:] if d[0] == "lowrank" else (d[1],) for d in drawn]
     elif hashed is not None:
-        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf and
-        # drawn lazily, right before the operation that first uses them (one_hashed_direction).
+        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf.
         seeds = _random.seed_words(key, len(primals))
         for s in shapes:  # the counter of tangent k, element j is k * size + j (uint32)
             _random.check_counter_range(s)
-        tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
+        if hashed.regenerate:
+            # Drawn lazily, right before the operation that first uses them
+            # (one_regenerated_direction), and drawn again in the update.
+            tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
+        else:
+            # An expensive draw (the Gaussian) is drawn once, for all K tangents, and kept
+            # for the update; the JVP is vectorised over its K axis in place (_k_axis).
+            k_axes = [_k_axis(p) for p in primals]
+            tangents = [
+                _stored_draw(hashed, seeds[i], p, num_tangents, a)
+                for i, (p, a) in enumerate(zip(primals, k_axes))
+            ]
     else:
         sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
         tangents32 = sampler(key, primals, num_tangents)
@@ -187,33 +217,33 @@ def estimate_forward_grad(
         (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, tans)
         return value, deriv, aux
 
+    def one_stored_direction(*tangent_leaves):
+        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, list(tangent_leaves))
+        return value, deriv, aux
+
     def draw_one(i, k, zero):
         p = primals[i]
         offset = k * np.uint32(max(p.size, 1))
-        t = hashed.draw(seeds[i] ^ zero, p.shape, offset)
-        if not hashed.regenerate:
-            # An expensive draw (the Gaussian): computed once into a buffer; otherwise XLA
-            # duplicates the elementwise draw into each of its consumers.
-            t = _random.materialize(t, seeds[i])
-            # Drawn in full on every device, not sharded like an FSDP parameter and then
-            # all-gathered for the JVP (see _sharding.replicated_like).
-            t = _sharding.replicated_like(t, p)
-        return t.astype(p.dtype)
+        return hashed.draw(seeds[i] ^ zero, p.shape, offset).astype(p.dtype)
 
-    def one_hashed_direction(k):
+    def one_regenerated_direction(k):
         lazy = [
             _lowrank.LazyTangent(functools.partial(draw_one, i, k)) for i in range(len(primals))
         ]
         (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, lazy)
-        drawn = [] if hashed.regenerate else [t.materialize() for t in lazy]
-        return value, deriv, aux, drawn
+        return value, deriv, aux
 
     # The primal does not depend on the tangent, so under vmap it is computed once and
     # only the tangent work is batched over the K directions.
     if lowrank_spec is not None:
         value, derivs, aux = jax.vmap(one_lowrank_direction, out_axes=(None, 0, None))(*tangents)
+    elif hashed is not None and not hashed.regenerate:
+        value, derivs, aux = jax.vmap(
+            one_stored_direction, in_axes=tuple(k_axes), out_axes=(None, 0, None)
+        )(*tangents)
+        tangents = [jnp.moveaxis(t, a, 0) for t, a in zip(tangents, k_axes)]
     elif hashed is not None:
-        value, derivs, aux, tangents = jax.vmap(one_hashed_direction, out_axes=(None, 0, None, 0))(
+        value, derivs, aux = jax.vmap(one_regenerated_direction, out_axes=(None, 0, None))(
             *tangents
         )
     else:

@@ -72,12 +72,11 @@ def check_counter_range(shape: tuple[int, ...]) -> int:
     return size
 
 
-def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-    """32 random bits per element of ``shape``: ``lowbias32(c * (s1 | 1) + s0)``.
+def counters(shape: tuple[int, ...], offset: Array | None = None) -> Array:
+    """uint32 counters of ``shape``: each element's flat index, plus ``offset`` if given.
 
-    ``c`` is the element's flat index plus ``offset`` (a uint32 scalar): tangent ``k`` of a
-    leaf of ``n`` elements is drawn with ``offset = k n``, bitwise equal to row ``k`` of the
-    ``(K, n)`` draw.
+    Tangent ``k`` of a leaf of ``n`` elements is drawn with ``offset = k n``, bitwise equal
+    to row ``k`` of the ``(K, n)`` draw.
     """
     size = check_counter_range(shape)
     c = (
@@ -85,16 +84,41 @@ def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) 
         if len(shape) != 1
         else jax.lax.iota(jnp.uint32, size)
     )
-    if offset is not None:
-        c = c + offset
+    return c if offset is None else c + offset
+
+
+def stacked_counters(num: int, shape: tuple[int, ...], axis: int) -> Array:
+    """The counters of the ``(num, *shape)`` draw with the ``num`` axis moved to ``axis``.
+
+    Computed in that layout (no transpose for XLA to materialise): element ``k`` along
+    ``axis`` holds ``k * size + j`` for the leaf's flat index ``j``.
+    """
+    full = (*shape[:axis], num, *shape[axis:])
+    size = check_counter_range(full) // max(num, 1)
+    leaf = jnp.expand_dims(counters(shape), axis)
+    return leaf + jax.lax.broadcasted_iota(jnp.uint32, full, axis) * np.uint32(size)
+
+
+def hash_of(seed: Array, c: Array) -> Array:
+    """32 random bits per counter: ``lowbias32(c * (s1 | 1) + s0)``."""
     return mix32(c * (seed[1] | _ONE) + seed[0])
 
 
-def rademacher(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-    """``±1`` float32 draws of ``shape`` (the hash's top bit)."""
-    h = hash_bits(seed, shape, offset)
+def hash_bits(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
+    """32 random bits per element of ``shape`` (see :func:`counters`)."""
+    return hash_of(seed, counters(shape, offset))
+
+
+def rademacher_at(seed: Array, c: Array) -> Array:
+    """``±1`` float32 draws, one per counter (the hash's top bit)."""
+    h = hash_of(seed, c)
     bits = (h & np.uint32(0x80000000)) | np.uint32(0x3F800000)  # ±1.0f: sign bit + exponent
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def rademacher(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
+    """``±1`` float32 draws of ``shape``."""
+    return rademacher_at(seed, counters(shape, offset))
 
 
 def _horner(coeffs, x):
@@ -184,8 +208,8 @@ def _unit_open(bits: Array, nbits: int) -> Array:
     return j.astype(jnp.int32).astype(jnp.float32) * f32(2.0 ** -(nbits + 1))
 
 
-def normal(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-    """Standard normal float32 draws of ``shape``, one Box-Muller radius and angle each.
+def normal_at(seed: Array, c: Array) -> Array:
+    """Standard normal float32 draws, one per counter, one Box-Muller radius and angle each.
 
     ``z = s · sqrt(-2 ln u) · cos(πv/2)`` with ``u`` (23 bits) from one hash stream, ``v``
     (23 bits) and the sign ``s`` from a second, independent stream. By Box-Muller
@@ -195,9 +219,9 @@ def normal(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> 
     own ``(u, v, s)``, so elements are independent. Cheaper than an inverse CDF: one log,
     one sqrt and one short polynomial, no tail branch.
     """
-    h1 = hash_bits(seed, shape, offset)
+    h1 = hash_of(seed, c)
     seed2 = jnp.stack([mix32(seed[0] ^ _STREAM2[0]), mix32(seed[1] ^ _STREAM2[1])])
-    h2 = hash_bits(seed2, shape, offset)
+    h2 = hash_of(seed2, c)
     radius = jnp.sqrt(f32(-2) * _fast_log(_unit_open(h1, 23)))
     phi = _unit_open(h2, 23) * f32(math.pi / 2)
     z = radius * _horner(_COS, phi * phi)
@@ -205,3 +229,8 @@ def normal(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> 
     return jax.lax.bitcast_convert_type(
         jax.lax.bitcast_convert_type(z, jnp.uint32) ^ sign, jnp.float32
     )
+
+
+def normal(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
+    """Standard normal float32 draws of ``shape`` (see :func:`normal_at`)."""
+    return normal_at(seed, counters(shape, offset))

@@ -54,26 +54,33 @@ not floating point are ignored.
 class HashedTangent:
     """A built-in elementwise distribution drawn by the counter-based hash of ``_random``.
 
-    ``draw(seed, shape)`` is a pure elementwise function of two uint32 seed words, so the
-    estimator can draw the tangents for the JVP and draw them *again* (bitwise the same)
-    where the estimate is consumed, instead of keeping them alive in between
-    (``regenerate``; worth it when a draw is much cheaper than a memory round trip).
+    A draw is a pure elementwise function of two uint32 seed words and a counter per
+    element (``at(seed, counters)``), so the estimator can draw the tangents for the JVP
+    and draw them *again* (bitwise the same) where the estimate is consumed, instead of
+    keeping them alive in between (``regenerate``; worth it when a draw is much cheaper
+    than a memory round trip).
     """
 
-    def __init__(
-        self, name: str, draw: Callable[[Array, tuple[int, ...]], Array], regenerate: bool
-    ):
+    def __init__(self, name: str, at: Callable[[Array, Array], Array], regenerate: bool):
         self.name = name
-        self.draw = draw
+        self.at = at
         self.regenerate = regenerate
+
+    def draw(self, seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
+        """Draws of ``shape``; ``offset = k * leaf.size`` gives tangent ``k`` of a leaf."""
+        return self.at(seed, _random.counters(shape, offset))
+
+    def draw_stacked(self, seed: Array, num: int, shape: tuple[int, ...], axis: int) -> Array:
+        """The ``(num, *shape)`` draw with its ``num`` axis at ``axis``, computed in place."""
+        return self.at(seed, _random.stacked_counters(num, shape, axis))
 
     def __call__(self, key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
         seeds = _random.seed_words(key, len(leaves))
         return [self.draw(seeds[i], (num_tangents, *leaf.shape)) for i, leaf in enumerate(leaves)]
 
 
-_RADEMACHER = HashedTangent("rademacher", _random.rademacher, regenerate=True)
-_NORMAL = HashedTangent("normal", _random.normal, regenerate=False)
+_RADEMACHER = HashedTangent("rademacher", _random.rademacher_at, regenerate=True)
+_NORMAL = HashedTangent("normal", _random.normal_at, regenerate=False)
 HASHED: dict[str, HashedTangent] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
 
 
