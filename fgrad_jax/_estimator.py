@@ -97,14 +97,44 @@ def _k_axis(leaf: Array) -> int:
     return leaf.ndim - 1 if leaf.ndim >= 2 else 0
 
 
-def _stored_draw(hashed, seed: Array, leaf: Array, num_tangents: int, k_axis: int) -> Array:
-    t = hashed.draw_stacked(seed, num_tangents, leaf.shape, k_axis)
-    # Computed once into a buffer; otherwise XLA duplicates the elementwise draw into each
-    # of its consumers.
-    t = _random.materialize(t, seed)
-    # Drawn in full on every device, not sharded like an FSDP parameter and then
-    # all-gathered for the JVP (see _sharding.replicated_like).
-    return _sharding.replicated_like(t, leaf).astype(leaf.dtype)
+def _hashed_draw(hashed, leaf: Array, store: bool) -> Callable[[Array, Array], Array]:
+    """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
+
+    Called inside the JVP, vectorised over ``k = arange(K)``. Its batching rule draws the K
+    tangents in one array with the K axis where the batched matmul wants it (``_k_axis``;
+    with K first XLA added a transposing copy, and fused the draw into it as a slow loop)
+    and hands it to vmap as batched along that axis. Under that vmap ``seed`` carries a
+    fake zero from the consuming op (``LazyTangent``), so its K copies are equal and the
+    first one is used.
+    """
+    shape, size, axis = leaf.shape, np.uint32(max(leaf.size, 1)), _k_axis(leaf)
+
+    def finish(t, seed):
+        if store:
+            # An expensive draw (the Gaussian) is kept for the update: computed once into
+            # a buffer (otherwise XLA duplicates the elementwise draw into each consumer),
+            # drawn in full on every device, not sharded like an FSDP parameter and then
+            # all-gathered for the JVP (see _sharding.replicated_like).
+            t = _sharding.replicated_like(_random.materialize(t, seed), leaf)
+        return t.astype(leaf.dtype)
+
+    @jax.custom_batching.custom_vmap
+    def draw(seed, k):
+        return finish(hashed.draw(seed, shape, k * size), seed)
+
+    @draw.def_vmap
+    def _draw_all(axis_size, in_batched, seed, k):
+        del axis_size
+        seed_batched, k_batched = in_batched
+        if seed_batched:
+            seed = seed[0]
+        if not k_batched:
+            return draw(seed, k), False
+        t = jnp.moveaxis(finish(hashed.draw_stacked(seed, shape, axis, k), seed), axis, 0)
+        # Replicated again after the move, or XLA shards the moved copy like the update.
+        return (_sharding.replicated_like(t, leaf) if store else t), True
+
+    return draw
 
 
 def _combine(derivs: Array, tangents: Array, scale: Array) -> Array:
@@ -164,18 +194,11 @@ def estimate_forward_grad(
         seeds = _random.seed_words(key, len(primals))
         for s in shapes:  # the counter of tangent k, element j is k * size + j (uint32)
             _random.check_counter_range(s)
-        if hashed.regenerate:
-            # Drawn lazily, right before the operation that first uses them
-            # (one_regenerated_direction), and drawn again in the update.
-            tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
-        else:
-            # An expensive draw (the Gaussian) is drawn once, for all K tangents, and kept
-            # for the update; the JVP is vectorised over its K axis in place (_k_axis).
-            k_axes = [_k_axis(p) for p in primals]
-            tangents = [
-                _stored_draw(hashed, seeds[i], p, num_tangents, a)
-                for i, (p, a) in enumerate(zip(primals, k_axes))
-            ]
+        # Drawn lazily, right before the operation that first uses them
+        # (one_hashed_direction); then kept for the update or drawn again there.
+        store = hashed.stores(primals)
+        draws = [_hashed_draw(hashed, p, store) for p in primals]
+        tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
     else:
         sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
         tangents32 = sampler(key, primals, num_tangents)
@@ -217,33 +240,21 @@ def estimate_forward_grad(
         (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, tans)
         return value, deriv, aux
 
-    def one_stored_direction(*tangent_leaves):
-        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, list(tangent_leaves))
-        return value, deriv, aux
-
-    def draw_one(i, k, zero):
-        p = primals[i]
-        offset = k * np.uint32(max(p.size, 1))
-        return hashed.draw(seeds[i] ^ zero, p.shape, offset).astype(p.dtype)
-
-    def one_regenerated_direction(k):
+    def one_hashed_direction(k):
         lazy = [
-            _lowrank.LazyTangent(functools.partial(draw_one, i, k)) for i in range(len(primals))
+            _lowrank.LazyTangent(lambda zero, i=i: draws[i](seeds[i] ^ zero, k))
+            for i in range(len(primals))
         ]
         (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, lazy)
-        return value, deriv, aux
+        drawn = [t.materialize() for t in lazy] if store else []
+        return value, deriv, aux, drawn
 
     # The primal does not depend on the tangent, so under vmap it is computed once and
     # only the tangent work is batched over the K directions.
     if lowrank_spec is not None:
         value, derivs, aux = jax.vmap(one_lowrank_direction, out_axes=(None, 0, None))(*tangents)
-    elif hashed is not None and not hashed.regenerate:
-        value, derivs, aux = jax.vmap(
-            one_stored_direction, in_axes=tuple(k_axes), out_axes=(None, 0, None)
-        )(*tangents)
-        tangents = [jnp.moveaxis(t, a, 0) for t, a in zip(tangents, k_axes)]
     elif hashed is not None:
-        value, derivs, aux = jax.vmap(one_regenerated_direction, out_axes=(None, 0, None))(
+        value, derivs, aux, tangents = jax.vmap(one_hashed_direction, out_axes=(None, 0, None, 0))(
             *tangents
         )
     else:
@@ -255,7 +266,7 @@ def estimate_forward_grad(
             for d, p in zip(drawn, primals)
         ]
         return _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs)
-    if hashed is not None and hashed.regenerate:
+    if hashed is not None and not store:
         # Draw the tangents again where the estimate is consumed (bitwise the same values)
         # instead of keeping all of them alive through the JVP: under jit the draw fuses
         # into the optimizer's elementwise update. XLA:CPU drops optimization barriers

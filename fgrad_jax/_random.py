@@ -87,16 +87,17 @@ def counters(shape: tuple[int, ...], offset: Array | None = None) -> Array:
     return c if offset is None else c + offset
 
 
-def stacked_counters(num: int, shape: tuple[int, ...], axis: int) -> Array:
-    """The counters of the ``(num, *shape)`` draw with the ``num`` axis moved to ``axis``.
+def stacked_counters(shape: tuple[int, ...], axis: int, ks: Array) -> Array:
+    """The counters of tangents ``ks`` (a uint32 vector) of a leaf, stacked at ``axis``.
 
-    Computed in that layout (no transpose for XLA to materialise): element ``k`` along
-    ``axis`` holds ``k * size + j`` for the leaf's flat index ``j``.
+    Computed in that layout (no transpose for XLA to materialise): element ``i`` along
+    ``axis`` holds ``ks[i] * size + j`` for the leaf's flat index ``j``, so tangent ``k``
+    is bitwise the one :func:`counters` gives with ``offset = k * size``.
     """
-    full = (*shape[:axis], num, *shape[axis:])
-    size = check_counter_range(full) // max(num, 1)
+    size = max(math.prod(shape), 1)
     leaf = jnp.expand_dims(counters(shape), axis)
-    return leaf + jax.lax.broadcasted_iota(jnp.uint32, full, axis) * np.uint32(size)
+    k = jnp.expand_dims(ks, [d for d in range(len(shape) + 1) if d != axis])
+    return leaf + k * np.uint32(size)
 
 
 def hash_of(seed: Array, c: Array) -> Array:
