@@ -258,7 +258,8 @@ def measure_ratios(
     Returns:
         ``{"t_forward_s", "t_backprop_s", "R_b", "R_f", "fg_over_bp", "paired_ratio",
         "variants": [{"tangent", "num_tangents", "t_step_s", "R_f", "fg_over_bp",
-        "paired_ratio", "memory"}...], "memory": {...}, "extra": {...}}``; the top-level
+        "paired_ratio", "paired_over_k1" (K > 1, when the same tangent with K = 1 is
+        measured), "memory"}...], "memory": {...}, "extra": {...}}``; the top-level
         ``R_f``/``fg_over_bp``/``paired_ratio`` are those of the first variant.
     """
     if variants is None:
@@ -305,6 +306,15 @@ def measure_ratios(
             "paired_ratio": paired,
             "final_loss": float(r.state[0].value),
         }
+        single = next(
+            (j for j, (t1, k1, _) in enumerate(fg_runners) if k1 == 1 and t1 == tan), None
+        )
+        if k > 1 and single is not None:
+            # Cost of K tangents relative to one, paired within each round (issue 4's
+            # "K=4 step <= 2.5x the K=1 step").
+            v["paired_over_k1"] = statistics.median(
+                a / b for a, b in zip(times[f"fg{i}"], times[f"fg{single}"])
+            )
         if memory:
             v["memory"] = memory_of(r.step, r.params, r.state, batch)
         out["variants"].append(v)
@@ -754,6 +764,7 @@ def format_result(res) -> str:
         lines.append(
             f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:8.2f} ms  R_f {v['R_f']:.2f}  "
             f"fg/bp {v['fg_over_bp']:.2f} (paired {v['paired_ratio']:.2f})  temp {mem.get('temp_bytes', 0) / 2**20:.1f} MB"
+            + (f"  /K=1 {v['paired_over_k1']:.2f}" if "paired_over_k1" in v else "")
         )
     if "torch" in res:
         t = res["torch"]
