@@ -143,3 +143,22 @@ def test_k_tangents_are_the_mean_of_single_tangent_estimates():
         (v,) = TANGENTS[name](key, [p0], 3)
         d = jnp.stack([jax.jvp(f, (p0,), (v[k],))[1] for k in range(3)])
         np.testing.assert_allclose(g, (d[:, None] * v).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_optimised_paths_can_be_differentiated():
+    """The K-tangent draw (a custom_vmap) must not block jax.grad or jax.jvp of a function of
+    the estimate: with f = Σ a·sin(p) and g = (∇f·v) v, ∇_p Σ g = (Σ v) H v with
+    H = diag(-a·sin(p)). (The tie is off with 8 devices; its own rules are tested above.)"""
+    from fgrad_jax._tangents import TANGENTS
+
+    a = jax.random.normal(jax.random.key(0), (6, 5))
+    f = lambda p: jnp.sum(jnp.sin(p) * a)
+    p0 = jnp.linspace(-1.0, 1.0, 30).reshape(6, 5)
+    key = jax.random.key(1)
+    for name in ("rademacher", "normal"):
+        total = lambda p, name=name: jnp.sum(fgrad_jax.forward_grad(f, tangent=name)(key, p))
+        (v,) = TANGENTS[name](key, [p0], 1)
+        want = jnp.sum(v[0]) * (-a * jnp.sin(p0) * v[0])
+        np.testing.assert_allclose(jax.jit(jax.grad(total))(p0), want, rtol=1e-4, atol=1e-4)
+        _, tangent_out = jax.jvp(total, (p0,), (jnp.ones_like(p0),))
+        np.testing.assert_allclose(tangent_out, jnp.sum(want), rtol=1e-4, atol=1e-4)
