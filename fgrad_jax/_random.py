@@ -18,11 +18,11 @@ it (MeZO's regenerate-from-seed trick).
 
 Draws (float32):
 
-* :func:`rademacher` -- the top bit of the hash gives the sign.
-* :func:`normal` -- Box-Muller with one radius and one angle per element:
+* :func:`rademacher_at` -- the top bit of the hash gives the sign.
+* :func:`normal_at` -- Box-Muller with one radius and one angle per element:
   ``s · sqrt(-2 ln u) · cos(πv/2)``, ``u`` and ``v`` 23-bit uniforms on (0, 1) and the sign
-  ``s`` from two independently seeded hash streams; a bit-trick ``log`` (XLA:CPU's ``log``
-  costs about 1.5x more), the native ``sqrt`` and a degree-5 polynomial for ``cos``.
+  ``s`` from two independently seeded hash streams; a bit-trick ``log`` (XLA:CPU's own
+  ``log`` took 1.8x as long), the native ``sqrt`` and a degree-5 polynomial for ``cos``.
   ``|z| <= sqrt(48 ln 2) = 5.77``; max abs error against the float64 transform of the
   same bits below 1e-6. It replaced an inverse CDF (Giles' ``erfinv`` polynomials, a
   central and a tail branch both evaluated for every element) that cost 1.8x as much,
@@ -115,11 +115,6 @@ def rademacher_at(seed: Array, c: Array) -> Array:
     h = hash_of(seed, c)
     bits = (h & np.uint32(0x80000000)) | np.uint32(0x3F800000)  # ±1.0f: sign bit + exponent
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def rademacher(seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-    """``±1`` float32 draws of ``shape``."""
-    return rademacher_at(seed, counters(shape, offset))
 
 
 def _horner(coeffs, x):
