@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from runtime import time_interleaved
 
 import fgrad_jax
 
@@ -83,12 +84,11 @@ def run(cfg: Config) -> dict:
         compile_s[name] = time.perf_counter() - start
         jax.block_until_ready(compiled[name](*args))
 
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    for _ in range(cfg.rounds):
-        for name, (_, args) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](*args))
-            times[name].append(time.perf_counter() - start)
+    calls = {
+        name: (lambda name=name, args=args: jax.block_until_ready(compiled[name](*args)))
+        for name, (_, args) in programs.items()
+    }
+    times = time_interleaved(calls, cfg.rounds, warmup=0)
     median = {name: statistics.median(ts) for name, ts in times.items()}
     rows = {
         name: {

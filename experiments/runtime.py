@@ -205,7 +205,7 @@ class _Runner:
         jax.block_until_ready((self.params, loss))
 
 
-def _time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0):
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0):
     """Times every callable once per round, in a fresh random order each round.
 
     A random order, not a rotation: with a rotation every callable always follows the same
@@ -282,7 +282,7 @@ def measure_ratios(
     if memory:
         mem["forward"] = memory_of(fwd, params, batch)
         mem["backprop"] = memory_of(bp.step, bp.params, bp.state, batch)
-    times = _time_interleaved(fns, reps, warmup)
+    times = time_interleaved(fns, reps, warmup)
     med = {n: statistics.median(t) for n, t in times.items()}
     t_f, t_b = med["forward"], med["backprop"]
     out: dict[str, Any] = {
@@ -389,7 +389,7 @@ def measure_sharded(
                 ),
             }
         )
-    times = _time_interleaved(fns, reps, warmup)
+    times = time_interleaved(fns, reps, warmup)
     out["t_backprop_s"] = statistics.median(times["backprop"])
     for i, v in enumerate(out["variants"]):
         v["t_step_s"] = statistics.median(times[f"fg{i}"])
