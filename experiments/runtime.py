@@ -342,8 +342,9 @@ def measure_sharded(
     (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
     mesh divides; leaves with none stay replicated).
 
-    Times the backprop step and each forward-gradient variant (interleaved, medians) and
-    counts the bytes of every collective in each compiled step (``_sharding.collective_bytes``).
+    Times the backprop step and each forward-gradient variant (interleaved, medians), counts
+    the bytes of every collective in each compiled step (``_sharding.collective_bytes``) and
+    reports XLA's memory analysis of each (per device).
     """
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -377,6 +378,7 @@ def measure_sharded(
     out["backprop_collective_bytes"] = collective_bytes(
         st.lower(params, tx.init(params), batch).compile().as_text()
     )
+    out["backprop_memory"] = memory_of(st, params, tx.init(params), batch)
     for i, (tan, k) in enumerate(variants):
         tx, st = make_fg_step(loss_fn, lr, tan, k)
         fns[f"fg{i}"] = _Runner(f"fg{i}", st, tx, params, batch)
@@ -387,6 +389,7 @@ def measure_sharded(
                 "collective_bytes": collective_bytes(
                     st.lower(params, tx.init(params), batch).compile().as_text()
                 ),
+                "memory": memory_of(st, params, tx.init(params), batch),
             }
         )
     times = time_interleaved(fns, reps, warmup)

@@ -196,7 +196,10 @@ def estimate_forward_grad(
             _random.check_counter_range(s)
         # Drawn lazily, right before the operation that first uses them
         # (one_hashed_direction); then kept for the update or drawn again there.
-        store = hashed.stores(primals)
+        # Kept only on one device: with several, XLA's SPMD pipeline split the kept Gaussian
+        # draw into two stored loops (twice its memory per device); drawing it again is
+        # cheaper there than holding it twice.
+        store = hashed.stores(primals) and _lowrank.anchor_lazy_draws()
         draws = [_hashed_draw(hashed, p, store) for p in primals]
         tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
     else:

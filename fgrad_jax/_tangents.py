@@ -59,7 +59,8 @@ class HashedTangent:
     and draw them *again* (bitwise the same) where the estimate is consumed, instead of
     keeping them alive in between. Keeping them costs a memory round trip per tangent
     element, drawing again a second draw: the tangents are kept only while the
-    differentiated parameters take at most ``store_limit_bytes`` (in float32).
+    differentiated parameters take at most ``store_limit_bytes`` (in float32), and only
+    on a single device (see ``estimate_forward_grad``).
     """
 
     def __init__(self, name: str, at: Callable[[Array, Array], Array], store_limit_bytes: int):

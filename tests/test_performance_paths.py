@@ -63,9 +63,11 @@ import runtime, fgrad_jax
 from fgrad_jax import _lowrank
 assert jax.device_count() == 1
 from fgrad_jax._tangents import HASHED
+limit = HASHED["normal"].store_limit_bytes
 HASHED["normal"].store_limit_bytes = 0  # as for a model of more than 16 MiB
 rows = runtime.memory_sweep(depths=(2, 32), width=256, batch_size=256, tangents=["rademacher", "lowrank", "normal"])
 mem = [{k: row[k]["temp_bytes"] for k in ("backprop", "rademacher", "lowrank", "normal")} for row in rows]
+HASHED["normal"].store_limit_bytes = limit
 # The same estimates with and without the primal-tangent tie (it only orders the work).
 kp, kb = jax.random.split(jax.random.key(0))
 params = runtime.init_mlp(kp, [16, 32, 32, 10])
@@ -78,7 +80,18 @@ for tangent in ("rademacher", "normal", "lowrank"):
         g = fgrad_jax.forward_grad(runtime.mlp_loss, num_tangents=2, tangent=tangent)
         est.append(jax.jit(g)(jax.random.key(1), params, batch))
     diff[tangent] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*map(jax.tree_util.tree_leaves, est)))
-print(json.dumps({"memory": mem, "tie_diff": diff}))
+# Gaussian tangents kept for the update (small models) or drawn again (large ones).
+assert HASHED["normal"].stores(jax.tree_util.tree_leaves(params))
+kept_diff = {}
+for k in (1, 3):
+    est = []
+    for lim in (limit, 0):
+        HASHED["normal"].store_limit_bytes = lim
+        g = fgrad_jax.forward_grad(runtime.mlp_loss, num_tangents=k, tangent="normal")
+        est.append(jax.jit(g)(jax.random.key(2), params, batch))
+    HASHED["normal"].store_limit_bytes = limit
+    kept_diff[k] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*map(jax.tree_util.tree_leaves, est)))
+print(json.dumps({"memory": mem, "tie_diff": diff, "kept_vs_again_diff": kept_diff}))
 """
 
 
@@ -87,7 +100,8 @@ def test_single_device_step_memory_is_flat_in_depth_and_tie_changes_nothing():
 
     Target (issue 4): the working memory must not grow with depth, and at depth 32 be at
     most 25 % of the backprop step's. The primal-tangent tie (_lowrank.tie_to_tangent)
-    that achieves it must not change the estimate.
+    that achieves it must not change the estimate, nor must keeping the Gaussian tangents
+    for the update instead of drawing them again (both only happen on one device).
     """
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
@@ -110,6 +124,9 @@ def test_single_device_step_memory_is_flat_in_depth_and_tie_changes_nothing():
     assert d32["normal"] <= 0.25 * d32["backprop"]
     for tangent, diff in res["tie_diff"].items():
         assert diff < 1e-6, (tangent, diff)
+    # Gaussian tangents kept or drawn again in the update: the same estimate, K = 1 and 3.
+    for k, diff in res["kept_vs_again_diff"].items():
+        assert diff < 1e-5, (k, diff)
 
 
 def test_tie_to_tangent_keeps_the_primal_unbatched_and_differentiates_as_identity():
