@@ -167,8 +167,13 @@ def make_fg_step(loss_fn, lr, tangent, num_tangents, key=0):
 
 
 def memory_of(jitted, *args) -> dict[str, int] | None:
+    return compiled_memory(jitted.lower(*args).compile())
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled program (bytes), or None where unavailable."""
     try:
-        ma = jitted.lower(*args).compile().memory_analysis()
+        ma = compiled.memory_analysis()
     except Exception:  # pragma: no cover - backend without memory analysis
         return None
     if ma is None:
@@ -375,21 +380,19 @@ def measure_sharded(
         "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
         "variants": [],
     }
-    out["backprop_collective_bytes"] = collective_bytes(
-        st.lower(params, tx.init(params), batch).compile().as_text()
-    )
-    out["backprop_memory"] = memory_of(st, params, tx.init(params), batch)
+    compiled = st.lower(params, tx.init(params), batch).compile()
+    out["backprop_collective_bytes"] = collective_bytes(compiled.as_text())
+    out["backprop_memory"] = compiled_memory(compiled)
     for i, (tan, k) in enumerate(variants):
         tx, st = make_fg_step(loss_fn, lr, tan, k)
         fns[f"fg{i}"] = _Runner(f"fg{i}", st, tx, params, batch)
+        compiled = st.lower(params, tx.init(params), batch).compile()
         out["variants"].append(
             {
                 "tangent": tan if isinstance(tan, str) else repr(tan),
                 "num_tangents": k,
-                "collective_bytes": collective_bytes(
-                    st.lower(params, tx.init(params), batch).compile().as_text()
-                ),
-                "memory": memory_of(st, params, tx.init(params), batch),
+                "collective_bytes": collective_bytes(compiled.as_text()),
+                "memory": compiled_memory(compiled),
             }
         )
     times = time_interleaved(fns, reps, warmup)

@@ -112,10 +112,10 @@ def _hashed_draw(hashed, leaf: Array, store: bool) -> Callable[[Array, Array], A
     def finish(t, seed):
         if store:
             # An expensive draw (the Gaussian) is kept for the update: computed once into
-            # a buffer (otherwise XLA duplicates the elementwise draw into each consumer),
-            # drawn in full on every device, not sharded like an FSDP parameter and then
-            # all-gathered for the JVP (see _sharding.replicated_like).
-            t = _sharding.replicated_like(_random.materialize(t, seed), leaf)
+            # a buffer (otherwise XLA duplicates the elementwise draw into each consumer).
+            # Kept draws exist only on one device (see ``store``), so unlike the low-rank
+            # factors they need no replicated sharding constraint.
+            t = _random.materialize(t, seed)
         return t.astype(leaf.dtype)
 
     @jax.custom_batching.custom_vmap
@@ -130,9 +130,7 @@ def _hashed_draw(hashed, leaf: Array, store: bool) -> Callable[[Array, Array], A
             seed = seed[0]
         if not k_batched:
             return draw(seed, k), False
-        t = jnp.moveaxis(finish(hashed.draw_stacked(seed, shape, axis, k), seed), axis, 0)
-        # Replicated again after the move, or XLA shards the moved copy like the update.
-        return (_sharding.replicated_like(t, leaf) if store else t), True
+        return jnp.moveaxis(finish(hashed.draw_stacked(seed, shape, axis, k), seed), axis, 0), True
 
     return draw
 
