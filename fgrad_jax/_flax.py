@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from fgrad_jax._estimator import check_num_tangents, estimate_forward_grad
-from fgrad_jax._tangents import TangentFn, resolve_tangent
+from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
 
@@ -69,7 +69,7 @@ def nnx_value_and_forward_grad(
     *,
     wrt: Any = nnx.Param,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
     """Forward-gradient analogue of :func:`flax.nnx.value_and_grad` for nnx models.

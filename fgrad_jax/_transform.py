@@ -16,7 +16,7 @@ from fgrad_jax._estimator import (
     check_num_tangents,
     estimate_forward_grad,
 )
-from fgrad_jax._tangents import TangentFn, resolve_tangent
+from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
 
@@ -54,7 +54,7 @@ def forward_gradient(
     key: int | Array = 0,
     *,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
 ) -> optax.GradientTransformationExtraArgs:
     """Replaces the incoming updates by a forward-gradient estimate of ``value_fn``.
 
@@ -205,7 +205,7 @@ def fgd(
     key: int | Array = 0,
     *,
     num_tangents: int | None = None,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
 ) -> optax.GradientTransformationExtraArgs:
     """Forward Gradient Descent (Baydin et al. 2022, Algorithm 1).
 

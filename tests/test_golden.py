@@ -5,10 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden_estimates
 import numpy as np
 import pytest
-
-import golden_estimates
 
 HERE = Path(__file__).resolve().parent
 
