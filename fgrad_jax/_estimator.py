@@ -181,9 +181,7 @@ def estimate_forward_grad(
             )
         return _check_scalar(out, fn_name), None
 
-    inputs, context = strategy.prepare(
-        key, primals, num_tangents, Selection(tree, index)
-    )
+    inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
     value, derivs, aux, kept = jax.vmap(
         lambda x: tuple(strategy.direction(flat_fun, primals, context, x)),
         out_axes=(None, 0, None, 0),

@@ -253,7 +253,18 @@ def _fallback(eqn: Any, primals: list[Any], tangents: list[Any]) -> tuple[list[A
         out = eqn.primitive.bind(*subfuns, *full, **bind_params)
         return list(out) if eqn.primitive.multiple_results else [out]
 
-    outs, touts = jax.jvp(g, [primals[i] for i in idx], [_dense(tangents[i]) for i in idx])
+    try:
+        outs, touts = jax.jvp(g, [primals[i] for i in idx], [_dense(tangents[i]) for i in idx])
+    except TypeError as err:
+        if "custom_vjp" not in str(err):
+            raise
+        raise TypeError(
+            f"A function defined with jax.custom_vjp is called inside `{eqn.primitive.name}`, "
+            "where fgrad_jax cannot reach its primal definition (forward-mode needs it: "
+            "jax.jvp refuses custom_vjp functions). Fixes: call it outside "
+            f"`{eqn.primitive.name}` (e.g. unroll the loop), give it a jax.custom_jvp rule, "
+            "or train with fgrad_jax.spsa_gradient, which needs no derivatives."
+        ) from err
     return outs, touts
 
 

@@ -285,7 +285,15 @@ class _DrawnFirst(TangentStrategy):
         return tangents, tangents
 
     def direction(self, fun, primals, context, inputs) -> Direction:
-        value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
+        try:
+            value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
+        except TypeError as err:
+            if "custom_vjp" not in str(err):
+                raise
+            # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
+            # primal definition instead.
+            schedule = _interpreter.schedule_for(primals)
+            (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, inputs, schedule)
         return Direction(value, deriv, aux, None)
 
     def combine(self, derivatives, primals, context, kept):

@@ -39,9 +39,7 @@ def test_unselected_leaves_are_exact_zeros_and_selected_unbiased(tangent, mask):
     standard errors of the mean (each coordinate's sd estimated from the samples)."""
     p = _params()
     est = jax.jit(
-        jax.vmap(
-            lambda k: fgrad_jax.forward_grad(_loss, tangent=tangent, mask=mask)(k, p, X)
-        )
+        jax.vmap(lambda k: fgrad_jax.forward_grad(_loss, tangent=tangent, mask=mask)(k, p, X))
     )(jax.random.split(jax.random.key(2), 4000))
     for leaf in jax.tree_util.tree_leaves(est["body"]):
         assert not np.any(np.asarray(leaf))
