@@ -84,8 +84,8 @@ class ClassifyConfig:
             ``lax.map`` loop in one program).
         scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
             over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
-            because XLA:CPU runs convolution backward passes inside loops ~40x slower than
-            outside; ``lax.scan`` otherwise.
+            because XLA:CPU runs convolution backward passes inside loops far slower than
+            outside (docs/engineering_log.md); ``lax.scan`` otherwise.
         tangent: FGD's tangent distribution (``"normal"``: the paper's; see
             ``fgrad_jax.TANGENT_NAMES``).
         seed: Base seed.
