@@ -59,6 +59,7 @@ from toolkit import (
     init_mlp,
     make_backprop_step,
     make_fg_step,
+    make_forward,
     measure_ratios,
     median,
     memory_of,
@@ -71,10 +72,14 @@ from toolkit import (
 
 import fgrad_jax
 
-# Names other scripts and tests import from this module.
+# Names other scripts and tests import from this module (most live in the toolkit).
 __all__ = [
+    "compiled_memory",
     "environment",
     "init_mlp",
+    "make_backprop_step",
+    "make_fg_step",
+    "make_forward",
     "measure_ratios",
     "measure_sharded",
     "memory_sweep",
