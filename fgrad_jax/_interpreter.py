@@ -88,7 +88,7 @@ def tie_to_tangent(primal: Array, tangent: Array) -> Array:
     return primal + fake_zero(tangent).astype(primal.dtype)
 
 
-@tie_to_tangent.def_vmap
+@tie_to_tangent.def_vmap  # type: ignore[attr-defined]  # custom_jvp forwards to custom_vmap
 def _tie_vmap(axis_size, in_batched, primal, tangent):
     del axis_size
     return tie_to_tangent(primal, tangent), in_batched[0]

@@ -189,7 +189,7 @@ _interpreter.register_rule("conv_general_dilated", _conv_rule)
 
 def draw_lowrank(seeds: Array, primals: Sequence[Array], num_tangents: int, rank: int):
     """Per leaf: ``("lowrank", u (K, m, r), w (K, n, r))`` or ``("dense", v (K, *shape))``."""
-    out = []
+    out: list[tuple[Any, ...]] = []
     for i, p in enumerate(primals):
         if p.ndim >= 2:
             m, n = math.prod(p.shape[:-1]), p.shape[-1]

@@ -28,11 +28,11 @@ Array = jax.Array
 
 
 class Selection(NamedTuple):
-    """Which leaves are differentiated: the flat indices ``index`` into the leaves of ``tree``
+    """Which leaves are differentiated: the flat indices ``indices`` into the leaves of ``tree``
     (the differentiated argument as given; a tuple of arguments for a tuple ``argnums``)."""
 
     tree: Any
-    index: tuple[int, ...]
+    indices: tuple[int, ...]
 
 
 class Direction(NamedTuple):

@@ -29,6 +29,7 @@ for Gaussian tangents. It is also the cheapest to draw; we recommend it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeAlias
@@ -155,8 +156,8 @@ class HashedTangents(TangentStrategy):
     def direction(self, fun, primals, context, k) -> Direction:
         seeds, draws, keep, schedule = context
         lazy = [
-            _interpreter.LazyTangent(lambda zero, i=i: draws[i](seeds[i] ^ zero, k))
-            for i in range(len(primals))
+            _interpreter.LazyTangent(functools.partial(_draw_at, draw, seed, k))
+            for draw, seed in zip(draws, seeds)
         ]
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
         return Direction(value, deriv, aux, [t.materialize() for t in lazy] if keep else None)
@@ -175,6 +176,10 @@ class HashedTangents(TangentStrategy):
                 for i, p in enumerate(primals)
             ]
         return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(kept, primals)]
+
+
+def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero: Array) -> Array:
+    return draw(seed ^ zero, k)
 
 
 # A Rademacher draw (one hash, a few integer ops) is always cheaper than a memory round trip.
@@ -318,7 +323,7 @@ class UserTangents(_DrawnFirst):
     fn: TangentFn
 
     def sampler_for(self, selection: Selection) -> Sampler:
-        return _user_sampler(self.fn, selection.tree, selection.index)
+        return _user_sampler(self.fn, selection.tree, selection.indices)
 
 
 STRATEGIES: dict[str, TangentStrategy] = {
