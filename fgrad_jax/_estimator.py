@@ -115,6 +115,19 @@ def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> l
     return out
 
 
+def _check_chunk(tangent_chunk: int | None, num_tangents: int) -> int:
+    if tangent_chunk is None:
+        return num_tangents
+    if isinstance(tangent_chunk, bool) or not isinstance(tangent_chunk, (int, np.integer)):
+        raise TypeError(f"tangent_chunk must be a positive int or None; got {tangent_chunk!r}.")
+    if tangent_chunk < 1 or num_tangents % tangent_chunk:
+        raise ValueError(
+            f"tangent_chunk={tangent_chunk} must divide num_tangents={num_tangents} (the K "
+            "tangents are processed in equal chunks); pick a divisor, e.g. 1."
+        )
+    return int(tangent_chunk)
+
+
 def estimate_forward_grad(
     fun: Callable,
     key: Array,
@@ -126,6 +139,7 @@ def estimate_forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    tangent_chunk: int | None = None,
     fn_name: str = "fun",
 ) -> Estimate:
     """Shared core of the public estimators and the optax transformation.
@@ -182,10 +196,25 @@ def estimate_forward_grad(
         return _check_scalar(out, fn_name), None
 
     inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
-    value, derivs, aux, kept = jax.vmap(
-        lambda x: tuple(strategy.direction(flat_fun, primals, context, x)),
-        out_axes=(None, 0, None, 0),
-    )(inputs)
+
+    def directions(x):
+        return jax.vmap(
+            lambda xi: tuple(strategy.direction(flat_fun, primals, context, xi)),
+            out_axes=(None, 0, None, 0),
+        )(x)
+
+    chunk = _check_chunk(tangent_chunk, num_tangents)
+    if chunk == num_tangents:
+        value, derivs, aux, kept = directions(inputs)
+    else:
+        # One chunk of tangents at a time, each with its own primal: the primal is computed
+        # K / chunk times, but only one chunk's tangent activations are alive at once.
+        n = num_tangents // chunk
+        split = lambda a: a.reshape(n, chunk, *a.shape[1:])
+        value, derivs, aux, kept = jax.lax.map(directions, jax.tree.map(split, inputs))
+        value, aux = value[0], jax.tree.map(lambda a: a[0], aux)
+        merge = lambda a: a.reshape(num_tangents, *a.shape[2:])
+        derivs, kept = merge(derivs), jax.tree.map(merge, kept)
     derivs = derivs.astype(jnp.float32)
     grads = strategy.combine(derivs, primals, context, kept)
     grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
@@ -207,6 +236,7 @@ def value_and_forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    tangent_chunk: int | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like :func:`jax.value_and_grad`, with a forward-gradient estimate of the gradient.
 
@@ -230,6 +260,11 @@ def value_and_forward_grad(
             bools with the structure of ``args[argnums]`` (or a prefix of it), or a
             callable ``args[argnums] -> such a pytree``. Unselected leaves get no tangent
             (the JVP is cheaper) and an exact zero estimate. ``None`` selects all.
+        tangent_chunk: Process the tangents ``tangent_chunk`` at a time (it must divide
+            ``num_tangents``), one chunk after the other, each with its own primal pass:
+            the step's working memory is that of ``tangent_chunk`` tangents instead of
+            ``num_tangents``, for ``num_tangents / tangent_chunk`` primal passes instead
+            of one. ``None`` (default): all at once.
 
     Returns:
         A function ``estimate(key, *args, **kwargs)`` returning ``(value, grad)`` (or
@@ -258,6 +293,7 @@ def value_and_forward_grad(
             tangent=tangent,
             has_aux=has_aux,
             mask=mask,
+            tangent_chunk=tangent_chunk,
         )
         if has_aux:
             return (est.value, est.aux), est.grad
@@ -274,6 +310,7 @@ def forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    tangent_chunk: int | None = None,
 ) -> Callable[..., Any]:
     """Like :func:`jax.grad`, but an unbiased forward-gradient estimate (Baydin et al. 2022).
 
@@ -294,6 +331,8 @@ def forward_grad(
         has_aux: Whether ``fun`` returns ``(value, aux)``; then ``(grad, aux)`` is returned.
         mask: Leaves to estimate (a pytree of bools or a callable, as in
             :func:`value_and_forward_grad`); the others get exact zeros.
+        tangent_chunk: Tangents per chunk, to bound memory (see
+            :func:`value_and_forward_grad`).
 
     Returns:
         ``estimate(key, *args, **kwargs)``: the estimate with the structure and dtypes of
@@ -308,7 +347,13 @@ def forward_grad(
         True
     """
     value_and_grad = value_and_forward_grad(
-        fun, argnums, num_tangents=num_tangents, tangent=tangent, has_aux=has_aux, mask=mask
+        fun,
+        argnums,
+        num_tangents=num_tangents,
+        tangent=tangent,
+        has_aux=has_aux,
+        mask=mask,
+        tangent_chunk=tangent_chunk,
     )
 
     @functools.wraps(fun)
