@@ -79,6 +79,7 @@ def transformer_table(sections):
             f"{r['per_backprop']:.2f}",
             f"{r['compile_s']:.1f} s",
             f"{r['compile_s'] / res['rows']['backprop']['compile_s']:.1f}x",
+            "no",
         ]
         for name, r in res["rows"].items()
     ]
@@ -87,7 +88,10 @@ def transformer_table(sections):
         f"sequence {c.get('seq_len')}, batch {c.get('batch')}, {c.get('rounds')} rounds): the "
         "gradient alone (`jax.grad` vs `forward_grad`, no optimizer, no donation):",
         "",
-        *_table(["program", "median", "/ forward", "/ backprop", "compile", "compile / bp"], rows),
+        *_table(
+            ["program", "median", "/ forward", "/ backprop", "compile", "compile / bp", "donated"],
+            rows,
+        ),
         "",
     ]
 
@@ -187,6 +191,7 @@ def oom_table(sections):
         c.get("batch"),
         fg.get("num_params") or bp.get("num_params"),
         _gib(fg.get("bytes_limit") or bp.get("bytes_limit")),
+        "yes",
         bp_cell,
         fg_cell,
     ]
@@ -200,7 +205,7 @@ def oom_table(sections):
     ]
     return [
         "Backprop out of memory, the forward gradient training (one process each, preallocation on, "
-        "`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`, both donated):",
+        "`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`):",
         "",
         *_table(header, [row]),
         "",
