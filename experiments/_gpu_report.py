@@ -137,7 +137,7 @@ def gpt2_table(sections):
             [
                 name,
                 _yes(r.get("donated")),
-                _gib(p),
+                _gib(p) + ("*" if p and p == r.get("peak_after_compile_bytes") else ""),
                 f"{p / f:.2f}" if p and f else "n/a",
                 f"{p / b:.2f}" if p and b else "n/a",
                 _gib((r.get("memory") or {}).get("temp_bytes")),
@@ -152,8 +152,10 @@ def gpt2_table(sections):
     return [
         f"GPT ({c.get('depth')} blocks, width {c.get('width')}, sequence {c.get('seq_len')}, "
         f"batch {c.get('batch')}, vocabulary {c.get('vocab')}, {params} parameters), one process "
-        "each (`XLA_PYTHON_CLIENT_PREALLOCATE=false`), forward gradient with rademacher "
-        "tangents; peak = `memory_stats()['peak_bytes_in_use']`, parameters and batch included:",
+        "each (`XLA_PYTHON_CLIENT_PREALLOCATE=false`, `--xla_gpu_autotune_level=0` so that "
+        "the autotuner's trial buffers do not set the peak), forward gradient with rademacher "
+        "tangents; peak = `memory_stats()['peak_bytes_in_use']` after 2 calls, parameters and "
+        "batch included (* = the peak was reached while compiling, not running):",
         "",
         *_table(header, rows),
         "",
@@ -200,6 +202,7 @@ def oom_table(sections):
         "batch",
         "parameters",
         "bytes_limit",
+        "donated",
         "backprop step",
         "forward gradient (rademacher, K=1)",
     ]

@@ -378,6 +378,9 @@ def gpt_measure(smoke, deadline, spec, emit):
             out["config"] = asdict(cfg)
             print(f"  raising the batch to {cfg.batch} to exceed the memory", flush=True)
             compiled, state, batch = _compile_gpt(cfg, spec, graphdef, params, out)
+        stats = memory_stats()
+        out["peak_after_compile_bytes"] = stats.get("peak_bytes_in_use")
+        out["in_use_before_run_bytes"] = stats.get("bytes_in_use")
         emit(out)
         losses, t0 = [], None
         for i in range(spec.get("steps", 2)):

@@ -122,3 +122,42 @@ def test_timed_rounds_stops_at_the_deadline_and_says_so():
     assert len(times["a"]) == len(times["b"]) == 4 and len(calls) == 10
     times, info = timed_rounds(fns, reps=7, warmup=0, deadline=time.time() + 60, chunk=4)
     assert info == {"reps_requested": 7, "reps_done": 7, "cut": False}
+
+
+def test_report_of_an_out_of_memory_run():
+    """The GPU-only branches of the report (an exhausted backprop, peak memory), from a
+    results dict shaped as the workers write it."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from _gpu_report import markdown
+    from _gpu_sections import _oom_bytes
+
+    msg = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 163208757248 bytes."
+    assert _oom_bytes(msg) == 163208757248
+    gib = 2**30
+    cfg = {"vocab": 16384, "width": 1024, "depth": 12, "heads": 16, "seq_len": 2048, "batch": 32}
+    bp = {"outcome": "RESOURCE_EXHAUSTED", "xla_needs_bytes": 152 * gib, "config": cfg}
+    fg = {"outcome": "ran", "losses": [9.75, 9.74, 9.73], "peak_bytes_in_use": 35 * gib}
+    fg |= {"config": cfg, "num_params": 168_000_000, "bytes_limit": 75 * gib, "ms_per_step": 839}
+
+    def prog(peak, donated):
+        return {"status": "ok", "result": {"peak_bytes_in_use": peak, "donated": donated}}
+
+    programs = {"forward": prog(2 * gib, False), "backprop": prog(24 * gib, True)}
+    programs["fg_k1"] = prog(3 * gib, True)
+    programs["fg_k4"] = {"status": "timeout", "result": None, "error": "killed at its limit"}
+    results = {
+        "device": {"device_kind": "NVIDIA H100 80GB HBM3", "jax": "0.11.2"},
+        "sections": {
+            "gpt2_memory": {"status": "partial", "result": {"config": cfg, "programs": programs}},
+            "oom": {"status": "ok", "result": {"backprop": {"result": bp}, "fg": {"result": fg}}},
+        },
+    }
+    md = markdown(results)
+    assert "### GPU check: NVIDIA H100 80GB HBM3, jax 0.11.2" in md
+    assert "| fg_k1 | yes | 3.00 GiB | 1.50 | 0.12 |" in md
+    assert "| fg_k4 | n/a | n/a | n/a | n/a | n/a | n/a | timeout |" in md
+    assert (
+        "| 32 | 168000000 | 75.00 GiB | yes | RESOURCE_EXHAUSTED (needs 152.00 GiB per XLA) |" in md
+    )
+    assert "trains: 2 steps, loss 9.7500 -> 9.7300, peak 35.00 GiB, 839 ms/step |" in md
+    assert "- section `gpt2_memory`: partial" in md
