@@ -38,6 +38,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,17 @@ OOM_TARGET = 1.8  # backprop's memory as a multiple of the device's bytes_limit
 # ----------------------------------------------------------------------------- processes
 
 
+LIVE: set[subprocess.Popen] = set()
+
+
+def _stop(signum, frame):
+    # Killed from outside (a timeout around the whole run): take the workers along, so that
+    # none is left holding the device.
+    for proc in list(LIVE):
+        proc.kill()
+    sys.exit(128 + signum)
+
+
 class Worker:
     """One measurement process: ``gpu_check.py --worker NAME`` writing its result file."""
 
@@ -96,6 +108,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 cmd, env=os.environ | env | {"PYTHONPATH": path}, stderr=log
             )
+        LIVE.add(self.proc)
 
     def collect(self) -> dict:
         status = None
@@ -105,6 +118,7 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
             status = "timeout"
+        LIVE.discard(self.proc)
         try:
             with open(self.path) as fh:
                 part = json.load(fh)
@@ -250,6 +264,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown section(s) {unknown}; choose from {','.join(ORDER)}")
     os.makedirs(args.out, exist_ok=True)
+    signal.signal(signal.SIGTERM, _stop)
     start = time.time()
     results = {
         "command": " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])]),
