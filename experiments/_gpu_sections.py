@@ -24,7 +24,14 @@ import optax
 from bench_transformer import Config as TransformerConfig
 from bench_transformer import run as run_transformer
 from flax import nnx
-from runtime import compiled_memory, init_mlp, mlp_loss, synthetic_batch, time_interleaved
+from runtime import (
+    compiled_memory,
+    environment,
+    init_mlp,
+    mlp_loss,
+    synthetic_batch,
+    time_interleaved,
+)
 
 import fgrad_jax
 
@@ -190,6 +197,7 @@ def section_mlp(smoke, deadline, spec, emit):
     sizes = [784, 32, 32, 10] if smoke else [784, 1024, 1024, 10]
     loop_steps, reps = (5, 3) if smoke else (100, 30)
     out = {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "tangents": TANGENTS, "cases": []}
+    out["environment"] = environment()
     for batch_size in (8,) if smoke else (64, 1024):
         case = _mlp_case(sizes, batch_size, ("dispatched", "loop"), loop_steps, reps, 2, deadline)
         out["cases"].append(case)

@@ -129,6 +129,7 @@ class Worker:
             "wall_s": time.time() - self.start,
             "time_limit_s": self.deadline - self.start,
             "process_env": self.env,
+            "env": part.get("env"),
             "result": part.get("result"),
         }
         if out["status"] == "running":  # exited without finishing
@@ -143,14 +144,15 @@ class Worker:
 
 
 def worker_main(args) -> int:
-    from _gpu_sections import SECTIONS
+    from _gpu_sections import SECTIONS, device_info
 
     last = {}
 
     def write(status, result, error=None):
         tmp = args.result + ".tmp"
+        part = {"status": status, "result": result, "error": error, "env": last.get("env")}
         with open(tmp, "w") as fh:
-            json.dump({"status": status, "result": result, "error": error}, fh, indent=1)
+            json.dump(part, fh, indent=1)
         os.replace(tmp, args.result)
 
     def emit(result):
@@ -158,6 +160,7 @@ def worker_main(args) -> int:
         write("running", result)
 
     try:
+        last["env"] = device_info()
         spec = json.loads(args.spec)
         result = SECTIONS[args.worker](args.smoke, args.deadline, spec, emit)
     except Exception:

@@ -41,6 +41,10 @@ def test_smoke_runs_every_section_and_writes_json_and_markdown(tmp_path):
     for name, sec in res["sections"].items():
         assert sec["status"] == "ok", (name, sec.get("error"))
     assert res["device"]["device_kind"] and res["device"]["jax"]
+    for name in ("mlp", "wide", "depth_memory", "transformer"):
+        assert res["sections"][name]["env"] == res["sections"]["mlp"]["env"]
+    assert res["sections"]["mlp"]["env"]["device_kind"] == res["device"]["device_kind"]
+    assert res["sections"]["mlp"]["result"]["environment"]["jax"] == res["device"]["jax"]
 
     mlp = res["sections"]["mlp"]["result"]
     rows = [r for case in mlp["cases"] for r in case["rows"]]
