@@ -235,12 +235,12 @@ def device_from(sections) -> dict:
     """The card and jax version as a worker saw them (this process never starts a backend,
     which would preallocate device memory that the sections need)."""
     for sec in sections.values():
-        stack = [sec]
+        stack = [sec.get("result"), sec.get("env")]
         while stack:
             x = stack.pop()
             if isinstance(x, dict):
                 if "device_kind" in x and "jax" in x:
-                    return {k: x[k] for k in ("device_kind", "platform", "jax", "bytes_limit")}
+                    return {k: x.get(k) for k in ("device_kind", "platform", "jax", "bytes_limit")}
                 stack += list(x.values())
     return {}
 
