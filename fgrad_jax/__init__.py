@@ -3,6 +3,7 @@
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._lowrank import lowrank
+from fgrad_jax._spsa import spsa, spsa_gradient
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
 from fgrad_jax._tangents import Tangent
 from fgrad_jax._transform import (
@@ -28,5 +29,7 @@ __all__ = [
     "lowrank",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",
+    "spsa",
+    "spsa_gradient",
     "value_and_forward_grad",
 ]
