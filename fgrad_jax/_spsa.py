@@ -242,15 +242,18 @@ def spsa_gradient(
         ValueError: ``epsilon <= 0``, ``num_samples < 1`` or an unknown distribution.
 
     Example:
-        >>> import jax.numpy as jnp, optax
+        >>> import jax, jax.numpy as jnp, optax
         >>> import fgrad_jax
         >>> loss = lambda p: jnp.sum((p - 1.0) ** 2)
         >>> tx = optax.chain(fgrad_jax.spsa_gradient(key=0, num_samples=4), optax.sgd(0.05))
+        >>> @jax.jit
+        ... def step(params, state):
+        ...     updates, state = tx.update(None, state, params, value_fn=loss)
+        ...     return optax.apply_updates(params, updates), state
         >>> params = jnp.zeros(4)
         >>> state = tx.init(params)
         >>> for _ in range(200):
-        ...     updates, state = tx.update(None, state, params, value_fn=loss)
-        ...     params = optax.apply_updates(params, updates)
+        ...     params, state = step(params, state)
         >>> bool(loss(params) < 1e-2)
         True
     """
