@@ -1,8 +1,11 @@
 """fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
 
+from fgrad_jax import diagnostics
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
+from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
 from fgrad_jax._lowrank import lowrank
+from fgrad_jax._spsa import spsa, spsa_gradient
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
 from fgrad_jax._tangents import Tangent
 from fgrad_jax._transform import (
@@ -19,14 +22,20 @@ TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_STRATEGIES))
 __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
+    "GuidedForwardGradientState",
     "Tangent",
     "apply_forward_gradient",
+    "diagnostics",
     "fgd",
     "forward_grad",
     "forward_gradient",
     "forward_gradient_state",
+    "guided",
+    "guided_forward_gradient",
     "lowrank",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",
+    "spsa",
+    "spsa_gradient",
     "value_and_forward_grad",
 ]
