@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgrad_jax._activity import with_perturbation
 from fgrad_jax._strategy import Selection
 from fgrad_jax._tangents import Tangent, resolve_tangent
 
@@ -127,6 +128,7 @@ def estimate_forward_grad(
     has_aux: bool = False,
     mask: Any = None,
     fn_name: str = "fun",
+    perturb: str = "weights",
 ) -> Estimate:
     """Shared core of the public estimators and the optax transformation.
 
@@ -135,7 +137,8 @@ def estimate_forward_grad(
     derivatives into the estimate (see ``_strategy.py``).
     """
     key = as_key(key)
-    strategy = resolve_tangent(tangent)
+    strategy = with_perturbation(resolve_tangent(tangent), perturb)
+    check_value = getattr(strategy, "check_value", _check_scalar)
     argnum_tuple, is_tuple = _normalise_argnums(argnums)
     for a in argnum_tuple:
         if not -len(args) <= a < len(args):
@@ -173,13 +176,13 @@ def estimate_forward_grad(
                     f"With has_aux=True, {fn_name} must return a pair (scalar_loss, aux); "
                     f"got {type(out).__name__}."
                 )
-            return _check_scalar(out[0], fn_name), out[1]
+            return check_value(out[0], fn_name), out[1]
         if isinstance(out, tuple):
             raise TypeError(
                 f"{fn_name} returned a tuple of {len(out)}; it must return a scalar loss. "
                 "If it returns (loss, aux), pass has_aux=True."
             )
-        return _check_scalar(out, fn_name), None
+        return check_value(out, fn_name), None
 
     inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
     value, derivs, aux, kept = jax.vmap(
@@ -207,6 +210,7 @@ def value_and_forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    perturb: str = "weights",
 ) -> Callable[..., tuple[Any, Any]]:
     """Like :func:`jax.value_and_grad`, with a forward-gradient estimate of the gradient.
 
@@ -230,6 +234,13 @@ def value_and_forward_grad(
             bools with the structure of ``args[argnums]`` (or a prefix of it), or a
             callable ``args[argnums] -> such a pytree``. Unselected leaves get no tangent
             (the JVP is cheaper) and an exact zero estimate. ``None`` selects all.
+        perturb: ``"weights"`` (tangents on the parameters, Baydin et al.) or
+            ``"activations"`` (Ren et al. 2023: tangents at the outputs of the dense/conv
+            ops whose kernel is a parameter, one per example; lower variance). With
+            ``"activations"``, ``fun`` returns per-example losses of shape ``(B,)``, the
+            estimate is of the gradient of their mean and the value is their mean;
+            ``tangent`` must be ``"normal"`` or ``"rademacher"``. See
+            :doc:`/local_losses`.
 
     Returns:
         A function ``estimate(key, *args, **kwargs)`` returning ``(value, grad)`` (or
@@ -245,6 +256,7 @@ def value_and_forward_grad(
         (3.0, (3,))
     """
     num_tangents, tangent = _check_common(num_tangents, tangent)
+    with_perturbation(tangent, perturb)  # fails at construction on a bad combination
 
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
@@ -258,6 +270,7 @@ def value_and_forward_grad(
             tangent=tangent,
             has_aux=has_aux,
             mask=mask,
+            perturb=perturb,
         )
         if has_aux:
             return (est.value, est.aux), est.grad
@@ -274,6 +287,7 @@ def forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    perturb: str = "weights",
 ) -> Callable[..., Any]:
     """Like :func:`jax.grad`, but an unbiased forward-gradient estimate (Baydin et al. 2022).
 
@@ -294,6 +308,8 @@ def forward_grad(
         has_aux: Whether ``fun`` returns ``(value, aux)``; then ``(grad, aux)`` is returned.
         mask: Leaves to estimate (a pytree of bools or a callable, as in
             :func:`value_and_forward_grad`); the others get exact zeros.
+        perturb: ``"weights"`` or ``"activations"`` (then ``fun`` returns per-example
+            losses of shape ``(B,)``), as in :func:`value_and_forward_grad`.
 
     Returns:
         ``estimate(key, *args, **kwargs)``: the estimate with the structure and dtypes of
@@ -308,7 +324,13 @@ def forward_grad(
         True
     """
     value_and_grad = value_and_forward_grad(
-        fun, argnums, num_tangents=num_tangents, tangent=tangent, has_aux=has_aux, mask=mask
+        fun,
+        argnums,
+        num_tangents=num_tangents,
+        tangent=tangent,
+        has_aux=has_aux,
+        mask=mask,
+        perturb=perturb,
     )
 
     @functools.wraps(fun)
