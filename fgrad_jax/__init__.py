@@ -2,6 +2,7 @@
 
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
+from fgrad_jax._local import LocalLosses, local_losses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
 from fgrad_jax._tangents import Tangent
@@ -19,12 +20,14 @@ TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_STRATEGIES))
 __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
+    "LocalLosses",
     "Tangent",
     "apply_forward_gradient",
     "fgd",
     "forward_grad",
     "forward_gradient",
     "forward_gradient_state",
+    "local_losses",
     "lowrank",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",

@@ -110,6 +110,7 @@ class _Trace:
             "dot_general": [self._op_rule],
             "conv_general_dilated": [self._op_rule],
             "add": [self._bias_rule],
+            "stop_gradient": [lambda eqn, ps, ts: ([eqn.primitive.bind(*ps)], [None])],
             **{p: [self._view_rule] for p in _VIEW_PRIMITIVES},
         }
 
