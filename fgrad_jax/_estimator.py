@@ -63,7 +63,7 @@ def is_differentiable(leaf: Any) -> bool:
 class Estimate(NamedTuple):
     value: Array
     aux: Any
-    directional_derivatives: Array  # (K,) float32
+    directional_derivatives: Array  # (K,) float32; (K, B) or (K, B, L) per example
     grad: Any
 
 
