@@ -4,6 +4,7 @@ from fgrad_jax import diagnostics
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
+from fgrad_jax._local import LocalLosses, local_losses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._spsa import spsa, spsa_gradient
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
@@ -23,6 +24,7 @@ __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
     "GuidedForwardGradientState",
+    "LocalLosses",
     "Tangent",
     "apply_forward_gradient",
     "diagnostics",
@@ -32,6 +34,7 @@ __all__ = [
     "forward_gradient_state",
     "guided",
     "guided_forward_gradient",
+    "local_losses",
     "lowrank",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgrad_jax._activity import with_perturbation
 from fgrad_jax._strategy import Selection
 from fgrad_jax._tangents import Tangent, resolve_tangent
 
@@ -62,7 +63,7 @@ def is_differentiable(leaf: Any) -> bool:
 class Estimate(NamedTuple):
     value: Array
     aux: Any
-    directional_derivatives: Array  # (K,) float32
+    directional_derivatives: Array  # (K,) float32; (K, B) or (K, B, L) per example
     grad: Any
 
 
@@ -141,6 +142,7 @@ def estimate_forward_grad(
     mask: Any = None,
     tangent_chunk: int | None = None,
     fn_name: str = "fun",
+    perturb: str = "weights",
 ) -> Estimate:
     """Shared core of the public estimators and the optax transformation.
 
@@ -149,7 +151,8 @@ def estimate_forward_grad(
     derivatives into the estimate (see ``_strategy.py``).
     """
     key = as_key(key)
-    strategy = resolve_tangent(tangent)
+    strategy = with_perturbation(resolve_tangent(tangent), perturb)
+    check_value = getattr(strategy, "check_value", _check_scalar)
     argnum_tuple, is_tuple = _normalise_argnums(argnums)
     for a in argnum_tuple:
         if not -len(args) <= a < len(args):
@@ -187,13 +190,13 @@ def estimate_forward_grad(
                     f"With has_aux=True, {fn_name} must return a pair (scalar_loss, aux); "
                     f"got {type(out).__name__}."
                 )
-            return _check_scalar(out[0], fn_name), out[1]
+            return check_value(out[0], fn_name), out[1]
         if isinstance(out, tuple):
             raise TypeError(
                 f"{fn_name} returned a tuple of {len(out)}; it must return a scalar loss. "
                 "If it returns (loss, aux), pass has_aux=True."
             )
-        return _check_scalar(out, fn_name), None
+        return check_value(out, fn_name), None
 
     inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
 
@@ -237,6 +240,7 @@ def value_and_forward_grad(
     has_aux: bool = False,
     mask: Any = None,
     tangent_chunk: int | None = None,
+    perturb: str = "weights",
 ) -> Callable[..., tuple[Any, Any]]:
     """Like :func:`jax.value_and_grad`, with a forward-gradient estimate of the gradient.
 
@@ -265,6 +269,13 @@ def value_and_forward_grad(
             the step's working memory is that of ``tangent_chunk`` tangents instead of
             ``num_tangents``, for ``num_tangents / tangent_chunk`` primal passes instead
             of one. ``None`` (default): all at once.
+        perturb: ``"weights"`` (tangents on the parameters, Baydin et al.) or
+            ``"activations"`` (Ren et al. 2023: tangents at the outputs of the dense/conv
+            ops whose kernel is a parameter, one per example; lower variance). With
+            ``"activations"``, ``fun`` returns per-example losses of shape ``(B,)``, the
+            estimate is of the gradient of their mean and the value is their mean;
+            ``tangent`` must be ``"normal"`` or ``"rademacher"``. See
+            :doc:`/local_losses`.
 
     Returns:
         A function ``estimate(key, *args, **kwargs)`` returning ``(value, grad)`` (or
@@ -280,6 +291,7 @@ def value_and_forward_grad(
         (3.0, (3,))
     """
     num_tangents, tangent = _check_common(num_tangents, tangent)
+    with_perturbation(tangent, perturb)  # fails at construction on a bad combination
 
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
@@ -294,6 +306,7 @@ def value_and_forward_grad(
             has_aux=has_aux,
             mask=mask,
             tangent_chunk=tangent_chunk,
+            perturb=perturb,
         )
         if has_aux:
             return (est.value, est.aux), est.grad
@@ -311,6 +324,7 @@ def forward_grad(
     has_aux: bool = False,
     mask: Any = None,
     tangent_chunk: int | None = None,
+    perturb: str = "weights",
 ) -> Callable[..., Any]:
     """Like :func:`jax.grad`, but an unbiased forward-gradient estimate (Baydin et al. 2022).
 
@@ -333,6 +347,8 @@ def forward_grad(
             :func:`value_and_forward_grad`); the others get exact zeros.
         tangent_chunk: Tangents per chunk, to bound memory (see
             :func:`value_and_forward_grad`).
+        perturb: ``"weights"`` or ``"activations"`` (then ``fun`` returns per-example
+            losses of shape ``(B,)``), as in :func:`value_and_forward_grad`.
 
     Returns:
         ``estimate(key, *args, **kwargs)``: the estimate with the structure and dtypes of
@@ -354,6 +370,7 @@ def forward_grad(
         has_aux=has_aux,
         mask=mask,
         tangent_chunk=tangent_chunk,
+        perturb=perturb,
     )
 
     @functools.wraps(fun)

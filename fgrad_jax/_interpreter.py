@@ -287,7 +287,7 @@ def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
     return None
 
 
-def _eval(jaxpr, consts, primals, tangents, schedule: Schedule):
+def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
     env: dict[Any, tuple[Any, Any]] = {}
 
     def read(v):
@@ -314,11 +314,12 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule):
             touts = [None] * len(outs)
         elif inner is not None:
             body = inner.jaxpr if hasattr(inner, "jaxpr") else inner
-            outs, touts = _eval(body, getattr(inner, "consts", ()), ps, ts, schedule)
+            outs, touts = _eval(body, getattr(inner, "consts", ()), ps, ts, schedule, rules)
         else:
             name = eqn.primitive.name
             res = None
-            for rule in _RULES.get(name, ()):
+            local = rules.get(name, ()) if rules else ()
+            for rule in (*local, *_RULES.get(name, ())):
                 res = rule(eqn, ps, ts)
                 if res is not None:
                     _count("rule")
@@ -342,6 +343,26 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule):
     return [o for o, _ in outs], [t for _, t in outs]
 
 
+def jvp_jaxpr(
+    closed: Any,
+    primals: Sequence[Array],
+    tangents: Sequence[Any],
+    schedule: Schedule = SINGLE_DEVICE,
+    rules: dict[str, Sequence[Rule]] | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """The JVP of a closed jaxpr: flat lists ``(outs, tangent_outs)``, tangents dense.
+
+    ``rules`` adds rules for this evaluation only, tried before the registered ones (a
+    strategy whose rules carry per-call state, such as activity perturbation, uses it).
+    """
+    outs, touts = _eval(closed.jaxpr, closed.consts, list(primals), list(tangents), schedule, rules)
+    touts = [
+        jnp.zeros(jnp.shape(o), jnp.result_type(o)) if t is None else _dense(t)
+        for o, t in zip(outs, touts)
+    ]
+    return outs, touts
+
+
 def structured_jvp(
     fn: Callable[..., Any],
     primals: Sequence[Array],
@@ -354,10 +375,6 @@ def structured_jvp(
     (zeros where an output does not depend on the inputs).
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*primals)
-    outs, touts = _eval(closed.jaxpr, closed.consts, list(primals), list(tangents), schedule)
-    touts = [
-        jnp.zeros(jnp.shape(o), jnp.result_type(o)) if t is None else _dense(t)
-        for o, t in zip(outs, touts)
-    ]
+    outs, touts = jvp_jaxpr(closed, primals, tangents, schedule)
     treedef = jax.tree_util.tree_structure(out_shape)
     return jax.tree_util.tree_unflatten(treedef, outs), jax.tree_util.tree_unflatten(treedef, touts)

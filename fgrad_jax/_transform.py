@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgrad_jax._activity import with_perturbation
 from fgrad_jax._estimator import (
     all_finite,
     as_key,
@@ -55,6 +56,7 @@ def forward_gradient(
     *,
     num_tangents: int = 1,
     tangent: Tangent = "normal",
+    perturb: str = "weights",
 ) -> optax.GradientTransformationExtraArgs:
     """Replaces the incoming updates by a forward-gradient estimate of ``value_fn``.
 
@@ -74,6 +76,9 @@ def forward_gradient(
             primal evaluation.
         tangent: ``"normal"``, ``"rademacher"``, ``"sphere"``, ``"orthogonal"``, or a
             callable ``tangent(key, tree) -> tree`` with ``E[v vᵀ] = I``.
+        perturb: ``"weights"`` or ``"activations"`` (Ren et al. 2023; then ``value_fn``
+            returns per-example losses of shape ``(B,)`` and ``state.value`` is their
+            mean), as in :func:`fgrad_jax.value_and_forward_grad`.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` with state
@@ -93,7 +98,7 @@ def forward_gradient(
         True
     """
     num_tangents = check_num_tangents(num_tangents)
-    tangent = resolve_tangent(tangent)
+    tangent = with_perturbation(resolve_tangent(tangent), perturb)
     seed_key = _init_key(key)
 
     def init_fn(params: optax.Params) -> ForwardGradientState:

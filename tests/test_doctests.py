@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fgrad_jax._estimator", "fgrad_jax._transform", "fgrad_jax._flax"]
+MODULES = ["fgrad_jax._estimator", "fgrad_jax._transform", "fgrad_jax._flax", "fgrad_jax._local"]
 
 
 @pytest.mark.parametrize("name", MODULES)

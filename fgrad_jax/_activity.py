@@ -1,0 +1,282 @@
+"""Activity perturbation (Ren, Kornblith, Liao & Hinton 2023): tangents at op outputs.
+
+With ``perturb="activations"`` the loss returns per-example losses ``L_b`` (shape ``(B,)``)
+and the estimate is of ``∇ (1/B) Σ_b L_b``. Instead of a tangent on a kernel ``W``, a
+tangent ``u`` (``E[u uᵀ] = I``, one independent entry per example and output unit) is
+injected at the output ``y = op(x, W)`` of every ``dot_general`` and
+``conv_general_dilated`` whose right-hand operand is a differentiated leaf (seen through
+reshapes, broadcasts, transposes and dtype casts). One JVP of the loss vector gives the
+per-example directional derivatives ``d_b = Σ_sites ∂L_b/∂y_b · u_b + (weight part)``, so
+``d_b u_b`` is an unbiased estimate of ``∂L_b/∂y_b`` and
+
+    g_W = (1/B) Σ_b J_bᵀ (d_b u_b),   J = ∂op(x, W)/∂W,
+
+which for ``y = x W`` is ``xᵀ (d ⊙ u) / B``. ``J_bᵀ`` is the op's own transposed linear
+map in ``W`` (:func:`jax.vjp` of that one op w.r.t. its kernel, at the cotangent
+``d ⊙ u``): a local computation per op, never a backward pass through the network.
+
+A bias added right after such an op (``y + b``, ``y`` used by nothing else) gets
+``Σ_b (d ⊙ u)_b / B`` from the same ``u``. Every other use of a leaf (LayerNorm scales,
+embeddings looked up by gather, a kernel used as the left operand, a bias that is not
+added directly to a perturbed output) is weight-perturbed within the same JVP: it gets a
+dense tangent ``v`` and the estimate ``mean_b(d_b) v``. Unbiasedness needs the examples to
+be independent (``L_b`` depends on example ``b`` only; no BatchNorm in training mode).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from fgrad_jax import _interpreter, _random
+from fgrad_jax._strategy import Direction, Selection, TangentStrategy
+
+Array = jax.Array
+
+PERTURB = ("weights", "activations")
+_VIEW_PRIMITIVES = (
+    "reshape",
+    "broadcast_in_dim",
+    "convert_element_type",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+)
+
+
+class _View:
+    """A differentiated leaf seen through a structural linear map: ``fn(leaf)``."""
+
+    def __init__(self, trace: _Trace, leaf: int, fn: Callable[[Array], Array]):
+        self.trace, self.leaf, self.fn = trace, leaf, fn
+
+    def dense(self) -> Array:
+        # Any use that no rule handles is weight-perturbed with the leaf's own tangent.
+        return self.fn(self.trace.weight_tangent(self.leaf))
+
+
+_interpreter.register_structured_type(_View)
+
+
+@dataclasses.dataclass
+class _Site:
+    leaf: int
+    fn: Callable[[Array], Array]  # leaf value -> op output (linear in the leaf)
+    u: Array
+    name: str
+    bias: tuple[int, Callable[[Array], Array]] | None = None
+
+
+def _broadcast_view(fn: Callable[[Array], Array], shape: tuple[int, ...], w: Array) -> Array:
+    return jnp.broadcast_to(fn(w), shape)
+
+
+def _use_counts(jaxpr: Any, counts: collections.Counter) -> collections.Counter:
+    """How often each variable is read, through the sub-jaxprs the interpreter inlines."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                counts[v] += 1
+        inner = _interpreter._inline_jaxpr(eqn)
+        if inner is not None:
+            _use_counts(inner.jaxpr if hasattr(inner, "jaxpr") else inner, counts)
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            counts[v] += 1
+    return counts
+
+
+class _Trace:
+    """Per-JVP state: the draws, the perturbed sites and the weight-perturbed leaves."""
+
+    def __init__(self, strategy, key, primals, batch, uses, activations):
+        self.strategy, self.key, self.primals = strategy, key, primals
+        self.batch, self.uses, self.activations = batch, uses, activations
+        self.sites: list[_Site] = []
+        self.by_var: dict[Any, _Site] = {}
+        self.weights: dict[int, Array] = {}
+        self.draws = 0
+        self.rules = {
+            "dot_general": [self._op_rule],
+            "conv_general_dilated": [self._op_rule],
+            "add": [self._bias_rule],
+            "stop_gradient": [lambda eqn, ps, ts: ([eqn.primitive.bind(*ps)], [None])],
+            **{p: [self._view_rule] for p in _VIEW_PRIMITIVES},
+        }
+
+    def draw(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        seed = _random.seed_words(jax.random.fold_in(self.key, self.draws), 1)[0]
+        self.draws += 1
+        return self.strategy.base.draw(seed, shape).astype(dtype)
+
+    def weight_tangent(self, leaf: int) -> Array:
+        if leaf not in self.weights:
+            p = self.primals[leaf]
+            self.weights[leaf] = self.draw(p.shape, p.dtype)
+        return self.weights[leaf]
+
+    def _view_rule(self, eqn, primals, tangents):
+        if not isinstance(tangents[0], _View) or any(t is not None for t in tangents[1:]):
+            return None
+        subfuns, params = _interpreter._bind_params(eqn)
+        if subfuns or eqn.primitive.multiple_results:
+            return None
+        out = eqn.primitive.bind(*primals, **params)
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            return None
+        view, rest = tangents[0], primals[1:]
+        fn = lambda w: eqn.primitive.bind(view.fn(w), *rest, **params)
+        return [out], [_View(self, view.leaf, fn)]
+
+    def _op_rule(self, eqn, primals, tangents):
+        lhs, rhs = primals
+        tl, tr = tangents
+        if not self.activations or not isinstance(tr, _View):
+            return None
+        name = eqn.primitive.name
+        _, params = _interpreter._bind_params(eqn)
+        out = eqn.primitive.bind(lhs, rhs, **params)
+        batch_first = name != "conv_general_dilated" or params["dimension_numbers"].out_spec[0] == 0
+        if out.ndim == 0 or out.shape[0] != self.batch or not batch_first:
+            raise ValueError(
+                f"perturb='activations': the output of `{name}` (operands "
+                f"{tuple(lhs.shape)} and {tuple(rhs.shape)} -> {tuple(out.shape)}) does not "
+                f"have the batch axis first (the per-example losses have shape "
+                f"({self.batch},)). Put the batch axis first in every dense/conv layer that "
+                "uses a trained kernel, or use perturb='weights'."
+            )
+        u = self.draw(out.shape, out.dtype)
+        t_out = u
+        if tl is not None:
+            tl = tl.dense() if isinstance(tl, _View) else tl
+            t_out = t_out + eqn.primitive.bind(tl, rhs, **params).astype(out.dtype)
+        fn = lambda w: eqn.primitive.bind(lhs, tr.fn(w), **params)
+        site = _Site(tr.leaf, fn, u, name)
+        self.sites.append(site)
+        self.by_var[eqn.outvars[0]] = site
+        return [out], [t_out]
+
+    def _bias_rule(self, eqn, primals, tangents):
+        for i in (0, 1):
+            var, view = eqn.invars[i], tangents[1 - i]
+            site = None if isinstance(var, jcore.Literal) else self.by_var.get(var)
+            if site is None or not isinstance(view, _View):
+                continue
+            if site.bias is not None or self.uses[var] != 1:
+                return None
+            out = eqn.primitive.bind(*primals)
+            if out.shape != primals[i].shape:
+                return None
+            site.bias = (view.leaf, functools.partial(_broadcast_view, view.fn, out.shape))
+            return [out], [tangents[i]]
+        return None
+
+    def estimates(self, d: Array, groups: tuple[int, ...] | None) -> list[Array]:
+        """One estimate per leaf from the per-example derivatives ``d``."""
+        d = d.astype(jnp.float32)
+        out = [jnp.zeros(p.shape, jnp.float32) for p in self.primals]
+
+        def column(leaf):
+            return d if groups is None else d[:, groups[leaf]]
+
+        def add(leaf, fn, ct):
+            _, pull = jax.vjp(fn, self.primals[leaf])
+            (g,) = pull(ct.astype(jnp.result_type(fn(self.primals[leaf]))))
+            out[leaf] = out[leaf] + g.astype(jnp.float32) * np.float32(1 / self.batch)
+
+        for site in self.sites:
+            dl = column(site.leaf)
+            ct = site.u.astype(jnp.float32) * dl.reshape((-1,) + (1,) * (site.u.ndim - 1))
+            add(site.leaf, site.fn, ct)
+            if site.bias is not None:
+                add(site.bias[0], site.bias[1], ct)
+        for leaf, v in self.weights.items():
+            out[leaf] = out[leaf] + jnp.mean(column(leaf)) * v.astype(jnp.float32)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivityPerturbation(TangentStrategy):
+    """Per-example tangents at the outputs of dense/conv ops (``perturb="activations"``).
+
+    Attributes:
+        base: The elementwise distribution of ``u`` and of the weight-perturbed
+            leaves' tangents (``_tangents.HashedTangents``: normal or rademacher).
+        activations: ``False`` weight-perturbs every leaf while keeping the per-example
+            (and per-group) derivatives; local losses with ``perturb="weights"`` use it.
+        groups: ``groups(tree) -> pytree of ints`` with the structure of the
+            differentiated argument: the loss then returns shape ``(B, G)`` and leaf ``i``
+            is estimated from column ``groups[i]`` only (block-local losses).
+        schedule: Overrides the ``_interpreter.Schedule`` (never changes a value).
+    """
+
+    base: Any
+    activations: bool = True
+    groups: Callable[[Any], Any] | None = None
+    schedule: _interpreter.Schedule | None = None
+
+    def check_value(self, out: Any, fn_name: str) -> Array:
+        out = jnp.asarray(out)
+        want = "(B,)" if self.groups is None else "(B, num_groups)"
+        if out.ndim != (1 if self.groups is None else 2) or out.shape[0] == 0:
+            raise ValueError(
+                f"With perturb='activations' (or local losses) {fn_name} must return the "
+                f"per-example losses, shape {want}, with the batch axis first; got shape "
+                f"{out.shape}. Return the unreduced losses (drop the .mean())."
+            )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise TypeError(f"{fn_name} must return floating-point losses; got {out.dtype}.")
+        return out
+
+    def prepare(self, key, primals, num_tangents, selection: Selection):
+        groups = None
+        if self.groups is not None:
+            flat = jax.tree_util.tree_leaves(self.groups(selection.tree))
+            groups = tuple(int(flat[i]) for i in selection.index)
+        schedule = self.schedule or _interpreter.schedule_for(primals)
+        return jax.random.split(key, num_tangents), (groups, schedule)
+
+    def direction(self, fun, primals, context, key) -> Direction:
+        groups, schedule = context
+        closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
+        losses_shape = out_shape[0].shape
+        if groups is not None and max(groups, default=0) >= losses_shape[1]:
+            raise ValueError(
+                f"The loss has {losses_shape[1]} columns but the groups name column "
+                f"{max(groups)}; return one column per group."
+            )
+        uses = _use_counts(closed.jaxpr, collections.Counter())
+        trace = _Trace(self, key, primals, losses_shape[0], uses, self.activations)
+        views = [_View(trace, i, lambda w: w) for i in range(len(primals))]
+        outs, touts = _interpreter.jvp_jaxpr(closed, primals, views, schedule, trace.rules)
+        losses, d = outs[0], touts[0]
+        _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
+        return Direction(value, d, aux, trace.estimates(d, groups))
+
+    def combine(self, derivatives, primals, context, kept):
+        return [jnp.mean(k, axis=0).astype(p.dtype) for k, p in zip(kept, primals)]
+
+
+def with_perturbation(strategy: TangentStrategy, perturb: str) -> TangentStrategy:
+    """``strategy`` for ``perturb`` (``"weights"``: unchanged)."""
+    if perturb not in PERTURB:
+        raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
+    if perturb == "weights" or isinstance(strategy, ActivityPerturbation):
+        return strategy
+    if not hasattr(strategy, "draw") or not hasattr(strategy, "at"):
+        raise ValueError(
+            "perturb='activations' draws its tangents elementwise at the op outputs; use "
+            f"tangent='rademacher' or tangent='normal' (got {strategy!r})."
+        )
+    return ActivityPerturbation(strategy)
