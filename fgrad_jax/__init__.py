@@ -1,5 +1,6 @@
 """fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
 
+from fgrad_jax import datasets
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._lowrank import lowrank
@@ -19,6 +20,7 @@ __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
     "apply_forward_gradient",
+    "datasets",
     "fgd",
     "forward_grad",
     "forward_gradient",
