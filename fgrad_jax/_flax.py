@@ -108,43 +108,42 @@ def nnx_value_fn(
 ) -> Callable[[Any], Any]:
     """Builds the ``value_fn`` that :func:`fgrad_jax.forward_gradient` needs from an nnx model.
 
-        ``value_fn(params)`` merges ``params`` (the ``wrt`` state, as
-        :class:`flax.nnx.Optimizer` passes it) into a *copy* of ``model`` and returns
-        ``loss_fn(model_copy, *args, **kwargs)``. The copy is required: the JVP traces the
-        model, and merging in place would leak tracers into it.
+    ``value_fn(params)`` merges ``params`` (the ``wrt`` state, as
+    :class:`flax.nnx.Optimizer` passes it) into a *copy* of ``model`` and returns
+    ``loss_fn(model_copy, *args, **kwargs)``. The copy is required: the JVP traces the
+    model, and merging in place would leak tracers into it.
 
-        nnx graph objects among ``args``/``kwargs`` are copied the same way; an ``nnx.Rngs``
-        argument (the nnx tutorial's ``loss_fn(model, rngs, batch)``, Dropout keys drawn inside
-        the loss) is forked first, which advances its streams once per step. State that the
-        forward pass mutates cannot come back out of ``optimizer.update``, so a ``loss_fn``
-        that changes the model's state (BatchNorm in training mode, Dropout with its own
-        stored ``rngs``) raises an error at trace time naming
-        :func:`nnx_value_and_forward_grad`, which handles such models.
+    nnx graph objects among ``args``/``kwargs`` are copied the same way; an ``nnx.Rngs``
+    argument (the nnx tutorial's ``loss_fn(model, rngs, batch)``, Dropout keys drawn inside
+    the loss) is forked first, which advances its streams once per step. State that the
+    forward pass mutates cannot come back out of ``optimizer.update``, so a ``loss_fn``
+    that changes the model's state (BatchNorm in training mode, Dropout with its own
+    stored ``rngs``) raises an error at trace time naming
+    :func:`nnx_value_and_forward_grad`, which handles such models.
 
-        Args:
-            loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
-            model: The nnx model.
-            *args: Positional arguments for ``loss_fn`` after the model (e.g. a batch).
-            wrt: Filter of the differentiated state; must match the optimizer's ``wrt``
-                (``wrt=optimizer.wrt`` always does); a mismatch is an error.
-            has_aux: Whether ``loss_fn`` returns ``(loss, aux)``; then use
-                ``forward_gradient(has_aux=True, aux_example=...)``.
-            **kwargs: Keyword arguments for ``loss_fn``.
+    Args:
+        loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
+        model: The nnx model.
+        *args: Positional arguments for ``loss_fn`` after the model (e.g. a batch).
+        wrt: Filter of the differentiated state; must match the optimizer's ``wrt``
+            (``wrt=optimizer.wrt`` always does); a mismatch is an error.
+        has_aux: Whether ``loss_fn`` returns ``(loss, aux)``; then use
+            ``forward_gradient(has_aux=True, aux_example=...)``.
+        **kwargs: Keyword arguments for ``loss_fn``.
 
-        Returns:
-            ``value_fn(params) -> scalar`` (or ``(scalar, aux)``).
+    Returns:
+        ``value_fn(params) -> scalar`` (or ``(scalar, aux)``).
 
-        Example:
-            >>> import jax.numpy as jnp, optax
-            >>> from flax import nnx
-    from flax.nnx import graph
-            >>> import fgrad_jax
-            >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
-            >>> tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
-            >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-            >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
-            >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
-            >>> _ = optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import fgrad_jax
+        >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+        >>> tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+        >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+        >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+        >>> _ = optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
     """
     graphdef, expected, rest = nnx.split(model, wrt, ...)
     d_args, d_kwargs = _detach(args, kwargs, fork_rngs=True)
@@ -180,37 +179,36 @@ def nnx_value_and_forward_grad(
 ) -> Callable[..., tuple[Any, Any]]:
     """Forward-gradient analogue of :func:`flax.nnx.value_and_grad` for nnx models.
 
-        Returns ``fn(key, model, *args, **kwargs) -> (loss, grads)`` (``((loss, aux), grads)``
-        with ``has_aux``), where ``grads`` is an :class:`flax.nnx.State` of the ``wrt``
-        variables, ready for ``optimizer.update(model, grads)`` with any plain optax
-        optimizer. State that the forward pass mutates (BatchNorm batch statistics, Dropout's
-        ``nnx.Rngs`` counters, in the model or in an ``nnx.Rngs`` passed to ``loss_fn``) is
-        written back once, from the primal pass of the JVP, just as
-        :func:`flax.nnx.value_and_grad` does. The loss and aux come from that same pass.
+    Returns ``fn(key, model, *args, **kwargs) -> (loss, grads)`` (``((loss, aux), grads)``
+    with ``has_aux``), where ``grads`` is an :class:`flax.nnx.State` of the ``wrt``
+    variables, ready for ``optimizer.update(model, grads)`` with any plain optax
+    optimizer. State that the forward pass mutates (BatchNorm batch statistics, Dropout's
+    ``nnx.Rngs`` counters, in the model or in an ``nnx.Rngs`` passed to ``loss_fn``) is
+    written back once, from the primal pass of the JVP, just as
+    :func:`flax.nnx.value_and_grad` does. The loss and aux come from that same pass.
 
-        Args:
-            loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
-            wrt: Filter of the differentiated variables (default :class:`flax.nnx.Param`).
-            num_tangents: Number of tangents averaged (>= 1).
-            tangent: Tangent distribution, as in :func:`fgrad_jax.forward_grad`.
-            has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
-            mask: Which ``wrt`` leaves get tangents (see :func:`fgrad_jax.forward_gradient`);
-                the others get zeros. ``wrt`` filters usually express this more simply.
+    Args:
+        loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
+        wrt: Filter of the differentiated variables (default :class:`flax.nnx.Param`).
+        num_tangents: Number of tangents averaged (>= 1).
+        tangent: Tangent distribution, as in :func:`fgrad_jax.forward_grad`.
+        has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
+        mask: Which ``wrt`` leaves get tangents (see :func:`fgrad_jax.forward_gradient`);
+            the others get zeros. ``wrt`` filters usually express this more simply.
 
-        Returns:
-            ``fn(key, model, *args, **kwargs)``; ``key`` is a JAX PRNG key, new every step.
+    Returns:
+        ``fn(key, model, *args, **kwargs)``; ``key`` is a JAX PRNG key, new every step.
 
-        Example:
-            >>> import jax, jax.numpy as jnp, optax
-            >>> from flax import nnx
-    from flax.nnx import graph
-            >>> import fgrad_jax
-            >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
-            >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-            >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
-            >>> grad_fn = fgrad_jax.nnx_value_and_forward_grad(loss_fn, num_tangents=2)
-            >>> loss, grads = grad_fn(jax.random.key(0), model, jnp.ones((8, 3)))
-            >>> _ = optimizer.update(model, grads)
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import fgrad_jax
+        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+        >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+        >>> grad_fn = fgrad_jax.nnx_value_and_forward_grad(loss_fn, num_tangents=2)
+        >>> loss, grads = grad_fn(jax.random.key(0), model, jnp.ones((8, 3)))
+        >>> _ = optimizer.update(model, grads)
     """
     num_tangents = check_num_tangents(num_tangents)
     tangent = resolve_tangent(tangent)

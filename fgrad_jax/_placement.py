@@ -101,7 +101,7 @@ def check_init_placement() -> None:
         name, advice = wrapper
         raise ValueError(
             f"forward_gradient cannot run inside {name}: {advice} "
-            "(See 'optax wrappers' in docs/getting_started.md.)"
+            "(See 'Where it goes in a chain' in docs/getting_started.md.)"
         )
 
 
