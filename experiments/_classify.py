@@ -28,54 +28,32 @@ import math
 import time
 from pathlib import Path
 
-import _common as C
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from toolkit import (
+    CNN,
+    MLP,
+    Arm,
+    LogReg,
+    add_estimates,
+    add_overrides,
+    apply_overrides,
+    classifier_loss,
+    environment,
+    format_entry,
+    measure_runtime,
+    num_params,
+    pick_tuned,
+    summarise_pair,
+    time_per_iter,
+    to_jsonable,
+    train_arms,
+    write_json,
+)
 
 from fgrad_jax import datasets
-
-
-class LogReg(nn.Module):
-    """Multinomial logistic regression."""
-
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
-
-
-class MLP(nn.Module):
-    """ReLU MLP; ``widths=(1024, 1024)`` gives the paper's 1024-1024-10."""
-
-    widths: tuple[int, ...] = (1024, 1024)
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        for w in self.widths:
-            x = nn.relu(nn.Dense(w)(x))
-        return nn.Dense(self.num_classes)(x)
-
-
-class CNN(nn.Module):
-    """Four 3x3 convolutions, max-pool after every second, dense to the classes."""
-
-    channels: int = 64
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = x[..., None]  # (N, H, W, 1)
-        for i in range(4):
-            x = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME")(x))
-            if i % 2 == 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
 @dataclasses.dataclass
@@ -106,8 +84,8 @@ class ClassifyConfig:
             ``lax.map`` loop in one program).
         scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
             over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
-            because XLA:CPU runs convolution backward passes inside loops ~40x slower than
-            outside; ``lax.scan`` otherwise.
+            because XLA:CPU runs convolution backward passes inside loops far slower than
+            outside (docs/engineering_log.md); ``lax.scan`` otherwise.
         tangent: FGD's tangent distribution (``"normal"``: the paper's; see
             ``fgrad_jax.TANGENT_NAMES``).
         seed: Base seed.
@@ -137,46 +115,22 @@ class ClassifyConfig:
     seed: int = 0
 
 
+_PAPER = dict(
+    dataset="mnist",
+    seeds=5,
+    chunk=500,
+    log_every=50,
+    smooth_window=500,
+    tune_factors=(1.0, 10.0, 100.0, 1000.0),
+    tune_steps=10000,
+)
 PRESETS: dict[str, dict[str, ClassifyConfig]] = {
     # The paper's settings on MNIST (steps, lrs, batch, decay, seeds). CNN: steps and lr
     # are not retrieved from the paper; we use the MLP's.
     "paper": {
-        "logreg": ClassifyConfig(
-            "logreg",
-            "mnist",
-            lrs=(1e-4,),
-            steps=25000,
-            seeds=5,
-            chunk=500,
-            log_every=50,
-            smooth_window=500,
-            tune_factors=(1.0, 10.0, 100.0, 1000.0),
-            tune_steps=10000,
-        ),
-        "mlp": ClassifyConfig(
-            "mlp",
-            "mnist",
-            lrs=(2e-5, 2e-4),
-            steps=20000,
-            seeds=5,
-            chunk=500,
-            log_every=50,
-            smooth_window=500,
-            tune_factors=(1.0, 10.0, 100.0, 1000.0),
-            tune_steps=10000,
-        ),
-        "cnn": ClassifyConfig(
-            "cnn",
-            "mnist",
-            lrs=(2e-4,),
-            steps=20000,
-            seeds=5,
-            chunk=500,
-            log_every=50,
-            smooth_window=500,
-            tune_factors=(1.0, 10.0, 100.0, 1000.0),
-            tune_steps=10000,
-        ),
+        "logreg": ClassifyConfig("logreg", lrs=(1e-4,), steps=25000, **_PAPER),
+        "mlp": ClassifyConfig("mlp", lrs=(2e-5, 2e-4), steps=20000, **_PAPER),
+        "cnn": ClassifyConfig("cnn", lrs=(2e-4,), steps=20000, **_PAPER),
     },
     # Small and offline: the 8x8 digits on 2 CPU cores. Same models (MLP 1024-1024-10,
     # CNN with 64 channels), fewer steps and seeds. Shared rates: logreg 1e-2 and CNN 1e-3
@@ -303,16 +257,13 @@ def make_model(cfg: ClassifyConfig, num_classes: int) -> nn.Module:
 
 
 def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
-    """Returns ``(loss_fn, init_params, sample_batch, model)`` for :func:`C.train_arms`."""
+    """Returns ``(loss_fn, init_params, sample_batch, model)`` for :func:`toolkit.train_arms`."""
     model = make_model(cfg, data.num_classes)
     x = jnp.asarray(data.train_images)
     y = jnp.asarray(data.train_labels)
     n = x.shape[0]
 
-    def loss_fn(params, batch):
-        xb, yb = batch
-        logits = model.apply(params, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    loss_fn = classifier_loss(model)
 
     def init_params(key):
         return model.init(key, x[:1])
@@ -344,7 +295,7 @@ def use_scan(cfg: ClassifyConfig) -> bool:
 
 def config_hash(cfg: ClassifyConfig) -> str:
     """Short hash of the configuration (checkpoints of another config are never reused)."""
-    return hashlib.sha256(json.dumps(C.to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run(
@@ -378,14 +329,14 @@ def run(
     for lr in cfg.lrs:
         tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
         arms += [
-            C.Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
-            C.Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds),
+            Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
+            Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds),
         ]
     ckpt = None
     if cfg.checkpoint_every:
         root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
         ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
-    res = C.train_arms(
+    res = train_arms(
         arms,
         loss_fn,
         init_params,
@@ -410,7 +361,7 @@ def run(
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
     batch1 = sample_batch(jax.random.fold_in(key, 7))
-    rt = C.measure_runtime(
+    rt = measure_runtime(
         loss_fn,
         params1,
         batch1,
@@ -420,14 +371,14 @@ def run(
         seed=cfg.seed,
         tangent=cfg.tangent,
     )
-    per_iter = {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]}
+    per_iter = time_per_iter(rt)
 
     shared = []
     for lr in cfg.lrs:
         tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
-        s = C.summarise_pair(res[f"fgd{tag}"], res[f"sgd{tag}"], cfg.smooth_window)
+        s = summarise_pair(res[f"fgd{tag}"], res[f"sgd{tag}"], cfg.smooth_window)
         s["lr"] = lr
-        C.add_estimates(s, per_iter)
+        add_estimates(s, per_iter)
         for m in ("fgd", "sgd"):
             s[f"test_accuracy_{m}"] = float(
                 np.mean(
@@ -441,7 +392,8 @@ def run(
     return {
         "R_f": rt["R_f"],
         "R_b": rt["R_b"],
-        "R_f_over_R_b": rt["R_f_over_R_b"],
+        "fg_over_bp": rt["fg_over_bp"],
+        "paired_ratio": rt["paired_ratio"],
         "T_f": first["T_f"],
         "T_b": first["T_b"],
         "T_ratio": first["T_ratio"],
@@ -451,7 +403,7 @@ def run(
         "shared_lr": shared,
         "tuned": tuned,
         "runtime": rt,
-        "num_params": C.num_params(params1),
+        "num_params": num_params(params1),
         "dataset": {
             "name": data.name,
             "train": int(data.train_images.shape[0]),
@@ -461,7 +413,7 @@ def run(
         "model": repr(model),
         "scan": use_scan(cfg),
         "wall_time_s": time.perf_counter() - t_start,
-        "config": C.to_jsonable(cfg),
+        "config": to_jsonable(cfg),
     }
 
 
@@ -471,10 +423,10 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
     steps = cfg.tune_steps or cfg.steps
     grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_seeds)]
     grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_seeds)]
-    res = C.train_arms(
+    res = train_arms(
         [
-            C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-            C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
         ],
         loss_fn,
         init_params,
@@ -490,9 +442,18 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
         scan=use_scan(cfg),
         tangent=cfg.tangent,
     )
-    t = C.pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
+    t = pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
     t["steps"] = steps
     return t
+
+
+def fit_steps(cfg: ClassifyConfig) -> ClassifyConfig:
+    """After ``steps`` was overridden: a chunk that divides it, a sweep no longer than it."""
+    return dataclasses.replace(
+        cfg,
+        chunk=math.gcd(cfg.chunk, cfg.steps),
+        tune_steps=min(cfg.tune_steps or cfg.steps, cfg.steps),
+    )
 
 
 def main(name: str, argv=None) -> dict | None:
@@ -500,41 +461,20 @@ def main(name: str, argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=f"{name}: SGD vs FGD (Baydin et al. 2022, Sec. 5)")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--out", default=f"out/{name}")
-    p.add_argument("--dataset", help="digits | mnist | fashion_mnist | a directory of IDX files")
-    p.add_argument(
-        "--data-dir",
-        help="directory of the IDX files (MNIST: default "
-        "$FGRAD_JAX_DATA/mnist or ~/.cache/fgrad_jax/mnist)",
-    )
-    p.add_argument("--lrs", type=float, nargs="+", help="shared learning rate(s)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seeds", type=int)
-    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
+    add_overrides(p, ClassifyConfig, ["dataset", "data_dir", "lrs", "steps", "seeds", "tangent"])
     p.add_argument("--checkpoint-root", help="orbax checkpoint root (default OUT/checkpoints)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = dataclasses.replace(PRESETS[a.preset][name])
-    if a.dataset:
-        cfg.dataset = a.dataset
-    if a.data_dir:
-        cfg.data_dir = a.data_dir
-    if a.lrs:
-        cfg.lrs = tuple(a.lrs)
+    cfg = apply_overrides(PRESETS[a.preset][name], a)
     if a.steps:
-        cfg.steps = a.steps
-        cfg.chunk = math.gcd(cfg.chunk, cfg.steps)
-        cfg.tune_steps = min(cfg.tune_steps or cfg.steps, cfg.steps)
-    if a.seeds:
-        cfg.seeds = a.seeds
-    if a.tangent:
-        cfg.tangent = a.tangent
+        cfg = fit_steps(cfg)
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_root=a.checkpoint_root)
-    C.write_json(
+    write_json(
         Path(a.out) / f"{name}.json",
-        {"experiments": {name: entry}, "environment": C.environment(cfg)},
+        {"experiments": {name: entry}, "environment": environment(cfg)},
     )
-    import _plots
+    from toolkit.plots import plot_loss
 
-    _plots.plot_loss(Path(a.out), name, entry)
-    print(C.format_entry(name, entry))
+    plot_loss(Path(a.out), name, entry)
+    print(format_entry(name, entry))
     return entry

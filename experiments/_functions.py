@@ -15,28 +15,26 @@ import dataclasses
 import time
 from pathlib import Path
 
-import _common as C
-import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def beale(p: jax.Array) -> jax.Array:
-    """Beale's function; minimum 0 at ``(3, 0.5)``."""
-    x, y = p[0], p[1]
-    return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
-
-
-def rosenbrock(p: jax.Array) -> jax.Array:
-    """Rosenbrock's function ``(1 - x)^2 + 100 (y - x^2)^2``; minimum 0 at ``(1, 1)``."""
-    x, y = p[0], p[1]
-    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
-
-
-FUNCTIONS = {"beale": beale, "rosenbrock": rosenbrock}
-MINIMA = {"beale": (3.0, 0.5), "rosenbrock": (1.0, 1.0)}
-# Plot windows for the contour figures.
-WINDOWS = {"beale": ((-1.0, 4.0), (-1.5, 2.0)), "rosenbrock": ((-2.0, 2.0), (-1.0, 3.0))}
+from toolkit import (
+    FUNCTIONS,
+    MINIMA,
+    Arm,
+    add_estimates,
+    add_overrides,
+    apply_overrides,
+    environment,
+    format_entry,
+    landscape,
+    measure_runtime,
+    pick_tuned,
+    summarise_pair,
+    time_per_iter,
+    to_jsonable,
+    train_arms,
+    write_json,
+)
 
 
 @dataclasses.dataclass
@@ -152,10 +150,10 @@ def run(
     run_dir = out / "runs" / cfg.name
     seeds = [cfg.seed + i for i in range(cfg.runs)]
     t0 = time.perf_counter()
-    res = C.train_arms(
+    res = train_arms(
         [
-            C.Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
-            C.Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
+            Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
+            Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
         ],
         loss_fn,
         init_params,
@@ -171,10 +169,12 @@ def run(
         desc=f"{cfg.name} shared lr",
         tangent=cfg.tangent,
     )
-    shared = C.summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
+    xs, ys, zs = landscape(cfg.name)
+    np.savez(run_dir / "landscape.npz", xs=xs, ys=ys, zs=zs)
+    shared = summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
     shared["lr"] = cfg.lr
     final_points = {m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")}
-    rt = C.measure_runtime(
+    rt = measure_runtime(
         loss_fn,
         init_params(None),
         None,
@@ -184,12 +184,13 @@ def run(
         seed=cfg.seed,
         tangent=cfg.tangent,
     )
-    C.add_estimates(shared, {"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]})
+    add_estimates(shared, time_per_iter(rt))
     tuned = tune(cfg, run_dir, progress, rt)
     entry = {
         "R_f": rt["R_f"],
         "R_b": rt["R_b"],
-        "R_f_over_R_b": rt["R_f_over_R_b"],
+        "fg_over_bp": rt["fg_over_bp"],
+        "paired_ratio": rt["paired_ratio"],
         "T_f": shared["T_f"],
         "T_b": shared["T_b"],
         "T_ratio": shared["T_ratio"],
@@ -203,7 +204,7 @@ def run(
         "minimum": MINIMA[cfg.name],
         "num_params": 2,
         "wall_time_s": time.perf_counter() - t0,
-        "config": C.to_jsonable(cfg),
+        "config": to_jsonable(cfg),
     }
     return entry
 
@@ -213,10 +214,10 @@ def tune(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
     lrs = [cfg.lr * f for f in cfg.tune_factors]
     grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_runs)]
     grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_runs)]
-    res = C.train_arms(
+    res = train_arms(
         [
-            C.Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-            C.Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
         ],
         *_problem(cfg),
         None,
@@ -229,12 +230,12 @@ def tune(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
         desc=f"{cfg.name} lr sweep",
         tangent=cfg.tangent,
     )
-    return C.pick_tuned(
+    return pick_tuned(
         res,
         lrs,
         cfg.tune_runs,
         smooth_window=1,
-        time_per_iter={"fgd": rt["time_fgd_iter"], "sgd": rt["time_sgd_iter"]},
+        per_iter=time_per_iter(rt),
     )
 
 
@@ -243,25 +244,19 @@ def main(argv=None, name: str = "beale") -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] + f" ({name})")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--out", default=f"out/{name}")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--runs", type=int)
-    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
+    add_overrides(p, FunctionConfig, ["lr", "steps", "runs", "tangent"])
     p.add_argument("--checkpoint-dir")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = dataclasses.replace(PRESETS[a.preset][name])
-    for field in ("lr", "steps", "runs", "tangent"):
-        if getattr(a, field) is not None:
-            setattr(cfg, field, getattr(a, field))
+    cfg = apply_overrides(PRESETS[a.preset][name], a)
     entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_dir=a.checkpoint_dir)
-    C.write_json(
+    write_json(
         Path(a.out) / f"{name}.json",
-        {"experiments": {name: entry}, "environment": C.environment(cfg)},
+        {"experiments": {name: entry}, "environment": environment(cfg)},
     )
-    import _plots
+    from toolkit.plots import plot_function, plot_loss
 
-    _plots.plot_function(Path(a.out), name, entry)
-    _plots.plot_loss(Path(a.out), name, entry)
-    print(C.format_entry(name, entry))
+    plot_function(Path(a.out), name, entry)
+    plot_loss(Path(a.out), name, entry)
+    print(format_entry(name, entry))
     return entry

@@ -10,8 +10,6 @@ compile time of each, and writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,13 +17,23 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from runtime import time_interleaved
+from toolkit import (
+    Transformer,
+    add_overrides,
+    apply_overrides,
+    median,
+    time_interleaved,
+    write_json,
+)
 
 import fgrad_jax
 
 
 @dataclass
 class Config:
+    """The benchmark: the transformer's shape (``depth``, ``width``, ``heads``), the input
+    (``seq_len``, ``batch``), timed ``rounds`` and the forward-gradient ``tangents``."""
+
     depth: int = 6
     width: int = 128
     heads: int = 4
@@ -33,32 +41,6 @@ class Config:
     batch: int = 16
     rounds: int = 15
     tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank")
-
-
-class Block(nnx.Module):
-    def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=width, decode=False, rngs=rngs
-        )
-        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
-        self.up = nnx.Linear(width, 4 * width, rngs=rngs)
-        self.down = nnx.Linear(4 * width, width, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
-
-
-class Transformer(nnx.Module):
-    def __init__(self, cfg: Config, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg.width, cfg.heads, rngs) for _ in range(cfg.depth)])
-        self.head = nnx.Linear(cfg.width, 10, rngs=rngs)
-
-    def __call__(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(axis=1))
 
 
 def run(cfg: Config) -> dict:
@@ -89,12 +71,12 @@ def run(cfg: Config) -> dict:
         for name, (_, args) in programs.items()
     }
     times = time_interleaved(calls, cfg.rounds, warmup=0)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {name: median(ts) for name, ts in times.items()}
     rows = {
         name: {
-            "median_ms": 1e3 * median[name],
-            "per_forward": median[name] / median["forward"],
-            "per_backprop": median[name] / median["backprop"],
+            "median_ms": 1e3 * med[name],
+            "per_forward": med[name] / med["forward"],
+            "per_backprop": med[name] / med["backprop"],
             "compile_s": compile_s[name],
         }
         for name in programs
@@ -112,17 +94,16 @@ def run(cfg: Config) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--rounds", type=int, default=Config.rounds)
+    add_overrides(parser, Config, ["depth", "width", "batch", "rounds", "tangents"])
     args = parser.parse_args(argv)
-    result = run(Config(rounds=args.rounds))
+    result = run(apply_overrides(Config(), args))
     for name, row in result["rows"].items():
         print(
             f"{name:15s} {row['median_ms']:8.1f} ms  /forward {row['per_forward']:5.2f}  "
             f"/backprop {row['per_backprop']:5.2f}  compile {row['compile_s']:5.1f} s"
         )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

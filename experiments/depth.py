@@ -3,7 +3,7 @@
 An MLP of ``depth`` hidden ReLU layers of ``width`` units, batch 64, on random inputs of
 ``in_dim`` features (the cost does not depend on the data). For each depth the three
 programs (f, one FGD iteration, one backprop iteration) are timed side by side with
-:func:`_common.measure_runtime`, and their memory is read from XLA's compiled memory
+:func:`toolkit.measure_runtime`, and their memory is read from XLA's compiled memory
 analysis.
 
 Usage: ``python experiments/depth.py --preset quick --out out/depth``
@@ -16,11 +16,19 @@ import dataclasses
 import time
 from pathlib import Path
 
-import _common as C
 import jax
 import jax.numpy as jnp
-import optax
-from _classify import MLP
+from toolkit import (
+    MLP,
+    add_overrides,
+    apply_overrides,
+    classifier_loss,
+    environment,
+    measure_runtime,
+    num_params,
+    to_jsonable,
+    write_json,
+)
 
 
 @dataclasses.dataclass
@@ -71,13 +79,8 @@ def run(cfg: DepthConfig, progress: bool = True) -> dict:
     for depth in tqdm(cfg.depths, desc="depth", disable=not progress, leave=False):
         model = MLP((cfg.width,) * depth, cfg.num_classes)
         params = model.init(kp, x)
-
-        def loss_fn(p, batch, model=model):
-            xb, yb = batch
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
-
-        rt = C.measure_runtime(
-            loss_fn,
+        rt = measure_runtime(
+            classifier_loss(model),
             params,
             (x, y),
             lr=cfg.lr,
@@ -85,8 +88,8 @@ def run(cfg: DepthConfig, progress: bool = True) -> dict:
             seed=cfg.seed,
             tangent=cfg.tangent,
         )
-        rows.append({"depth": depth, "num_params": C.num_params(params), **rt})
-    return {"rows": rows, "config": C.to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
+        rows.append({"depth": depth, "num_params": num_params(params), **rt})
+    return {"rows": rows, "config": to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
 
 
 def main(argv=None) -> dict:
@@ -94,28 +97,20 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--out", default="out/depth")
-    p.add_argument("--width", type=int)
-    p.add_argument("--depths", type=int, nargs="+")
-    p.add_argument("--tangent", help="FGD tangent distribution (default normal, the paper's)")
+    add_overrides(p, DepthConfig, ["width", "depths", "tangent"])
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = dataclasses.replace(PRESETS[a.preset])
-    if a.tangent:
-        cfg.tangent = a.tangent
-    if a.width:
-        cfg.width = a.width
-    if a.depths:
-        cfg.depths = tuple(a.depths)
+    cfg = apply_overrides(PRESETS[a.preset], a)
     res = run(cfg, progress=not a.no_progress)
     out = Path(a.out)
-    C.write_json(out / "depth.json", {"depth": res, "environment": C.environment(cfg)})
-    import _plots
+    write_json(out / "depth.json", {"depth": res, "environment": environment(cfg)})
+    from toolkit.plots import plot_depth
 
-    _plots.plot_depth(out, res)
+    plot_depth(out, res)
     for r in res["rows"]:
         print(
             f"depth {r['depth']:3d}: R_f={r['R_f']:.3f} R_b={r['R_b']:.3f} "
-            f"R_f/R_b={r['R_f_over_R_b']:.3f}"
+            f"R_f/R_b={r['fg_over_bp']:.3f} (paired {r['paired_ratio']:.3f})"
         )
     return res
 

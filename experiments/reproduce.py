@@ -19,19 +19,15 @@ rerunning the same command after an interruption resumes them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import _classify
-import _common as C
 import _functions
-import _plots
-import _report
 import depth as _depth
+from toolkit import apply_overrides, environment, format_entry, to_jsonable, write_json
+from toolkit.plots import plot_depth, plot_function, plot_loss, plot_tuned
+from toolkit.report import write_report
 
 EXPERIMENTS = ("beale", "rosenbrock", "logreg", "mlp", "cnn")
 
@@ -64,20 +60,12 @@ def main(argv=None) -> dict:
     selected = a.only or (*EXPERIMENTS, "depth")
     t0 = time.perf_counter()
 
-    configs = {}
-    for name in ("beale", "rosenbrock"):
-        configs[name] = dataclasses.replace(_functions.PRESETS[a.preset][name])
-    for name in ("logreg", "mlp", "cnn"):
-        cfg = dataclasses.replace(_classify.PRESETS[a.preset][name])
-        if a.data_dir:
-            cfg.data_dir = a.data_dir
-        if a.dataset:
-            cfg.dataset = a.dataset
-        configs[name] = cfg
-    configs["depth"] = dataclasses.replace(_depth.PRESETS[a.preset])
-    if a.tangent:
-        for cfg in configs.values():
-            cfg.tangent = a.tangent
+    configs = {name: _functions.PRESETS[a.preset][name] for name in ("beale", "rosenbrock")}
+    configs.update({name: _classify.PRESETS[a.preset][name] for name in ("logreg", "mlp", "cnn")})
+    configs["depth"] = _depth.PRESETS[a.preset]
+    # Each override reaches the configs that have the field (--tangent: all of them).
+    overrides = {"data_dir": a.data_dir, "dataset": a.dataset, "tangent": a.tangent}
+    configs = {k: apply_overrides(cfg, overrides) for k, cfg in configs.items()}
     full_config = {
         "preset": a.preset,
         "out": str(out),
@@ -92,30 +80,30 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         if name in ("beale", "rosenbrock"):
             entry = _functions.run(configs[name], out, progress=progress)
-            _plots.plot_function(out, name, entry)
+            plot_function(out, name, entry)
         else:
             entry = _classify.run(configs[name], out, progress=progress)
-        _plots.plot_loss(out, name, entry)
+        plot_loss(out, name, entry)
         experiments[name] = entry
-        print(f"[{time.perf_counter() - t:6.1f} s] {C.format_entry(name, entry)}", flush=True)
+        print(f"[{time.perf_counter() - t:6.1f} s] {format_entry(name, entry)}", flush=True)
 
     results = {"experiments": experiments}
     if "depth" in selected:
         t = time.perf_counter()
         results["depth"] = _depth.run(configs["depth"], progress=progress)
-        _plots.plot_depth(out, results["depth"])
+        plot_depth(out, results["depth"])
         print(
             f"[{time.perf_counter() - t:6.1f} s] depth: "
-            + ", ".join(f"{r['depth']}:{r['R_f_over_R_b']:.2f}" for r in results["depth"]["rows"]),
+            + ", ".join(f"{r['depth']}:{r['fg_over_bp']:.2f}" for r in results["depth"]["rows"]),
             flush=True,
         )
     if experiments:
-        _plots.plot_tuned(out, experiments)
+        plot_tuned(out, experiments)
     wall = time.perf_counter() - t0
     results["wall_time_s"] = wall
-    results["environment"] = C.environment(full_config)
-    C.write_json(out / "results.json", results)
-    report = _report.write_report(out, C.to_jsonable(results), wall)
+    results["environment"] = environment(full_config)
+    write_json(out / "results.json", results)
+    report = write_report(out, to_jsonable(results), wall)
     print(f"wrote {out / 'results.json'} and {report} in {wall:.0f} s")
     return results
 

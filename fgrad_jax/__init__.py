@@ -4,7 +4,8 @@ from fgrad_jax import datasets
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._lowrank import lowrank
-from fgrad_jax._tangents import TANGENTS as _TANGENTS
+from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
+from fgrad_jax._tangents import Tangent
 from fgrad_jax._transform import (
     ForwardGradientState,
     fgd,
@@ -14,11 +15,12 @@ from fgrad_jax._transform import (
 
 __version__ = "0.1.0"
 
-TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_TANGENTS))
+TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_STRATEGIES))
 
 __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
+    "Tangent",
     "apply_forward_gradient",
     "datasets",
     "fgd",

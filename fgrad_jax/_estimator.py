@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax import _lowrank, _random, _sharding
-from fgrad_jax._tangents import HASHED, TangentFn, as_lowrank, get_sampler, resolve_tangent
+from fgrad_jax._strategy import Selection
+from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
 ArgNums = int | Sequence[int]
@@ -59,7 +59,7 @@ def is_differentiable(leaf: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
-class _Estimate(NamedTuple):
+class Estimate(NamedTuple):
     value: Array
     aux: Any
     directional_derivatives: Array  # (K,) float32
@@ -87,67 +87,45 @@ def _check_scalar(out: Any, fn_name: str) -> Array:
     return out
 
 
-def _k_axis(leaf: Array) -> int:
-    """Where the K tangents of a leaf are stacked: before a kernel's last (output) axis.
-
-    Under vmap a batched ``x @ W`` folds K into W's free dimensions; with K next to the
-    output axis, ``(in, K, out)`` is already the ``(in, K·out)`` matrix XLA multiplies, so no
-    transposing copy of the K stored tangents is needed (with K first it was one).
-    """
-    return leaf.ndim - 1 if leaf.ndim >= 2 else 0
-
-
-def _hashed_draw(hashed, leaf: Array, store: bool) -> Callable[[Array, Array], Array]:
-    """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
-
-    Called inside the JVP, vectorised over ``k = arange(K)``. Its batching rule draws the K
-    tangents in one array with the K axis where the batched matmul wants it (``_k_axis``;
-    with K first XLA added a transposing copy, and fused the draw into it as a slow loop)
-    and hands it to vmap as batched along that axis. Under that vmap ``seed`` carries a
-    fake zero from the consuming op (``LazyTangent``), so its K copies are equal and the
-    first one is used.
-    """
-    shape, size, axis = leaf.shape, np.uint32(max(leaf.size, 1)), _k_axis(leaf)
-
-    def finish(t, seed):
-        if store:
-            # An expensive draw (the Gaussian) is kept for the update: computed once into
-            # a buffer (otherwise XLA duplicates the elementwise draw into each consumer).
-            # Kept draws exist only on one device (see ``store``), so unlike the low-rank
-            # factors they need no replicated sharding constraint.
-            t = _random.materialize(t, seed)
-        return t.astype(leaf.dtype)
-
-    @jax.custom_batching.custom_vmap
-    def draw(seed, k):
-        return finish(hashed.draw(seed, shape, k * size), seed)
-
-    @draw.def_vmap
-    def _draw_all(axis_size, in_batched, seed, k):
-        del axis_size
-        seed_batched, k_batched = in_batched
-        if seed_batched:
-            seed = seed[0]
-        if not k_batched:
-            return draw(seed, k), False
-        return jnp.moveaxis(finish(hashed.draw_stacked(seed, shape, axis, k), seed), axis, 0), True
-
-    return draw
+def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> list[bool]:
+    """One bool per leaf of ``diff`` from ``mask`` (a pytree of bools with its structure)."""
+    if mask is None:
+        return [True] * len(leaves)
+    try:
+        per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, diff)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"mask must be a pytree of bools with the structure of the differentiated "
+            f"argument(s) (argnums={argnums!r}), or a prefix of it: {err}"
+        ) from None
+    flags = jax.tree_util.tree_leaves(per_leaf)
+    if len(flags) != len(leaves):
+        raise ValueError(
+            f"mask selects {len(flags)} leaves but the differentiated argument(s) have "
+            f"{len(leaves)}; give one bool per parameter leaf (or per subtree)."
+        )
+    out = []
+    for flag in flags:
+        if isinstance(flag, jax.core.Tracer) or not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(
+                f"mask leaves must be Python or NumPy bools (static), one per parameter "
+                f"leaf; got {flag!r}."
+            )
+        out.append(bool(flag))
+    return out
 
 
-def _combine(derivs: Array, tangents: Array, scale: Array) -> Array:
-    """(1/K) Σ_k d_k v_k in float32, as an unrolled elementwise sum for small K.
-
-    An explicit sum (rather than a tensordot over K) stays one elementwise expression, which
-    XLA fuses with the tangent draw and the optimizer's update.
-    """
-    k = tangents.shape[0]
-    if k > 16:
-        return jnp.tensordot(derivs, tangents.astype(jnp.float32), axes=1) * scale
-    acc = derivs[0] * tangents[0].astype(jnp.float32)
-    for i in range(1, k):
-        acc = acc + derivs[i] * tangents[i].astype(jnp.float32)
-    return acc * scale if k > 1 else acc
+def _check_chunk(tangent_chunk: int | None, num_tangents: int) -> int:
+    if tangent_chunk is None:
+        return num_tangents
+    if isinstance(tangent_chunk, bool) or not isinstance(tangent_chunk, (int, np.integer)):
+        raise TypeError(f"tangent_chunk must be a positive int or None; got {tangent_chunk!r}.")
+    if tangent_chunk < 1 or num_tangents % tangent_chunk:
+        raise ValueError(
+            f"tangent_chunk={tangent_chunk} must divide num_tangents={num_tangents} (the K "
+            "tangents are processed in equal chunks); pick a divisor, e.g. 1."
+        )
+    return int(tangent_chunk)
 
 
 def estimate_forward_grad(
@@ -158,12 +136,20 @@ def estimate_forward_grad(
     *,
     argnums: ArgNums = 0,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
+    mask: Any = None,
+    tangent_chunk: int | None = None,
     fn_name: str = "fun",
-) -> _Estimate:
-    """Shared core of the public estimators and the optax transformation."""
+) -> Estimate:
+    """Shared core of the public estimators and the optax transformation.
+
+    Flattens the selected floating leaves, lets the tangent strategy prepare its draws,
+    vmaps its single-direction JVP over the K tangents and combines the K directional
+    derivatives into the estimate (see ``_strategy.py``).
+    """
     key = as_key(key)
+    strategy = resolve_tangent(tangent)
     argnum_tuple, is_tuple = _normalise_argnums(argnums)
     for a in argnum_tuple:
         if not -len(args) <= a < len(args):
@@ -172,46 +158,23 @@ def estimate_forward_grad(
             )
     diff = tuple(args[a] for a in argnum_tuple)
     leaves, treedef = jax.tree_util.tree_flatten(diff)
-    float_index = [i for i, leaf in enumerate(leaves) if is_differentiable(leaf)]
-    if not float_index:
+    tree = diff if is_tuple else diff[0]
+    if callable(mask):
+        mask = mask(tree)
+    selected = _mask_leaves(mask, tree, leaves, argnums)
+    index = tuple(i for i, leaf in enumerate(leaves) if is_differentiable(leaf) and selected[i])
+    if not index:
         raise TypeError(
             f"The differentiated argument(s) (argnums={argnums!r}) have no floating-point "
-            "leaves, so there is nothing to estimate a gradient for. Pass float parameters "
-            "(e.g. jnp.float32 arrays) or choose other argnums."
+            "leaves selected by the mask, so there is nothing to estimate a gradient for. "
+            "Pass float parameters (e.g. jnp.float32 arrays), choose other argnums or "
+            "select at least one leaf in mask."
         )
-    primals = [jnp.asarray(leaves[i]) for i in float_index]
-    shapes = [(num_tangents, *p.shape) for p in primals]
-    hashed = HASHED.get(tangent) if isinstance(tangent, str) else None
-    lowrank_spec = as_lowrank(tangent)
-    if lowrank_spec is not None:
-        seeds = _random.seed_words(key, len(primals))
-        drawn = _lowrank.draw_lowrank(seeds, primals, num_tangents, lowrank_spec.rank)
-        tangents = [d[1:] if d[0] == "lowrank" else (d[1],) for d in drawn]
-    elif hashed is not None:
-        # Fast path: elementwise counter-based draws (see _random.py), seeded per leaf.
-        seeds = _random.seed_words(key, len(primals))
-        for s in shapes:  # the counter of tangent k, element j is k * size + j (uint32)
-            _random.check_counter_range(s)
-        # Drawn lazily, right before the operation that first uses them
-        # (one_hashed_direction); then kept for the update or drawn again there.
-        # Kept only on one device: with several, XLA's SPMD pipeline split the kept Gaussian
-        # draw into two stored loops (twice its memory per device); drawing it again is
-        # cheaper there than holding it twice.
-        store = hashed.stores(primals) and _lowrank.anchor_lazy_draws()
-        draws = [_hashed_draw(hashed, p, store) for p in primals]
-        tangents = [jnp.arange(num_tangents, dtype=jnp.uint32)]
-    else:
-        sampler = get_sampler(tangent, diff if is_tuple else diff[0], float_index)
-        tangents32 = sampler(key, primals, num_tangents)
-        # The JVP needs tangents in the primal dtype; using the rounded values in the
-        # estimate too keeps it consistent with the derivative XLA actually computed.
-        tangents = [t.astype(p.dtype) for t, p in zip(tangents32, primals)]
-        # Drawn in full on every device (see _sharding.replicated_like).
-        tangents = [_sharding.replicated_like(t, p) for t, p in zip(tangents, primals)]
+    primals = [jnp.asarray(leaves[i]) for i in index]
 
     def flat_fun(*float_leaves):
         new_leaves = list(leaves)
-        for i, leaf in zip(float_index, float_leaves):
+        for i, leaf in zip(index, float_leaves):
             new_leaves[i] = leaf
         new_diff = jax.tree_util.tree_unflatten(treedef, new_leaves)
         call_args = list(args)
@@ -225,81 +188,43 @@ def estimate_forward_grad(
                     f"got {type(out).__name__}."
                 )
             return _check_scalar(out[0], fn_name), out[1]
+        if isinstance(out, tuple):
+            raise TypeError(
+                f"{fn_name} returned a tuple of {len(out)}; it must return a scalar loss. "
+                "If it returns (loss, aux), pass has_aux=True."
+            )
         return _check_scalar(out, fn_name), None
 
-    def one_direction(*tangent_leaves):
-        value, deriv, aux = jax.jvp(flat_fun, tuple(primals), tangent_leaves, has_aux=True)
-        return value, deriv, aux
+    inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
 
-    def one_lowrank_direction(*factors):
-        tans = [
-            _lowrank.LowRankTangent(f[0], f[1], p.shape, p.dtype)
-            if len(f) == 2
-            else f[0].astype(p.dtype)
-            for f, p in zip(factors, primals)
-        ]
-        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, tans)
-        return value, deriv, aux
+    def directions(x):
+        return jax.vmap(
+            lambda xi: tuple(strategy.direction(flat_fun, primals, context, xi)),
+            out_axes=(None, 0, None, 0),
+        )(x)
 
-    def one_hashed_direction(k):
-        lazy = [
-            _lowrank.LazyTangent(lambda zero, i=i: draws[i](seeds[i] ^ zero, k))
-            for i in range(len(primals))
-        ]
-        (value, aux), (deriv, _) = _lowrank.lowrank_jvp(flat_fun, primals, lazy)
-        drawn = [t.materialize() for t in lazy] if store else []
-        return value, deriv, aux, drawn
-
-    # The primal does not depend on the tangent, so under vmap it is computed once and
-    # only the tangent work is batched over the K directions.
-    if lowrank_spec is not None:
-        value, derivs, aux = jax.vmap(one_lowrank_direction, out_axes=(None, 0, None))(*tangents)
-    elif hashed is not None:
-        value, derivs, aux, tangents = jax.vmap(one_hashed_direction, out_axes=(None, 0, None, 0))(
-            *tangents
-        )
+    chunk = _check_chunk(tangent_chunk, num_tangents)
+    if chunk == num_tangents:
+        value, derivs, aux, kept = directions(inputs)
     else:
-        value, derivs, aux = jax.vmap(one_direction, out_axes=(None, 0, None))(*tangents)
+        # One chunk of tangents at a time, each with its own primal: the primal is computed
+        # K / chunk times, but only one chunk's tangent activations are alive at once.
+        n = num_tangents // chunk
+        split = lambda a: a.reshape(n, chunk, *a.shape[1:])
+        value, derivs, aux, kept = jax.lax.map(directions, jax.tree.map(split, inputs))
+        value, aux = value[0], jax.tree.map(lambda a: a[0], aux)
+        merge = lambda a: a.reshape(num_tangents, *a.shape[2:])
+        derivs, kept = merge(derivs), jax.tree.map(merge, kept)
     derivs = derivs.astype(jnp.float32)
-    if lowrank_spec is not None:
-        grads_float = [
-            _lowrank.combine_lowrank(derivs, d, p, lowrank_spec.rank)
-            for d, p in zip(drawn, primals)
-        ]
-        return _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs)
-    if hashed is not None and not store:
-        # Draw the tangents again where the estimate is consumed (bitwise the same values)
-        # instead of keeping all of them alive through the JVP: under jit the draw fuses
-        # into the optimizer's elementwise update. XLA:CPU drops optimization barriers
-        # before fusion, so to stop CSE from merging the two draws back into one stored
-        # buffer the second draw's seeds get a data dependence on the derivatives that is
-        # always zero but not provably so (x & (x ^ 1) for a bit x). It also orders the
-        # redraw after the JVP, so no tangent of one layer lives across the others.
-        seeds_again = seeds ^ _random.fake_zero(derivs)
-        est_tangents = [
-            hashed.draw(seeds_again[i], s).astype(p.dtype)
-            for i, (s, p) in enumerate(zip(shapes, primals))
-        ]
-    else:
-        est_tangents = tangents
-    scale = jnp.float32(1.0 / num_tangents)
-    grads_float = [
-        _combine(derivs, t, scale).astype(p.dtype) for t, p in zip(est_tangents, primals)
-    ]
-    return _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs)
-
-
-def _finish(leaves, float_index, grads_float, treedef, is_tuple, value, aux, derivs) -> _Estimate:
+    grads = strategy.combine(derivs, primals, context, kept)
     grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
-    for i, g in zip(float_index, grads_float):
+    for i, g in zip(index, grads):
         grad_leaves[i] = g
     grad = jax.tree_util.tree_unflatten(treedef, grad_leaves)
-    if not is_tuple:
-        grad = grad[0]
-    return _Estimate(value, aux, derivs, grad)
+    return Estimate(value, aux, derivs, grad if is_tuple else grad[0])
 
 
-def _check_common(num_tangents: int, tangent: Any) -> tuple[int, str | TangentFn]:
+def _check_common(num_tangents: int, tangent: Tangent) -> tuple[int, Tangent]:
     return check_num_tangents(num_tangents), resolve_tangent(tangent)
 
 
@@ -308,8 +233,10 @@ def value_and_forward_grad(
     argnums: ArgNums = 0,
     *,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
+    mask: Any = None,
+    tangent_chunk: int | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like :func:`jax.value_and_grad`, with a forward-gradient estimate of the gradient.
 
@@ -329,6 +256,15 @@ def value_and_forward_grad(
             (rank-r kernel tangents, never materialised in the JVP), or a callable
             ``tangent(key, tree) -> tree`` with ``E[v vᵀ] = I``.
         has_aux: Whether ``fun`` returns ``(value, aux)``.
+        mask: Which leaves to estimate, as :func:`optax.masked` takes it: a pytree of
+            bools with the structure of ``args[argnums]`` (or a prefix of it), or a
+            callable ``args[argnums] -> such a pytree``. Unselected leaves get no tangent
+            (the JVP is cheaper) and an exact zero estimate. ``None`` selects all.
+        tangent_chunk: Process the tangents ``tangent_chunk`` at a time (it must divide
+            ``num_tangents``), one chunk after the other, each with its own primal pass:
+            the step's working memory is that of ``tangent_chunk`` tangents instead of
+            ``num_tangents``, for ``num_tangents / tangent_chunk`` primal passes instead
+            of one. ``None`` (default): all at once.
 
     Returns:
         A function ``estimate(key, *args, **kwargs)`` returning ``(value, grad)`` (or
@@ -356,6 +292,8 @@ def value_and_forward_grad(
             num_tangents=num_tangents,
             tangent=tangent,
             has_aux=has_aux,
+            mask=mask,
+            tangent_chunk=tangent_chunk,
         )
         if has_aux:
             return (est.value, est.aux), est.grad
@@ -369,8 +307,10 @@ def forward_grad(
     argnums: ArgNums = 0,
     *,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
+    mask: Any = None,
+    tangent_chunk: int | None = None,
 ) -> Callable[..., Any]:
     """Like :func:`jax.grad`, but an unbiased forward-gradient estimate (Baydin et al. 2022).
 
@@ -389,6 +329,10 @@ def forward_grad(
             callable ``tangent(key, tree) -> tree``; see :doc:`/maths` and
             :doc:`/performance`.
         has_aux: Whether ``fun`` returns ``(value, aux)``; then ``(grad, aux)`` is returned.
+        mask: Leaves to estimate (a pytree of bools or a callable, as in
+            :func:`value_and_forward_grad`); the others get exact zeros.
+        tangent_chunk: Tangents per chunk, to bound memory (see
+            :func:`value_and_forward_grad`).
 
     Returns:
         ``estimate(key, *args, **kwargs)``: the estimate with the structure and dtypes of
@@ -403,7 +347,13 @@ def forward_grad(
         True
     """
     value_and_grad = value_and_forward_grad(
-        fun, argnums, num_tangents=num_tangents, tangent=tangent, has_aux=has_aux
+        fun,
+        argnums,
+        num_tangents=num_tangents,
+        tangent=tangent,
+        has_aux=has_aux,
+        mask=mask,
+        tangent_chunk=tangent_chunk,
     )
 
     @functools.wraps(fun)

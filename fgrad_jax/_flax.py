@@ -11,7 +11,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from fgrad_jax._estimator import check_num_tangents
-from fgrad_jax._tangents import TangentFn, resolve_tangent
+from fgrad_jax._tangents import Tangent, resolve_tangent
 from fgrad_jax._transform import masked_estimate, resolve_mask
 
 Array = jax.Array
@@ -173,7 +173,7 @@ def nnx_value_and_forward_grad(
     *,
     wrt: Any = nnx.Param,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
 ) -> Callable[..., tuple[Any, Any]]:

@@ -170,33 +170,6 @@ _COS = (
 _STREAM2 = (np.uint32(0x9E3779B9), np.uint32(0x85EBCA6B))
 
 
-def fake_zero(anchor: Array | None) -> Array:
-    """A uint32 zero that XLA cannot prove is zero, computed from ``anchor``'s first element.
-
-    Adding it to a seed makes a draw depend on ``anchor``: XLA then neither merges the draw
-    with an identical one elsewhere (CSE) nor schedules it before ``anchor`` exists.
-    """
-    if anchor is None or anchor.size == 0:
-        return np.uint32(0)
-    a = jnp.ravel(anchor)[0].astype(jnp.float32)
-    bit = jax.lax.bitcast_convert_type(a, jnp.uint32) >> np.uint32(31)
-    return bit & (bit ^ _ONE)
-
-
-def materialize(x: Array, seed: Array) -> Array:
-    """Returns ``x`` unchanged, through one floating divide so that XLA stores it.
-
-    XLA:CPU removes ``optimization_barrier`` before fusion and happily duplicates cheap
-    elementwise producers into every consumer; for an expensive draw (the Gaussian) that
-    means recomputing it per use, and for low-rank factors recomputing each factor entry
-    for every kernel element. A divide is an "expensive" op that XLA does not duplicate
-    into a broadcasting consumer, so the draw is computed once into a buffer. Scaling by a
-    power of two and back is exact: the values are bitwise unchanged.
-    """
-    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(jnp.float32)  # 1.0 or 2.0
-    return (x * two) / two
-
-
 def _unit_open(bits: Array, nbits: int) -> Array:
     """``(2j + 1) 2**-(nbits+1)`` in (0, 1) from the top ``nbits`` bits (exact for nbits <= 23)."""
     j = (bits >> np.uint32(32 - nbits)) * np.uint32(2) + _ONE

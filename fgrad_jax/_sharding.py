@@ -71,6 +71,6 @@ def replicated_like(x: Any, ref: Any) -> Any:
             mesh = jax.typeof(ref).sharding.mesh
         except (AttributeError, TypeError):
             return x
-    if not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
+    if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
         return x
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())), x)

@@ -1,7 +1,12 @@
 """Tangent distributions for forward-gradient estimates.
 
+Each family is a tangent strategy (``_strategy.TangentStrategy``), resolved once from the
+``tangent=`` argument by :func:`resolve_tangent`: :class:`HashedTangents` (``"normal"``,
+``"rademacher"``), :class:`DenseTangents` (``"sphere"``, ``"orthogonal"``),
+:class:`UserTangents` (a callable) and ``_lowrank.LowRank`` (``"lowrank"``).
+
 A *sampler* draws ``num_tangents`` directions for a list of floating-point leaves.
-Every built-in sampler satisfies ``E[v vᵀ] = I`` over the flattened leaves, which is
+Every built-in distribution satisfies ``E[v vᵀ] = I`` over the flattened leaves, which is
 exactly the condition for ``(∇f · v) v`` to be an unbiased estimate of ``∇f``.
 
 Internal contract (``Sampler``)::
@@ -12,7 +17,7 @@ Internal contract (``Sampler``)::
 The caller casts the tangents to each leaf's dtype before the JVP and uses the same
 (rounded) values in the estimate, so the estimate stays consistent with the derivative.
 
-``"normal"`` and ``"rademacher"`` are :class:`HashedTangent` s: elementwise counter-based
+``"normal"`` and ``"rademacher"`` are :class:`HashedTangents`: elementwise counter-based
 draws (``_random.py``) that cost a few integer operations per element instead of a threefry
 evaluation, and that the estimator can redraw where the estimate is consumed instead of
 storing them. Among distributions with independent zero-mean unit-variance components,
@@ -23,14 +28,18 @@ for Gaussian tangents. It is also the cheapest to draw; we recommend it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fgrad_jax import _lowrank, _random
+from fgrad_jax import _interpreter, _lowrank, _random, _sharding
+from fgrad_jax._strategy import Direction, Selection, TangentStrategy, mean_of_products
 
 Array = jax.Array
 
@@ -51,47 +60,134 @@ not floating point are ignored.
 """
 
 
-class HashedTangent:
-    """A built-in elementwise distribution drawn by the counter-based hash of ``_random``.
+def _k_axis(leaf: Array) -> int:
+    """Where the K tangents of a leaf are stacked: before a kernel's last (output) axis.
 
-    A draw is a pure elementwise function of two uint32 seed words and a counter per
-    element (``at(seed, counters)``), so the estimator can draw the tangents for the JVP
-    and draw them *again* (bitwise the same) where the estimate is consumed, instead of
-    keeping them alive in between. Keeping them costs a memory round trip per tangent
-    element, drawing again a second draw: the tangents are kept only while the
-    differentiated parameters take at most ``store_limit_bytes`` (in float32), and only
-    on a single device (see ``estimate_forward_grad``).
+    Under vmap a batched ``x @ W`` folds K into W's free dimensions; with K next to the
+    output axis, ``(in, K, out)`` is already the ``(in, K·out)`` matrix XLA multiplies, so
+    no transposing copy of the K tangents is needed.
+    """
+    return leaf.ndim - 1 if leaf.ndim >= 2 else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HashedTangents(TangentStrategy):
+    """Elementwise tangents drawn by the counter-based hash of ``_random`` (normal, rademacher).
+
+    A draw is a pure function of two uint32 seed words per leaf and a counter per element,
+    so the tangents are drawn inside the JVP right before the operation that uses them
+    (lazily, see ``_interpreter.LazyTangent``) and, for the update, either kept or drawn
+    *again* bitwise the same (MeZO's regenerate-from-seed trick). Keeping costs a memory
+    round trip per element, drawing again a second draw: tangents are kept only while the
+    differentiated parameters take at most ``keep_below_bytes`` (in float32) and the
+    computation runs on one device (on several, XLA's SPMD pipeline stores a kept draw
+    twice).
+
+    Attributes:
+        name: ``"normal"`` or ``"rademacher"``.
+        at: ``at(seed, counters) -> float32 draws``.
+        keep_below_bytes: Parameter size up to which the tangents are kept for the update.
+        schedule: Overrides the ``_interpreter.Schedule`` chosen from the parameters'
+            sharding (orders XLA's work; never changes a value).
     """
 
-    def __init__(self, name: str, at: Callable[[Array, Array], Array], store_limit_bytes: int):
-        self.name = name
-        self.at = at
-        self.store_limit_bytes = store_limit_bytes
-
-    def stores(self, leaves: Sequence[Array]) -> bool:
-        """Whether the tangents of ``leaves`` are kept between the JVP and the update."""
-        return 4 * sum(math.prod(leaf.shape) for leaf in leaves) <= self.store_limit_bytes
+    name: str
+    at: Callable[[Array, Array], Array]
+    keep_below_bytes: int
+    schedule: _interpreter.Schedule | None = None
 
     def draw(self, seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
         """Draws of ``shape``; ``offset = k * leaf.size`` gives tangent ``k`` of a leaf."""
         return self.at(seed, _random.counters(shape, offset))
 
-    def draw_stacked(self, seed: Array, shape: tuple[int, ...], axis: int, ks: Array) -> Array:
-        """Tangents ``ks`` of a leaf of ``shape``, stacked at ``axis``, computed in place."""
-        return self.at(seed, _random.stacked_counters(shape, axis, ks))
+    def keeps(self, leaves: Sequence[Array], schedule: _interpreter.Schedule) -> bool:
+        """Whether the tangents of ``leaves`` are kept between the JVP and the update."""
+        size = 4 * sum(math.prod(leaf.shape) for leaf in leaves)
+        return size <= self.keep_below_bytes and schedule.anchor_draws
 
     def __call__(self, key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
+        """The dense ``(K, *leaf.shape)`` tangents the estimator draws for ``key``."""
         seeds = _random.seed_words(key, len(leaves))
         return [self.draw(seeds[i], (num_tangents, *leaf.shape)) for i, leaf in enumerate(leaves)]
 
+    def _lazy_draw(self, leaf: Array, keep: bool) -> Callable[[Array, Array], Array]:
+        """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
+
+        Its batching rule draws the K tangents in one array with the K axis where the
+        batched matmul wants it (``_k_axis``; with K first XLA added a transposing copy and
+        fused the draw into it as a slow loop). Under that vmap ``seed`` carries the fake
+        zero of the consuming op, so its K copies are equal and the first one is used.
+        """
+        shape, size, axis = leaf.shape, np.uint32(max(leaf.size, 1)), _k_axis(leaf)
+
+        def finish(t, seed):
+            # A kept draw is computed once into a buffer (otherwise XLA duplicates the
+            # elementwise draw into each consumer).
+            t = _interpreter.materialize(t, seed) if keep else t
+            return t.astype(leaf.dtype)
+
+        @jax.custom_batching.custom_vmap
+        def draw(seed, k):
+            return finish(self.draw(seed, shape, k * size), seed)
+
+        @draw.def_vmap
+        def _draw_all(axis_size, in_batched, seed, k):
+            del axis_size
+            seed_batched, k_batched = in_batched
+            if seed_batched:
+                seed = seed[0]
+            if not k_batched:
+                return draw(seed, k), False
+            stacked = self.at(seed, _random.stacked_counters(shape, axis, k))
+            return jnp.moveaxis(finish(stacked, seed), axis, 0), True
+
+        return draw
+
+    def prepare(self, key, primals, num_tangents, selection: Selection):
+        del selection
+        seeds = _random.seed_words(key, len(primals))
+        for p in primals:  # the counter of tangent k, element j is k * size + j (uint32)
+            _random.check_counter_range((num_tangents, *p.shape))
+        schedule = self.schedule or _interpreter.schedule_for(primals)
+        keep = self.keeps(primals, schedule)
+        draws = [self._lazy_draw(p, keep) for p in primals]
+        return jnp.arange(num_tangents, dtype=jnp.uint32), (seeds, draws, keep, schedule)
+
+    def direction(self, fun, primals, context, k) -> Direction:
+        seeds, draws, keep, schedule = context
+        lazy = [
+            _interpreter.LazyTangent(functools.partial(_draw_at, draw, seed, k))
+            for draw, seed in zip(draws, seeds)
+        ]
+        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
+        return Direction(value, deriv, aux, [t.materialize() for t in lazy] if keep else None)
+
+    def combine(self, derivatives, primals, context, kept):
+        seeds, _, keep, _ = context
+        if not keep:
+            # Drawn again where the estimate is consumed (under jit the draw fuses into the
+            # optimizer's update) instead of kept alive through the JVP. The fake zero from
+            # the derivatives stops CSE from merging the two draws into one stored buffer
+            # and orders the second draw after the JVP.
+            seeds_again = seeds ^ _interpreter.fake_zero(derivatives)
+            k = derivatives.shape[0]
+            kept = [
+                self.draw(seeds_again[i], (k, *p.shape)).astype(p.dtype)
+                for i, p in enumerate(primals)
+            ]
+        return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(kept, primals)]
+
+
+def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero: Array) -> Array:
+    return draw(seed ^ zero, k)
+
 
 # A Rademacher draw (one hash, a few integer ops) is always cheaper than a memory round trip.
-_RADEMACHER = HashedTangent("rademacher", _random.rademacher_at, store_limit_bytes=0)
-# A Gaussian draw costs about 0.5 ms per million on a 2-core CPU: kept while the parameters
-# fit in cache-sized memory (MLP of 7.4 MB: 1.37x BP kept vs 1.71x drawn twice at B=64),
-# drawn twice beyond (32 MB: 1.55x vs 1.91x, and the working memory stays flat in depth).
-_NORMAL = HashedTangent("normal", _random.normal_at, store_limit_bytes=16 << 20)
-HASHED: dict[str, HashedTangent] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
+_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=0)
+# A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
+# sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
+_NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
+HASHED: dict[str, HashedTangents] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
 
 
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
@@ -176,35 +272,88 @@ def _user_sampler(fn: TangentFn, tree: Any, float_index: Sequence[int]) -> Sampl
     return sampler
 
 
-def as_lowrank(tangent: Any) -> _lowrank.LowRank | None:
-    """The low-rank spec of ``tangent`` (``"lowrank"`` is rank 1), or None."""
-    if isinstance(tangent, _lowrank.LowRank):
-        return tangent
-    if isinstance(tangent, str) and tangent == "lowrank":
-        return _lowrank.LowRank(1)
-    return None
+class _DrawnFirst(TangentStrategy):
+    """Tangents drawn in full before the JVP by a sampler, then plain :func:`jax.jvp`.
+
+    The float32 draws are cast to each leaf's dtype for the JVP, and the rounded values are
+    used in the estimate too, so it stays consistent with the derivative XLA computed.
+    They are drawn in full on every device (``_sharding.replicated_like``): no collective
+    for FSDP-sharded parameters.
+    """
+
+    def sampler_for(self, selection: Selection) -> Sampler:
+        raise NotImplementedError
+
+    def prepare(self, key, primals, num_tangents, selection: Selection):
+        drawn = self.sampler_for(selection)(key, primals, num_tangents)
+        tangents = [_sharding.replicated_like(t.astype(p.dtype), p) for t, p in zip(drawn, primals)]
+        return tangents, tangents
+
+    def direction(self, fun, primals, context, inputs) -> Direction:
+        try:
+            value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
+        except TypeError as err:
+            if "custom_vjp" not in str(err):
+                raise
+            # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
+            # primal definition instead.
+            schedule = _interpreter.schedule_for(primals)
+            (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, inputs, schedule)
+        return Direction(value, deriv, aux, None)
+
+    def combine(self, derivatives, primals, context, kept):
+        return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(context, primals)]
 
 
-def resolve_tangent(tangent: str | TangentFn) -> str | TangentFn:
-    """Validates ``tangent`` early, so a typo fails at construction, not at the first step."""
-    if isinstance(tangent, _lowrank.LowRank):
+@dataclasses.dataclass(frozen=True)
+class DenseTangents(_DrawnFirst):
+    """A built-in sampler ``sampler(key, leaves, K)`` (sphere, orthogonal)."""
+
+    name: str
+    sampler: Sampler
+
+    def sampler_for(self, selection: Selection) -> Sampler:
+        return self.sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class UserTangents(_DrawnFirst):
+    """A user's ``tangent(key, tree) -> tree``, called once per tangent (vmapped over keys)."""
+
+    fn: TangentFn
+
+    def sampler_for(self, selection: Selection) -> Sampler:
+        return _user_sampler(self.fn, selection.tree, selection.indices)
+
+
+STRATEGIES: dict[str, TangentStrategy] = {
+    "lowrank": _lowrank.LowRank(1),
+    "normal": _NORMAL,
+    "orthogonal": DenseTangents("orthogonal", _sample_orthogonal),
+    "rademacher": _RADEMACHER,
+    "sphere": DenseTangents("sphere", _sample_sphere),
+}
+
+Tangent: TypeAlias = str | TangentStrategy | TangentFn
+"""Every accepted ``tangent=`` value: a name in :data:`fgrad_jax.TANGENT_NAMES`,
+:func:`fgrad_jax.lowrank` ``(rank)`` (or another tangent strategy), or a callable
+``tangent(key, tree) -> tree`` with ``E[v vᵀ] = I``."""
+
+
+def resolve_tangent(tangent: Tangent) -> TangentStrategy:
+    """The strategy for ``tangent``; validates early, so a typo fails at construction."""
+    if isinstance(tangent, TangentStrategy):
         return tangent
     if isinstance(tangent, str):
-        if tangent not in TANGENTS:
+        if tangent not in STRATEGIES:
             raise ValueError(
-                f"Unknown tangent {tangent!r}. Use one of {sorted(TANGENTS)} or pass a "
+                f"Unknown tangent {tangent!r}. Use one of {sorted(STRATEGIES)} or pass a "
                 "callable tangent(key, tree) -> tree with E[v vᵀ] = I."
             )
-        return tangent
+        return STRATEGIES[tangent]
     if callable(tangent):
-        return tangent
+        return UserTangents(tangent)
     raise TypeError(
-        f"tangent must be a name in {sorted(TANGENTS)} or a callable tangent(key, tree) -> "
-        f"tree; got {type(tangent).__name__}."
+        f"tangent must be a name in {sorted(STRATEGIES)}, fgrad_jax.lowrank(rank) or a "
+        f"callable tangent(key, tree) -> tree; got {type(tangent).__name__}."
     )
-
-
-def get_sampler(tangent: str | TangentFn, tree: Any, float_index: Sequence[int]) -> Sampler:
-    if isinstance(tangent, str):
-        return TANGENTS[tangent]
-    return _user_sampler(tangent, tree, float_index)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ from fgrad_jax._estimator import (
     estimate_forward_grad,
 )
 from fgrad_jax._placement import check_first_in_chain, check_init_placement
-from fgrad_jax._tangents import TangentFn, resolve_tangent
+from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
 
@@ -141,28 +140,10 @@ def resolve_mask(mask: Any, params: Any) -> list[bool] | None:
 
 def masked_estimate(fun: Callable, key: Array, params: Any, mask: list[bool] | None, **kwargs: Any):
     """``estimate_forward_grad(fun, key, (params,), {}, ...)`` with tangents only where ``mask``."""
-    if mask is None or all(mask):
-        return estimate_forward_grad(fun, key, (params,), {}, **kwargs)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    if _CORE_TAKES_MASK:
-        tree_mask = jax.tree_util.tree_unflatten(treedef, mask)
-        return estimate_forward_grad(fun, key, (params,), {}, mask=tree_mask, **kwargs)
-    chosen = [i for i, m in enumerate(mask) if m]
-
-    def restricted(sub):
-        new = list(leaves)
-        for i, leaf in zip(chosen, sub):
-            new[i] = leaf
-        return fun(jax.tree_util.tree_unflatten(treedef, new))
-
-    est = estimate_forward_grad(restricted, key, ([leaves[i] for i in chosen],), {}, **kwargs)
-    grad = [jnp.zeros(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-    for i, g in zip(chosen, est.grad):
-        grad[i] = g
-    return est._replace(grad=jax.tree_util.tree_unflatten(treedef, grad))
-
-
-_CORE_TAKES_MASK = "mask" in inspect.signature(estimate_forward_grad).parameters
+    if mask is not None:
+        treedef = jax.tree_util.tree_structure(params)
+        kwargs["mask"] = jax.tree_util.tree_unflatten(treedef, mask)
+    return estimate_forward_grad(fun, key, (params,), {}, **kwargs)
 
 
 def _check_updates(updates: Any) -> None:
@@ -182,7 +163,7 @@ def forward_gradient(
     key: int | Array = 0,
     *,
     num_tangents: int = 1,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
     aux_example: Any = None,
     mask: Any = None,
@@ -395,7 +376,7 @@ def fgd(
     key: int | Array = 0,
     *,
     num_tangents: int | None = None,
-    tangent: str | TangentFn = "normal",
+    tangent: Tangent = "normal",
     has_aux: bool = False,
     aux_example: Any = None,
     mask: Any = None,

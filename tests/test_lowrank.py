@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import fgrad_jax
-from fgrad_jax import _lowrank
+from fgrad_jax import _interpreter
 from fgrad_jax._tangents import _sample_lowrank, resolve_tangent
 
 
@@ -82,12 +82,12 @@ def _dense_reference(f, key, p, rank, k, *args):
 def test_structured_jvp_equals_dense_jvp(rank, k):
     p, x = _mlp_params(), jax.random.normal(jax.random.key(2), (7, 5))
     key = jax.random.key(4)
-    before = dict(_lowrank.STATS)
-    g = fgrad_jax.forward_grad(_mlp_loss, tangent=fgrad_jax.lowrank(rank), num_tangents=k)(
-        key, p, x
-    )
-    assert _lowrank.STATS["structured"] > before["structured"]
-    assert _lowrank.STATS["fallback_densified"] == before["fallback_densified"]
+    with _interpreter.recording() as seen:
+        g = fgrad_jax.forward_grad(_mlp_loss, tangent=fgrad_jax.lowrank(rank), num_tangents=k)(
+            key, p, x
+        )
+    assert seen["rule"] > 0
+    assert seen["densified"] == 0
     want = _dense_reference(_mlp_loss, key, p, rank, k, x)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -105,9 +105,9 @@ def test_fallback_for_unhandled_uses_of_a_kernel():
     p = {"w": jax.random.normal(jax.random.key(0), (4, 5)), "v": 0.3 * jnp.eye(4)}
     x = jax.random.normal(jax.random.key(1), (3, 5))
     key = jax.random.key(6)
-    before = _lowrank.STATS["fallback_densified"]
-    g = fgrad_jax.forward_grad(f, tangent="lowrank")(key, p, x)
-    assert _lowrank.STATS["fallback_densified"] > before
+    with _interpreter.recording() as seen:
+        g = fgrad_jax.forward_grad(f, tangent="lowrank")(key, p, x)
+    assert seen["densified"] > 0
     want = _dense_reference(f, key, p, 1, 1, x)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -135,10 +135,10 @@ def test_inside_jit_and_conv_and_flax():
         return jnp.mean(inner(s, x) ** 2)
 
     key = jax.random.key(2)
-    before = dict(_lowrank.STATS)
-    g = jax.jit(fgrad_jax.forward_grad(loss, tangent="lowrank"))(key, state, x)
-    assert _lowrank.STATS["structured"] >= before["structured"] + 2  # conv and dense
-    assert _lowrank.STATS["fallback_densified"] == before["fallback_densified"]
+    with _interpreter.recording() as seen:
+        g = jax.jit(fgrad_jax.forward_grad(loss, tangent="lowrank"))(key, state, x)
+    assert seen["rule"] >= 2  # conv and dense
+    assert seen["densified"] == 0
     want = _dense_reference(loss, key, state, 1, 1, x)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

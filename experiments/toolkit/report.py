@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _common import _fmt
+from .analysis import fmt as _fmt
 
-# Numbers printed in the paper's figures (see /work/shared/REFERENCES.md); no table exists.
+# Numbers read from the paper's figures (it has no results table); docs/reproducing.md lists
+# where each comes from.
 PAPER = {
     "beale": {
         "lr": 0.01,
@@ -68,6 +69,15 @@ def _mb(b):
     return "n/a" if b is None else f"{b / 2**20:.2f}"
 
 
+def _mems(rt: dict) -> str:
+    """Compiled memory of f / the FGD step / the backprop step of a runtime record, MiB."""
+    mem = rt.get("memory") or {}
+    fg = rt["variants"][0].get("memory")
+    return " / ".join(
+        _mb((m or {}).get("total_bytes")) for m in (mem.get("forward"), fg, mem.get("backprop"))
+    )
+
+
 def write_report(out: Path, results: dict, wall_time: float | None = None) -> Path:
     """Writes ``out/report.md`` from the ``results.json`` dict."""
     exps = results["experiments"]
@@ -114,13 +124,12 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     for n, e in exps.items():
         pf, pb, pr = _paper_runtime(n)
         rt = e["runtime"]
-        mem = rt.get("memory") or {}
-        mems = " / ".join(_mb((mem.get(k) or {}).get("total_bytes")) for k in ("f", "fgd", "sgd"))
+        mems = _mems(rt)
         L.append(
             f"| {n} | {e.get('num_params')} | {_fmt(e['R_f'])} | {_fmt(e['R_b'])} | "
-            f"{_fmt(e['R_f_over_R_b'])} | {_fmt(pf)} | {_fmt(pb)} | {_fmt(pr)} | "
-            f"{rt['time_f'] * 1e3:.3f} | {rt['time_fgd_iter'] * 1e3:.3f} | "
-            f"{rt['time_sgd_iter'] * 1e3:.3f} | {mems} |"
+            f"{_fmt(e['fg_over_bp'])} | {_fmt(pf)} | {_fmt(pb)} | {_fmt(pr)} | "
+            f"{rt['t_forward_s'] * 1e3:.3f} | {rt['variants'][0]['t_step_s'] * 1e3:.3f} | "
+            f"{rt['t_backprop_s'] * 1e3:.3f} | {mems} |"
         )
     L.append("")
 
@@ -201,13 +210,9 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         L.append("| hidden layers | params | R_f | R_b | R_f/R_b | XLA mem f / FGD / BP (MiB) |")
         L.append("|---|---|---|---|---|---|")
         for r in depth["rows"]:
-            mem = r.get("memory") or {}
-            mems = " / ".join(
-                _mb((mem.get(k) or {}).get("total_bytes")) for k in ("f", "fgd", "sgd")
-            )
             L.append(
                 f"| {r['depth']} | {r['num_params']} | {_fmt(r['R_f'])} | {_fmt(r['R_b'])} | "
-                f"{_fmt(r['R_f_over_R_b'])} | {mems} |"
+                f"{_fmt(r['fg_over_bp'])} | {_mems(r)} |"
             )
         L.append("")
 

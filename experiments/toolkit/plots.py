@@ -1,4 +1,5 @@
-"""Figures, drawn from the logged JSONL metrics and the results entries."""
+"""Figures, drawn only from what the experiments wrote: JSONL metrics, results entries and the
+sampled landscapes of the 2-D functions."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import _common as C
 import matplotlib.pyplot as plt
 import numpy as np
+
+from .io import read_jsonl
 
 COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
 LABELS = {"fgd": "forward gradient (FGD)", "sgd": "backprop (SGD/GD)"}
@@ -23,7 +25,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _load_arm(path: Path):
-    rows = C.read_jsonl(path)
+    rows = read_jsonl(path)
     header = rows[0] if rows and rows[0].get("header") else {}
     recs = [r for r in rows if not r.get("header")]
     steps = np.array([r["step"] for r in recs])
@@ -75,16 +77,10 @@ def plot_loss(out: Path, name: str, entry: dict) -> Path:
 
 
 def plot_function(out: Path, name: str, entry: dict) -> Path:
-    """Contour plot of a 2-D function with the FGD and GD trajectories."""
-    import jax
-    import jax.numpy as jnp
-    from _functions import FUNCTIONS, MINIMA, WINDOWS
-
-    fn = FUNCTIONS[name]
-    (x0, x1), (y0, y1) = WINDOWS[name]
-    xs, ys = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
-    grid = jnp.stack([jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32)])
-    zs = np.asarray(jax.vmap(jax.vmap(fn, in_axes=1), in_axes=2)(grid)).T
+    """Contour plot of a 2-D function (its sampled landscape) with the FGD and GD trajectories."""
+    land = np.load(out / "runs" / name / "landscape.npz")
+    xs, ys, zs = land["xs"], land["ys"], land["zs"]
+    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
     fig, ax = plt.subplots(figsize=(6.5, 5))
     ax.contourf(xs, ys, np.log10(zs + 1e-3), levels=40, cmap="viridis", alpha=0.85)
     ax.contour(xs, ys, np.log10(zs + 1e-3), levels=15, colors="k", linewidths=0.3)
@@ -103,7 +99,7 @@ def plot_function(out: Path, name: str, entry: dict) -> Path:
                 label=LABELS[method] if r == 0 else None,
             )
     ax.plot(*start, "ko", ms=6, label="start")
-    ax.plot(*MINIMA[name], "y*", ms=14, label="minimum")
+    ax.plot(*entry["minimum"], "y*", ms=14, label="minimum")
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("x")
@@ -158,20 +154,25 @@ def plot_depth(out: Path, depth: dict) -> Path:
     axes[0].plot(d, [r["R_b"] for r in rows], "o-", color=COLORS["sgd"], label="R_b (backprop)")
     axes[0].set_ylabel("cost / cost of f")
     axes[0].legend(fontsize=8)
-    axes[1].plot(d, [r["R_f_over_R_b"] for r in rows], "o-", color="k")
+    axes[1].plot(d, [r["fg_over_bp"] for r in rows], "o-", color="k")
     axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes[1].set_ylabel("R_f / R_b")
-    for m, key in (("fgd", "fgd"), ("sgd", "sgd")):
+    mems = {
+        "fgd": [r["variants"][0].get("memory") for r in rows],
+        "sgd": [r["memory"].get("backprop") for r in rows],
+        "f": [r["memory"].get("forward") for r in rows],
+    }
+    for m in ("fgd", "sgd"):
         axes[2].plot(
             d,
-            [(r["memory"][key] or {}).get("total_bytes", np.nan) for r in rows],
+            [(x or {}).get("total_bytes", np.nan) for x in mems[m]],
             "o-",
             color=COLORS[m],
             label=f"{m} iteration",
         )
     axes[2].plot(
         d,
-        [(r["memory"]["f"] or {}).get("total_bytes", np.nan) for r in rows],
+        [(x or {}).get("total_bytes", np.nan) for x in mems["f"]],
         "o--",
         color="gray",
         label="f",

@@ -1,0 +1,212 @@
+"""Loss curves to comparisons: smoothing, divergence, time to a common threshold, tuning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from .train import METHODS, ArmResult
+
+
+def smooth(curve: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (same length; the first points average what exists).
+
+    Example:
+        >>> smooth(np.array([4.0, 2.0, 0.0, 2.0]), 2).tolist()
+        [4.0, 3.0, 1.0, 1.0]
+    """
+    curve = np.asarray(curve, np.float64)
+    window = max(1, min(int(window), len(curve)))
+    c = np.cumsum(np.insert(np.nan_to_num(curve, nan=np.inf, posinf=np.inf), 0, 0.0))
+    out = np.empty_like(curve)
+    idx = np.arange(len(curve))
+    lo = np.maximum(0, idx + 1 - window)
+    with np.errstate(invalid="ignore"):
+        out[:] = (c[idx + 1] - c[lo]) / (idx + 1 - lo)
+    return out
+
+
+def diverged(losses: np.ndarray) -> np.ndarray:
+    """Which runs (rows of ``losses``) have a non-finite loss at some step."""
+    return ~np.isfinite(np.asarray(losses)).all(axis=1)
+
+
+def mean_curve(losses: np.ndarray) -> np.ndarray:
+    """Mean loss curve over the runs that did not diverge (all ``inf`` if none is left)."""
+    losses = np.asarray(losses, np.float64)
+    ok = ~diverged(losses)
+    if not ok.any():
+        return np.full(losses.shape[1], np.inf)
+    return losses[ok].mean(axis=0)
+
+
+def first_crossing(curve: np.ndarray, threshold: float) -> int | None:
+    """Index of the first element ``<= threshold`` (``None`` if never)."""
+    hits = np.nonzero(np.asarray(curve) <= threshold)[0]
+    return int(hits[0]) if hits.size else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if (a is not None and b) else None
+
+
+def summarise_pair(
+    fgd: ArmResult, sgd: ArmResult, smooth_window: int, threshold: float | None = None
+) -> dict[str, Any]:
+    """Initial/final losses and time/iterations to a common loss threshold.
+
+    The curves are the per-step training losses averaged over the runs that did not diverge
+    (their number is reported) and smoothed with a trailing moving average. Unless given, the
+    threshold is the higher of the two final smoothed losses: a level both methods reach.
+    ``T_f``/``T_b`` are the measured wall times (of the vmapped program of all runs,
+    compilation excluded) at the first step the smoothed curve is at or below the threshold.
+
+    Args:
+        fgd: FGD arm result.
+        sgd: Backprop arm result.
+        smooth_window: Moving-average window (steps).
+        threshold: Loss threshold, or ``None`` for the default above.
+
+    Returns:
+        A JSON-friendly dict.
+    """
+    cf = smooth(mean_curve(fgd.losses), smooth_window)
+    cb = smooth(mean_curve(sgd.losses), smooth_window)
+    final_f, final_b = float(cf[-1]), float(cb[-1])
+    if threshold is None:
+        threshold = max(final_f, final_b)
+    i_f, i_b = first_crossing(cf, threshold), first_crossing(cb, threshold)
+    t_f = float(fgd.step_time[i_f]) if i_f is not None else None
+    t_b = float(sgd.step_time[i_b]) if i_b is not None else None
+    return {
+        "initial_loss": float(np.nanmean(np.concatenate([fgd.losses[:, 0], sgd.losses[:, 0]]))),
+        "final_loss_fgd": final_f,
+        "final_loss_sgd": final_b,
+        "threshold": float(threshold),
+        "iters_to_threshold_fgd": i_f,
+        "iters_to_threshold_sgd": i_b,
+        "T_f": t_f,
+        "T_b": t_b,
+        "T_ratio": _ratio(t_f, t_b),
+        "wall_time_fgd": fgd.wall_time,
+        "wall_time_sgd": sgd.wall_time,
+        "time_per_iter_fgd": fgd.wall_time / fgd.losses.shape[1],
+        "time_per_iter_sgd": sgd.wall_time / sgd.losses.shape[1],
+        "runs": int(fgd.losses.shape[0]),
+        "diverged_runs_fgd": int(diverged(fgd.losses).sum()),
+        "diverged_runs_sgd": int(diverged(sgd.losses).sum()),
+    }
+
+
+def time_per_iter(runtime: dict[str, Any]) -> dict[str, float]:
+    """``{"fgd": s, "sgd": s}``: median time of one iteration, from a
+    :func:`toolkit.ratios.measure_runtime` result."""
+    return {"fgd": runtime["variants"][0]["t_step_s"], "sgd": runtime["t_backprop_s"]}
+
+
+def add_estimates(summary: dict, per_iter: dict[str, float]) -> dict:
+    """Adds ``T_fgd_est``, ``T_sgd_est`` and ``T_ratio_est`` to a :func:`summarise_pair` dict.
+
+    The estimate is iterations to the threshold x the median time of one un-vmapped
+    iteration: the per-run time the paper reports, free of how ``jax.vmap`` over runs
+    changes each method's cost.
+    """
+    for m in METHODS:
+        i = summary[f"iters_to_threshold_{m}"]
+        summary[f"T_{m}_est"] = (i + 1) * per_iter[m] if i is not None else None
+    summary["T_ratio_est"] = _ratio(summary["T_fgd_est"], summary["T_sgd_est"])
+    return summary
+
+
+def num_params(params: Any) -> int:
+    """Number of scalar parameters."""
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
+
+
+def pick_tuned(
+    results: dict[str, ArmResult],
+    lrs: Sequence[float],
+    runs_per_lr: int,
+    smooth_window: int,
+    per_iter: dict[str, float],
+) -> dict[str, Any]:
+    """Picks each method's best learning rate from a sweep and compares them.
+
+    ``results`` holds arms ``"tune_fgd"`` and ``"tune_sgd"`` whose runs are ordered
+    ``lr``-major (``runs_per_lr`` seeds per learning rate). A learning rate's score is the
+    final smoothed training loss averaged over its seeds (``inf`` if any seed diverged). With
+    each method at its best rate, the threshold is the higher of the two final losses, and
+    ``T = iterations to threshold x median time of one iteration``, since the sweep's runs
+    share one vmapped program.
+
+    Args:
+        results: Output of :func:`toolkit.train.train_arms` for the sweep.
+        lrs: The swept learning rates.
+        runs_per_lr: Seeds per learning rate.
+        smooth_window: Moving-average window (steps).
+        per_iter: ``{"fgd": s, "sgd": s}`` median time of one iteration.
+
+    Returns:
+        A JSON-friendly dict.
+    """
+    out: dict[str, Any] = {"lrs": list(lrs), "final_loss": {}, "best_lr": {}}
+    curves = {}
+    for m in METHODS:
+        losses = results[f"tune_{m}"].losses.reshape(len(lrs), runs_per_lr, -1)
+        finals, cs = [], []
+        for li in range(len(lrs)):
+            c = smooth(mean_curve(losses[li]), smooth_window)
+            cs.append(c)
+            v = float(c[-1])
+            # A rate at which any seed diverges does not count as tuned.
+            bad = diverged(losses[li]).any() or not math.isfinite(v)
+            finals.append(math.inf if bad else v)
+        best = int(np.argmin(finals))
+        out["final_loss"][m] = finals
+        out["best_lr"][m] = float(lrs[best])
+        curves[m] = cs[best]
+    threshold = max(float(curves["fgd"][-1]), float(curves["sgd"][-1]))
+    i_f = first_crossing(curves["fgd"], threshold)
+    i_b = first_crossing(curves["sgd"], threshold)
+    t_f = (i_f + 1) * per_iter["fgd"] if i_f is not None else None
+    t_b = (i_b + 1) * per_iter["sgd"] if i_b is not None else None
+    out.update(
+        {
+            "final_loss_fgd": float(curves["fgd"][-1]),
+            "final_loss_sgd": float(curves["sgd"][-1]),
+            "threshold": threshold,
+            "iters_to_threshold_fgd": i_f,
+            "iters_to_threshold_sgd": i_b,
+            "T_f": t_f,
+            "T_b": t_b,
+            "T_ratio": _ratio(t_f, t_b),
+            "T_definition": "iterations to threshold x median time of one iteration",
+        }
+    )
+    return out
+
+
+def fmt(v: Any, nd: int = 3) -> str:
+    """A number for a table: fixed or scientific notation, ``n/a`` for ``None``."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.{nd}e}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def format_entry(name: str, e: dict) -> str:
+    """One-line summary of an experiment's entry."""
+    t = e.get("tuned") or {}
+    return (
+        f"{name}: R_f={fmt(e['R_f'])} R_b={fmt(e['R_b'])} "
+        f"T_f/T_b={fmt(e.get('T_ratio'))} (tuned {fmt(t.get('T_ratio'))}) "
+        f"loss {fmt(e['initial_loss'])} -> fgd {fmt(e['final_loss_fgd'])} / "
+        f"sgd {fmt(e['final_loss_sgd'])}"
+    )

@@ -1,0 +1,244 @@
+"""R_f, R_b and the forward-gradient / backprop ratios, measured side by side in one process.
+
+Two protocols share the harness (:func:`toolkit.timing.time_interleaved`) and the record
+(:class:`toolkit.records.RatioResult`), so every result file means the same by each key:
+
+* :func:`measure_ratios`: the benchmark steps (constant-rate SGD; donated buffers threaded
+  through each step), any number of tangent variants, one call per measurement;
+* :func:`measure_runtime`: the training step of :mod:`toolkit.train` itself (FGD or SGD with
+  the experiment's schedule), so that iterations x time per iteration estimates a run's
+  time; repeated calls per measurement, because the 2-D functions' steps take microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import fgrad_jax
+
+from .memory import compiled_memory, device_peak_bytes, memory_of
+from .records import RatioResult, VariantTiming
+from .timing import Runner, median, paired_ratio, time_interleaved
+from .train import make_step, make_tx
+
+
+def make_forward(loss_fn: Callable) -> Callable:
+    """The evaluation of f, jitted."""
+    return jax.jit(loss_fn)
+
+
+def make_backprop_step(loss_fn: Callable, lr: float) -> tuple[optax.GradientTransformation, Any]:
+    """``(tx, step)``: one SGD step on ``jax.value_and_grad``, jitted, params and state donated."""
+    tx = optax.sgd(lr)
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_fg_step(
+    loss_fn: Callable, lr: float, tangent: Any, num_tangents: int, key: int = 0
+) -> tuple[optax.GradientTransformation, Any]:
+    """``(tx, step)``: one forward-gradient SGD step (:func:`fgrad_jax.fgd`), jitted, donated."""
+    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
+
+    def step(params, opt_state, batch):
+        updates, opt_state = tx.update(
+            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
+        )
+        value = fgrad_jax.forward_gradient_state(opt_state).value
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def _tangent_name(tangent: Any) -> str:
+    return tangent if isinstance(tangent, str) else repr(tangent)
+
+
+def summarise(
+    times: dict[str, list[float]],
+    fg: Sequence[tuple[str, Any, int]],
+    *,
+    forward: str = "forward",
+    backprop: str = "backprop",
+) -> RatioResult:
+    """The record of interleaved times: ``fg`` lists ``(name in times, tangent, K)``."""
+    t_f, t_b = median(times[forward]), median(times[backprop])
+    variants = []
+    for name, tan, k in fg:
+        t = median(times[name])
+        v = VariantTiming(
+            tangent=_tangent_name(tan),
+            num_tangents=k,
+            t_step_s=t,
+            R_f=t / t_f,
+            fg_over_bp=t / t_b,
+            paired_ratio=paired_ratio(times[name], times[backprop]),
+        )
+        single = next((n for n, t1, k1 in fg if k1 == 1 and t1 == tan), None)
+        if k > 1 and single is not None:
+            # Cost of K tangents relative to one, paired within each round.
+            v.paired_over_k1 = paired_ratio(times[name], times[single])
+        variants.append(v)
+    first = variants[0]
+    return RatioResult(
+        t_forward_s=t_f,
+        t_backprop_s=t_b,
+        R_b=t_b / t_f,
+        R_f=first.R_f,
+        fg_over_bp=first.fg_over_bp,
+        paired_ratio=first.paired_ratio,
+        reps=len(times[forward]),
+        variants=variants,
+    )
+
+
+def measure_ratios(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    tangent: Any = "rademacher",
+    num_tangents: int = 1,
+    variants: Sequence[tuple[Any, int]] | None = None,
+    lr: float = 1e-4,
+    reps: int = 15,
+    warmup: int = 2,
+    memory: bool = True,
+    extra: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: Parameters (copied: the caller's are not donated).
+        batch: The batch of every call.
+        tangent: The forward-gradient variant's tangent, unless ``variants`` is given.
+        num_tangents: Its number of tangents.
+        variants: A list of ``(tangent, num_tangents)`` pairs, all timed in the same rounds.
+        lr: SGD learning rate of both steps.
+        reps: Timed rounds.
+        warmup: Untimed warm-up rounds.
+        memory: Also report XLA's compiled memory analysis of each program.
+        extra: More zero-argument callables to time in the same rounds (e.g. a PyTorch peer);
+            each must block until its work is done.
+
+    Returns:
+        :class:`toolkit.records.RatioResult` as a dict (``t_forward_s``, ``t_backprop_s``,
+        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``,
+        ``extra``, ...).
+
+    Example:
+        >>> import jax
+        >>> from toolkit.models import init_mlp, mlp_loss, synthetic_batch
+        >>> params = init_mlp(jax.random.key(0), [8, 16, 10])
+        >>> batch = synthetic_batch(jax.random.key(1), 4, (8,))
+        >>> res = measure_ratios(mlp_loss, params, batch, reps=2, warmup=1, memory=False)
+        >>> res["R_f"] > 0 and res["variants"][0]["tangent"]
+        'rademacher'
+    """
+    if variants is None:
+        variants = [(tangent, num_tangents)]
+    fwd = make_forward(loss_fn)
+    fns: dict[str, Callable[[], Any]] = {"forward": lambda: fwd(params, batch)}
+    bp_tx, bp_step = make_backprop_step(loss_fn, lr)
+    fns["backprop"] = bp = Runner(bp_step, bp_tx, params, batch)
+    runners, fg = [], []
+    for i, (tan, k) in enumerate(variants):
+        tx, st = make_fg_step(loss_fn, lr, tan, k)
+        fns[f"fg{i}"] = r = Runner(st, tx, params, batch)
+        runners.append(r)
+        fg.append((f"fg{i}", tan, k))
+    for name, f in (extra or {}).items():
+        fns[f"extra:{name}"] = f
+    if memory:
+        mem = {
+            "forward": memory_of(fwd, params, batch),
+            "backprop": memory_of(bp.step, bp.params, bp.state, batch),
+        }
+    times = time_interleaved(fns, reps, warmup)
+    res = summarise(times, fg)
+    for v, r in zip(res.variants, runners):
+        v.final_loss = float(fgrad_jax.forward_gradient_state(r.state).value)
+        if memory:
+            v.memory = memory_of(r.step, r.params, r.state, batch)
+    if memory:
+        res.memory = mem
+    t_b = res.t_backprop_s
+    res.extra = {
+        name: {"t_s": median(times[f"extra:{name}"]), "over_jax_backprop": None}
+        for name in extra or {}
+    }
+    for e in res.extra.values():
+        e["over_jax_backprop"] = e["t_s"] / t_b
+    return res.to_json()
+
+
+def measure_runtime(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    lr: float = 1e-3,
+    decay_k: float = 1e-4,
+    rounds: int = 15,
+    min_time: float = 0.02,
+    seed: int = 0,
+    tangent: str = "normal",
+) -> dict[str, Any]:
+    """R_f and R_b of the experiments' own training step (paper Sec. 5), side by side.
+
+    Three compiled programs on the same parameters and batch: one evaluation of f, one full
+    FGD iteration (tangent sampling, JVP, update) and one full backprop iteration
+    (value_and_grad, update), each as :func:`toolkit.train.make_step` builds it for training.
+    Each call starts from the same inputs (nothing is donated or threaded), so the timed work
+    is the same every round.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: Parameters (one run, not stacked).
+        batch: A batch (or ``None``).
+        lr: Learning rate used by the steps (does not affect timing).
+        decay_k: Decay of the schedule.
+        rounds: Number of interleaved rounds.
+        min_time: Minimum seconds per measurement (see :func:`time_interleaved`).
+        seed: Seed of the call order and the FGD key.
+        tangent: FGD's tangent distribution.
+
+    Returns:
+        :class:`toolkit.records.RatioResult` as a dict, with one variant (the FGD step),
+        ``calls_per_measurement`` and ``device_peak_bytes``.
+    """
+    fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
+    sgd_tx = make_tx("sgd", lr, decay_k)
+    lr_arr = jnp.float32(lr)
+    jitted = {
+        "forward": (jax.jit(loss_fn), (params, batch)),
+        "fgd": (
+            jax.jit(make_step("fgd", loss_fn, decay_k, tangent)),
+            (lr_arr, params, fgd_tx.init(params), batch),
+        ),
+        "backprop": (
+            jax.jit(make_step("sgd", loss_fn, decay_k)),
+            (lr_arr, params, sgd_tx.init(params), batch),
+        ),
+    }
+    compiled = {name: (fn.lower(*args).compile(), args) for name, (fn, args) in jitted.items()}
+    fns = {name: (lambda c=c, a=args: c(*a)) for name, (c, args) in compiled.items()}
+    calls: dict[str, int] = {}
+    times = time_interleaved(fns, rounds, warmup=1, seed=seed, min_time=min_time, calls_out=calls)
+    res = summarise(times, [("fgd", tangent, 1)])
+    res.variants[0].memory = compiled_memory(compiled["fgd"][0])
+    res.memory = {k: compiled_memory(compiled[k][0]) for k in ("forward", "backprop")}
+    res.calls_per_measurement = calls
+    res.device_peak_bytes = device_peak_bytes()
+    return res.to_json()

@@ -1,0 +1,412 @@
+"""Training several *arms* side by side: compile, restore, run (timed, logged, checkpointed),
+collect.
+
+An arm is a method (``"fgd"``: :func:`fgrad_jax.fgd`, Algorithm 1 of Baydin et al. 2022;
+``"sgd"``: :func:`optax.sgd` on :func:`jax.value_and_grad`) with a grid of runs, each run a
+(learning rate, seed) pair, all with the schedule ``eta_i = eta_0 * exp(-i * k)``. All runs of
+an arm are one ``jax.vmap``-ed (or ``lax.map``-ed) compiled program; the arms' chunks are
+interleaved and timed (compilation excluded), checkpointed with orbax and resumable with
+bit-identical results.
+
+Run ``r`` of every arm starts from ``init_params(fold_in(key(seed_r), 0))``, draws its
+minibatch at step ``i`` with ``sample_batch(fold_in(fold_in(key(seed_r), 2), i))`` (identical
+for FGD and SGD), and FGD draws tangents from ``fold_in(key(seed_r), 1)``. So a run is a pure
+function of its seed, and resuming from a checkpoint reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fgrad_jax
+
+from .io import Checkpointer, JsonlLogger
+
+Array = jax.Array
+PyTree = Any
+
+METHODS = ("fgd", "sgd")
+
+
+def exp_decay(lr: Array | float, k: float) -> optax.Schedule:
+    """``eta_i = lr * exp(-i * k)`` (works with a traced ``lr`` under vmap)."""
+
+    def schedule(count):
+        return lr * jnp.exp(jnp.float32(-k) * jnp.asarray(count).astype(jnp.float32))
+
+    return schedule
+
+
+def make_tx(
+    method: str, lr: Array | float, decay_k: float, key: Array | int = 0, tangent: str = "normal"
+) -> optax.GradientTransformation:
+    """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with exponential decay.
+
+    ``tangent`` is FGD's tangent distribution (the paper's is ``"normal"``).
+    """
+    sched = exp_decay(lr, decay_k)
+    if method == "fgd":
+        return fgrad_jax.fgd(sched, key=key, tangent=tangent)
+    if method == "sgd":
+        return optax.sgd(sched)
+    raise ValueError(f"unknown method {method!r}; use one of {METHODS}.")
+
+
+def make_step(method: str, loss_fn: Callable, decay_k: float, tangent: str = "normal") -> Callable:
+    """One iteration ``(lr, params, opt_state, batch) -> (params, opt_state, loss)``.
+
+    The returned loss is the loss at the parameters *before* the update, which both methods
+    get for free (FGD from the JVP's primal, backprop from value_and_grad).
+    """
+
+    def step(lr, params, opt_state, batch):
+        tx = make_tx(method, lr, decay_k, tangent=tangent)
+        if method == "fgd":
+            updates, opt_state = tx.update(
+                None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
+            )
+            value = fgrad_jax.forward_gradient_state(opt_state).value
+        else:
+            value, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+@dataclasses.dataclass
+class Arm:
+    """One method trained on a grid of runs (one learning rate and one seed per run).
+
+    Attributes:
+        name: Unique name, used in file names (e.g. ``"fgd_lr2e-05"``).
+        method: ``"fgd"`` or ``"sgd"``.
+        lrs: Initial learning rate of each run.
+        seeds: Seed of each run (parameter init, tangents, batches); same length as ``lrs``.
+    """
+
+    name: str
+    method: str
+    lrs: Sequence[float]
+    seeds: Sequence[int]
+
+
+@dataclasses.dataclass
+class ArmResult:
+    """What :func:`train_arms` returns for one arm.
+
+    Attributes:
+        losses: ``(runs, steps)`` training (minibatch) loss before each step.
+        step_time: ``(steps,)`` cumulative wall time (s) at the end of each step, for the
+            whole vmapped program (all runs at once), compilation excluded.
+        params: Final parameters, stacked over runs.
+        traj: ``(runs, steps + 1, ...)`` parameter trajectory when recorded, else ``None``.
+        wall_time: Total timed wall time (s).
+    """
+
+    losses: np.ndarray
+    step_time: np.ndarray
+    params: PyTree
+    traj: np.ndarray | None
+    wall_time: float
+
+
+@dataclasses.dataclass
+class Plan:
+    """What every arm shares: the problem and the chunking (see :func:`train_arms`)."""
+
+    loss_fn: Callable[[PyTree, Any], Array]
+    init_params: Callable[[Array], PyTree]
+    sample_batch: Callable[[Array], Any] | None
+    num_steps: int
+    decay_k: float
+    chunk: int
+    record_params: bool = False
+    run_axis: str = "vmap"
+    scan: bool = True
+    tangent: str = "normal"
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_steps // self.chunk
+
+
+def init_state(arm: Arm, plan: Plan) -> dict[str, Any]:
+    """The arm's starting state: stacked params and optimizer states, empty loss and time
+    buffers, and the parameter trajectory when recorded."""
+    if len(arm.lrs) != len(arm.seeds):
+        raise ValueError(f"arm {arm.name}: lrs and seeds must have the same length.")
+    seeds = jnp.asarray(arm.seeds, jnp.uint32)
+    lrs = jnp.asarray(arm.lrs, jnp.float32)
+    base = jax.vmap(jax.random.key)(seeds)
+    pkeys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(base)
+    tkeys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(base)
+    params = jax.vmap(plan.init_params)(pkeys)
+    opt_state = jax.vmap(
+        lambda lr, k, p: make_tx(arm.method, lr, plan.decay_k, key=k, tangent=plan.tangent).init(p)
+    )(lrs, tkeys, params)
+    runs = len(arm.seeds)
+    st = {
+        "params": params,
+        "opt_state": opt_state,
+        "losses": np.zeros((runs, plan.num_steps), np.float32),
+        "chunk_time": np.zeros((plan.num_chunks,), np.float64),
+    }
+    if plan.record_params:
+        flat0 = np.asarray(jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params))
+        st["traj"] = np.zeros((runs, plan.num_steps + 1, flat0.shape[1]), flat0.dtype)
+        st["traj"][:, 0] = flat0
+    return st
+
+
+def compile_arm(arm: Arm, plan: Plan, state: dict[str, Any]) -> Callable:
+    """The arm's chunk program ``(params, opt_state, start) -> (params, opt_state, losses,
+    flat params)`` over all its runs, compiled."""
+    seeds = jnp.asarray(arm.seeds, jnp.uint32)
+    lrs = jnp.asarray(arm.lrs, jnp.float32)
+    dkeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(jax.vmap(jax.random.key)(seeds))
+    step = make_step(arm.method, plan.loss_fn, plan.decay_k, plan.tangent)
+    record, chunk, sample_batch = plan.record_params, plan.chunk, plan.sample_batch
+
+    def one_step(lr, p, s, dkey, i):
+        batch = None if sample_batch is None else sample_batch(jax.random.fold_in(dkey, i))
+        p, s, value = step(lr, p, s, batch)
+        flat = jax.flatten_util.ravel_pytree(p)[0] if record else jnp.zeros(())
+        return p, s, value.astype(jnp.float32), flat
+
+    def run_one(lr, p, s, dkey, start):
+        def body(carry, i):
+            p, s, value, flat = one_step(lr, *carry, dkey, i)
+            return (p, s), (value, flat)
+
+        (p, s), (vals, flats) = jax.lax.scan(body, (p, s), start + jnp.arange(chunk))
+        return p, s, vals, flats
+
+    if plan.run_axis == "vmap":
+        batched_one = jax.vmap(one_step, in_axes=(0, 0, 0, 0, None))
+        chunk_fn = jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None)))
+    elif plan.run_axis == "map":
+
+        def batched_one(lrs, p, s, dkeys, i):
+            return jax.lax.map(lambda a: one_step(*a, i), (lrs, p, s, dkeys))
+
+        def chunk_fn_map(lrs, p, s, dkeys, start):
+            return jax.lax.map(lambda a: run_one(*a, start), (lrs, p, s, dkeys))
+
+        chunk_fn = jax.jit(chunk_fn_map)
+    else:
+        raise ValueError(f"run_axis must be 'vmap' or 'map'; got {plan.run_axis!r}.")
+    params, opt_state = state["params"], state["opt_state"]
+    if not plan.scan:
+        # One compiled step called `chunk` times from Python: XLA:CPU runs the backward pass
+        # of convolutions inside a while loop (what lax.scan compiles to) far slower.
+        step_c = jax.jit(batched_one).lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
+
+        def chunk_py(p, s, start):
+            vals, flats = [], []
+            for j in range(chunk):
+                p, s, v, f = step_c(lrs, p, s, dkeys, np.int32(start + j))
+                vals.append(v)
+                flats.append(f)
+            return p, s, jnp.stack(vals, axis=1), jnp.stack(flats, axis=1)
+
+        return chunk_py
+    compiled = chunk_fn.lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
+    return lambda p, s, start: compiled(lrs, p, s, dkeys, start)
+
+
+def restore(
+    ckpt: Checkpointer | None, state: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The arms' state and the next chunk, from the latest checkpoint if there is one."""
+    if ckpt is None or ckpt.latest_step() is None:
+        return state, 0
+    restored = ckpt.restore(ckpt.latest_step(), {"arms": state, "chunk": jnp.int32(0)})
+    state = {name: dict(s) for name, s in restored["arms"].items()}
+    for s in state.values():
+        for k in ("chunk_time", "losses", "traj"):
+            if k in s:
+                s[k] = np.array(s[k])  # writable host copies
+    return state, int(restored["chunk"])
+
+
+def _open_loggers(arms, plan, out_dir, start_chunk, log_every) -> dict[str, JsonlLogger]:
+    if out_dir is None:
+        return {}
+    resume_step = start_chunk * plan.chunk - 1 if start_chunk else None
+    loggers = {a.name: JsonlLogger(Path(out_dir) / f"{a.name}.jsonl", resume_step) for a in arms}
+    if start_chunk == 0:
+        for a in arms:
+            loggers[a.name].log(
+                {
+                    "header": True,
+                    "arm": a.name,
+                    "method": a.method,
+                    "lrs": list(a.lrs),
+                    "seeds": list(a.seeds),
+                    "num_steps": plan.num_steps,
+                    "decay_k": plan.decay_k,
+                    "chunk": plan.chunk,
+                    "log_every": log_every,
+                }
+            )
+    return loggers
+
+
+def run_chunk(c: int, fn: Callable, s: dict[str, Any], plan: Plan) -> tuple[np.ndarray, Any, float]:
+    """Runs and times chunk ``c`` of one arm, updating its state ``s`` in place."""
+    chunk = plan.chunk
+    t0 = time.perf_counter()
+    p, o, vals, flats = fn(s["params"], s["opt_state"], np.int32(c * chunk))
+    jax.block_until_ready((p, o, vals))
+    dt = time.perf_counter() - t0
+    s["params"], s["opt_state"] = p, o
+    vals = np.asarray(vals)  # (runs, chunk)
+    s["losses"][:, c * chunk : (c + 1) * chunk] = vals
+    s["chunk_time"][c] = dt
+    flats = np.asarray(flats) if plan.record_params else None
+    if plan.record_params:
+        s["traj"][:, c * chunk + 1 : (c + 1) * chunk + 1] = flats
+    return vals, flats, dt
+
+
+def log_chunk(logger, c, vals, flats, dt, before, plan, log_every) -> None:
+    """One JSONL record per ``log_every`` steps: the window's mean loss per run."""
+    chunk = plan.chunk
+    for j0 in range(0, chunk, log_every):
+        j1 = min(chunk, j0 + log_every)
+        rec = {
+            "step": c * chunk + j1 - 1,
+            "time_s": before + dt * j1 / chunk,
+            "loss": vals[:, j0:j1].mean(axis=1),
+        }
+        if flats is not None:
+            rec["params"] = flats[:, j1 - 1]
+        logger.log(rec)
+
+
+def collect(arms: Sequence[Arm], state: dict[str, dict[str, Any]], plan: Plan) -> dict:
+    """``{arm.name: ArmResult}`` from the final state."""
+    results = {}
+    for arm in arms:
+        s = state[arm.name]
+        ct = np.asarray(s["chunk_time"], np.float64)
+        per_step = np.repeat(ct / plan.chunk, plan.chunk)
+        results[arm.name] = ArmResult(
+            losses=np.asarray(s["losses"]),
+            step_time=np.cumsum(per_step),
+            params=s["params"],
+            traj=np.asarray(s["traj"]) if plan.record_params else None,
+            wall_time=float(ct.sum()),
+        )
+    return results
+
+
+def train_arms(
+    arms: Sequence[Arm],
+    loss_fn: Callable[[PyTree, Any], Array],
+    init_params: Callable[[Array], PyTree],
+    sample_batch: Callable[[Array], Any] | None,
+    *,
+    num_steps: int,
+    decay_k: float,
+    chunk: int,
+    log_every: int = 1,
+    out_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    record_params: bool = False,
+    stop_after_chunks: int | None = None,
+    progress: bool = True,
+    desc: str = "",
+    run_axis: str = "vmap",
+    scan: bool = True,
+    tangent: str = "normal",
+) -> dict[str, ArmResult] | None:
+    """Trains the arms side by side, chunk by chunk, interleaved and timed.
+
+    Args:
+        arms: The arms.
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        init_params: ``init_params(key) -> params``.
+        sample_batch: ``sample_batch(key) -> batch`` or ``None`` (deterministic objective).
+        num_steps: Iterations per run; a multiple of ``chunk``.
+        decay_k: ``k`` of the learning-rate decay ``eta_i = eta_0 exp(-i k)``.
+        chunk: Iterations per compiled ``lax.scan`` chunk (the timing granularity).
+        log_every: Steps per JSONL record (mean loss over the window, per run).
+        out_dir: Where ``<arm.name>.jsonl`` go (none if ``None``).
+        checkpoint_dir: Orbax checkpoint directory; when it holds a checkpoint, training
+            resumes from it.
+        checkpoint_every: Save every this many chunks (and after the last one).
+        record_params: Also record the parameter trajectory (for 2-D problems).
+        stop_after_chunks: Stop (as if interrupted) after this many chunks in this call;
+            returns ``None`` then. For testing resume.
+        progress: Show a tqdm progress bar.
+        desc: Progress-bar label.
+        run_axis: ``"vmap"`` (all runs of an arm as one vectorised program) or ``"map"``
+            (one compiled program looping over the runs with ``lax.map``: vmapping over
+            parameters turns convolutions into grouped ones, slow on CPU). Both give the
+            same numbers.
+        scan: Run a chunk as one compiled ``lax.scan`` (default) or as ``chunk`` calls of
+            one compiled step from Python (for the CNN on CPU).
+        tangent: FGD's tangent distribution (``"normal"``: the paper's).
+
+    Returns:
+        ``{arm.name: ArmResult}``, or ``None`` if stopped early.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> res = train_arms([Arm("gd", "sgd", [0.1], [0])], lambda p, b: jnp.sum(p**2),
+        ...                  lambda k: jnp.ones(2), None, num_steps=4, decay_k=0.0, chunk=2,
+        ...                  progress=False)
+        >>> [round(float(v), 4) for v in res["gd"].losses[0]]
+        [2.0, 1.28, 0.8192, 0.5243]
+    """
+    from tqdm.auto import tqdm
+
+    if num_steps % chunk:
+        raise ValueError(f"num_steps={num_steps} must be a multiple of chunk={chunk}.")
+    plan = Plan(
+        loss_fn, init_params, sample_batch, num_steps, decay_k, chunk, record_params,
+        run_axis, scan, tangent,
+    )  # fmt: skip
+    state = {arm.name: init_state(arm, plan) for arm in arms}
+    programs = {arm.name: compile_arm(arm, plan, state[arm.name]) for arm in arms}
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    state, start_chunk = restore(ckpt, state)
+    loggers = _open_loggers(arms, plan, out_dir, start_chunk, log_every)
+    bar = tqdm(
+        total=plan.num_chunks, initial=start_chunk, desc=desc, disable=not progress,
+        leave=False, unit="chunk",
+    )  # fmt: skip
+    try:
+        for done_this_call, c in enumerate(range(start_chunk, plan.num_chunks), start=1):
+            # Alternate the arms' order every chunk so neither always runs first.
+            for arm in list(arms) if c % 2 == 0 else list(reversed(arms)):
+                s = state[arm.name]
+                before = float(s["chunk_time"][:c].sum())
+                vals, flats, dt = run_chunk(c, programs[arm.name], s, plan)
+                if arm.name in loggers:
+                    log_chunk(loggers[arm.name], c, vals, flats, dt, before, plan, log_every)
+            bar.update(1)
+            last = c == plan.num_chunks - 1
+            if ckpt is not None and ((c + 1) % checkpoint_every == 0 or last):
+                ckpt.save(c + 1, {"arms": state, "chunk": jnp.int32(c + 1)})
+            if stop_after_chunks is not None and done_this_call >= stop_after_chunks and not last:
+                return None
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    return collect(arms, state, plan)

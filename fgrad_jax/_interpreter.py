@@ -1,0 +1,363 @@
+"""The structured-tangent JVP: a jaxpr interpreter whose tangents need not be dense arrays.
+
+:func:`structured_jvp` is ``jax.jvp`` for a function whose input tangents may be
+
+* dense arrays (``None`` where an input has no tangent),
+* :class:`LazyTangent` s: dense tangents drawn right before the first operation that uses
+  them (the counter-hash tangents are drawn this way), or
+* any structured tangent type that a rule knows, such as the factored low-rank tangents of
+  ``_lowrank.py``, which registers its rules for ``dot_general`` and
+  ``conv_general_dilated`` with :func:`register_rule`.
+
+An equation with no tangent input is evaluated as is. ``jit``/``pjit``, ``closed_call`` and
+``custom_vjp_call`` equations are interpreted inline (a ``custom_vjp`` function is
+differentiated through its primal definition: ``jax.jvp`` refuses them, but the forward
+gradient never needs the custom backward rule). For every other equation the registered
+rules are tried in order; a rule returns ``None`` when it does not handle the layout, and
+then the fallback densifies structured tangents and runs the primitive's own JVP rule
+(always correct, only slower; :func:`recording` counts both outcomes for tests).
+
+The interpreter is also where XLA's scheduling is steered, by data dependences that do not
+change any value (the :class:`Schedule`):
+
+* a lazy draw's seed is combined with :func:`fake_zero` of another input of its consuming
+  operation, so it is drawn when that input exists and not hoisted to the start;
+* after each ``dot_general``/``conv_general_dilated`` the primal output is tied to its own
+  tangent (:func:`tie_to_tangent`), so the primal chain cannot run ahead of the tangent
+  chain and keep its activations alive (which would make the working memory grow with depth).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+Array = jax.Array
+
+_ONE = np.uint32(1)
+
+
+# ----------------------------------------------------------------------------- scheduling
+
+
+def fake_zero(anchor: Array | None) -> Array:
+    """A uint32 zero that XLA cannot prove is zero, computed from ``anchor``'s first element.
+
+    Adding it to a seed makes a draw depend on ``anchor``: XLA then neither merges the draw
+    with an identical one elsewhere (CSE) nor schedules it before ``anchor`` exists.
+    (XLA:CPU drops ``optimization_barrier`` before fusion, so a barrier cannot do this.)
+    """
+    if anchor is None or anchor.size == 0:
+        return np.uint32(0)  # type: ignore[return-value]
+    a = jnp.ravel(anchor)[0].astype(jnp.float32)
+    bit = jax.lax.bitcast_convert_type(a, jnp.uint32) >> np.uint32(31)
+    return bit & (bit ^ _ONE)
+
+
+def materialize(x: Array, seed: Array) -> Array:
+    """Returns ``x`` unchanged, through one floating divide so that XLA stores it.
+
+    XLA:CPU duplicates cheap elementwise producers into every consumer; for an expensive
+    draw (the Gaussian) that means recomputing it per use, and for low-rank factors
+    recomputing each factor entry for every kernel element. A divide is an op XLA does not
+    duplicate into a broadcasting consumer, so the draw is computed once into a buffer.
+    Scaling by a power of two and back is exact: the values are bitwise unchanged.
+    """
+    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(jnp.float32)  # 1.0 or 2.0
+    return (x * two) / two
+
+
+@jax.custom_jvp
+@jax.custom_batching.custom_vmap
+def tie_to_tangent(primal: Array, tangent: Array) -> Array:
+    """``primal``, unchanged, but computed only once ``tangent`` exists (for the scheduler).
+
+    Adds a float zero computed from one element of ``tangent`` (:func:`fake_zero`). Under
+    :func:`jax.vmap` over the K tangents only the primal's batching is kept (the zero is
+    read from the whole batched tangent), so the primal is still computed once; its
+    derivative is the identity in ``primal``.
+    """
+    return primal + fake_zero(tangent).astype(primal.dtype)
+
+
+@tie_to_tangent.def_vmap  # type: ignore[attr-defined]  # custom_jvp forwards to custom_vmap
+def _tie_vmap(axis_size, in_batched, primal, tangent):
+    del axis_size
+    return tie_to_tangent(primal, tangent), in_batched[0]
+
+
+@tie_to_tangent.defjvp
+def _tie_jvp(primals, tangents):
+    return tie_to_tangent(*primals), tangents[0]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the JVP's work is ordered for XLA; never changes a value.
+
+    Attributes:
+        anchor_draws: Lazy draws wait for their consuming operation's other input.
+        tie_primal: Primal outputs of dense/conv operations wait for their tangents.
+
+    Both read one element of an activation. Under data parallelism (batch-sharded
+    activations) that read is a small collective per layer, which would break the forward
+    gradient's "K+1 scalars per step" communication, so :func:`schedule_for` turns both off
+    when the computation is spread over several devices.
+    """
+
+    anchor_draws: bool = True
+    tie_primal: bool = True
+
+
+SINGLE_DEVICE = Schedule(anchor_draws=True, tie_primal=True)
+MULTI_DEVICE = Schedule(anchor_draws=False, tie_primal=False)
+
+
+def _mesh_size(x: Any) -> int | None:
+    """Devices ``x`` is laid out over, if its own sharding says so (else ``None``)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return len(x.sharding.device_set)
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return None
+    return mesh.size if getattr(mesh, "axis_names", ()) else None
+
+
+def schedule_for(primals: Sequence[Any]) -> Schedule:
+    """The :class:`Schedule` for a computation over ``primals``.
+
+    Decided from the primals' own sharding: concrete arrays and arrays traced under an
+    explicit mesh say how many devices they live on; so does the mesh set with
+    :func:`jax.set_mesh`. Under a plain :func:`jax.jit` of arrays sharded in auto mode the
+    trace carries no sharding, and the number of visible devices decides.
+    """
+    sizes = [s for s in map(_mesh_size, primals) if s is not None]
+    ambient = jax.sharding.get_abstract_mesh()
+    if getattr(ambient, "axis_names", ()):
+        sizes.append(ambient.size)
+    n = max(sizes) if sizes else jax.device_count()
+    return SINGLE_DEVICE if n == 1 else MULTI_DEVICE
+
+
+# ----------------------------------------------------------------------------- tangents
+
+
+class LazyTangent:
+    """A dense tangent drawn where it is first used: ``make(zero)``, where ``zero`` is a
+    fake zero from another input of the consuming operation (see :func:`fake_zero`)."""
+
+    def __init__(self, make: Callable[[Array], Array]):
+        self.make = make
+        self.value: Array | None = None
+
+    def materialize(self, anchor: Array | None = None) -> Array:
+        if self.value is None:
+            self.value = self.make(fake_zero(anchor))
+        return self.value
+
+
+class StructuredTangent(Protocol):
+    """A tangent kept in a form cheaper than a dense array; ``dense()`` forms it."""
+
+    def dense(self) -> Array: ...
+
+
+class Rule(Protocol):
+    """``rule(eqn, primals, tangents) -> (outs, tangent_outs)`` or ``None`` if not handled."""
+
+    def __call__(
+        self, eqn: Any, primals: list[Any], tangents: list[Any]
+    ) -> tuple[list[Any], list[Any]] | None: ...
+
+
+_RULES: dict[str, list[Rule]] = collections.defaultdict(list)
+_STRUCTURED_TYPES: list[type] = []
+_INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "jaxpr"}
+_INLINE_CUSTOM = {"custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+_counters: list[collections.Counter] = []
+
+
+def register_rule(primitive: str, rule: Rule) -> None:
+    """Adds ``rule`` for equations of ``primitive`` (tried in registration order)."""
+    _RULES[primitive].append(rule)
+
+
+def register_structured_type(cls: type) -> None:
+    """Declares a structured tangent type (rules handle it; the fallback densifies it)."""
+    _STRUCTURED_TYPES.append(cls)
+
+
+def _is_structured(t: Any) -> bool:
+    return isinstance(t, tuple(_STRUCTURED_TYPES))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[collections.Counter]:
+    """Counts, while tracing inside the block, equations that a rule handled (``"rule"``)
+    and fallbacks that had to densify a structured tangent (``"densified"``)."""
+    counter: collections.Counter = collections.Counter()
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+
+
+def _count(what: str) -> None:
+    for c in _counters:
+        c[what] += 1
+
+
+def _dense(t: Any) -> Any:
+    if isinstance(t, LazyTangent):
+        return t.materialize()
+    return t.dense() if _is_structured(t) else t
+
+
+def _is_anchor(p: Any) -> bool:
+    dtype = getattr(p, "dtype", None)
+    if dtype is None or getattr(p, "size", 0) == 0:
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _bind_params(eqn: Any) -> tuple[list[Any], dict[str, Any]]:
+    res = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict):  # older jax
+        return list(res[0]), res[1]
+    return [], res
+
+
+def _fallback(eqn: Any, primals: list[Any], tangents: list[Any]) -> tuple[list[Any], list[Any]]:
+    subfuns, bind_params = _bind_params(eqn)
+    idx = [i for i, t in enumerate(tangents) if t is not None]
+    if any(_is_structured(tangents[i]) for i in idx):
+        _count("densified")
+
+    def g(*xs):
+        full = list(primals)
+        for i, x in zip(idx, xs):
+            full[i] = x
+        out = eqn.primitive.bind(*subfuns, *full, **bind_params)
+        return list(out) if eqn.primitive.multiple_results else [out]
+
+    try:
+        outs, touts = jax.jvp(g, [primals[i] for i in idx], [_dense(tangents[i]) for i in idx])
+    except TypeError as err:
+        if "custom_vjp" not in str(err):
+            raise
+        raise TypeError(
+            f"A function defined with jax.custom_vjp is called inside `{eqn.primitive.name}`, "
+            "where fgrad_jax cannot reach its primal definition (forward-mode needs it: "
+            "jax.jvp refuses custom_vjp functions). Fixes: call it outside "
+            f"`{eqn.primitive.name}` (e.g. unroll the loop), give it a jax.custom_jvp rule, "
+            "or train with fgrad_jax.spsa_gradient, which needs no derivatives."
+        ) from err
+    return outs, touts
+
+
+def _inline_jaxpr(eqn: Any) -> Any | None:
+    name = eqn.primitive.name
+    param = _INLINE.get(name) or _INLINE_CUSTOM.get(name)
+    return eqn.params.get(param) if param else None
+
+
+def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
+    # Prefer another input's dense tangent: the draws then follow the tangent chain that
+    # consumes them, not the primal chain, which XLA may run far ahead.
+    for t in tangents:
+        dense = t is not None and not isinstance(t, LazyTangent) and not _is_structured(t)
+        if dense and _is_anchor(t):
+            return t
+    for p, t in zip(primals, tangents):
+        if not isinstance(t, LazyTangent) and _is_anchor(p):
+            return p
+    return None
+
+
+def _eval(jaxpr, consts, primals, tangents, schedule: Schedule):
+    env: dict[Any, tuple[Any, Any]] = {}
+
+    def read(v):
+        if isinstance(v, jcore.Literal):
+            return v.val, None
+        return env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = (c, None)
+    for v, p, t in zip(jaxpr.invars, primals, tangents):
+        env[v] = (p, t)
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        ps = [a for a, _ in ins]
+        ts = [b for _, b in ins]
+        inner = _inline_jaxpr(eqn)
+        if inner is None and any(isinstance(t, LazyTangent) for t in ts):
+            anchor = _anchor_for(ps, ts) if schedule.anchor_draws else None
+            ts = [t.materialize(anchor) if isinstance(t, LazyTangent) else t for t in ts]
+        if all(t is None for t in ts):
+            subfuns, bind_params = _bind_params(eqn)
+            out = eqn.primitive.bind(*subfuns, *ps, **bind_params)
+            outs = list(out) if eqn.primitive.multiple_results else [out]
+            touts = [None] * len(outs)
+        elif inner is not None:
+            body = inner.jaxpr if hasattr(inner, "jaxpr") else inner
+            outs, touts = _eval(body, getattr(inner, "consts", ()), ps, ts, schedule)
+        else:
+            name = eqn.primitive.name
+            res = None
+            for rule in _RULES.get(name, ()):
+                res = rule(eqn, ps, ts)
+                if res is not None:
+                    _count("rule")
+                    break
+            if res is None:
+                res = _fallback(eqn, ps, ts)
+            outs, touts = res
+            if name in _RULES and schedule.tie_primal:
+                outs = [
+                    tie_to_tangent(o, t)
+                    if t is not None
+                    and not _is_structured(t)
+                    and jnp.issubdtype(jnp.result_type(o), jnp.floating)
+                    and _is_anchor(t)
+                    else o
+                    for o, t in zip(outs, touts)
+                ]
+        for v, o, t in zip(eqn.outvars, outs, touts):
+            env[v] = (o, t)
+    outs = [read(v) for v in jaxpr.outvars]
+    return [o for o, _ in outs], [t for _, t in outs]
+
+
+def structured_jvp(
+    fn: Callable[..., Any],
+    primals: Sequence[Array],
+    tangents: Sequence[Any],
+    schedule: Schedule = SINGLE_DEVICE,
+) -> tuple[Any, Any]:
+    """``jax.jvp(fn, primals, tangents)`` where tangents may be lazy or structured.
+
+    ``fn`` returns a pytree; returns ``(out, tangent_out)`` with dense output tangents
+    (zeros where an output does not depend on the inputs).
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*primals)
+    outs, touts = _eval(closed.jaxpr, closed.consts, list(primals), list(tangents), schedule)
+    touts = [
+        jnp.zeros(jnp.shape(o), jnp.result_type(o)) if t is None else _dense(t)
+        for o, t in zip(outs, touts)
+    ]
+    treedef = jax.tree_util.tree_structure(out_shape)
+    return jax.tree_util.tree_unflatten(treedef, outs), jax.tree_util.tree_unflatten(treedef, touts)

@@ -1,0 +1,114 @@
+"""Estimates that must stay bit for bit the same across refactorings of the estimator.
+
+``tests/data/golden_estimates.npz`` was written by ``python tests/golden_estimates.py``
+(one device) at commit 5f7ee5c, before the estimator was split into tangent strategies;
+``test_golden.py`` recomputes every entry and compares bitwise, with one device (subprocess)
+and with the test suite's eight.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fgrad_jax
+
+DATA = Path(__file__).resolve().parent / "data" / "golden_estimates.npz"
+
+
+def _params():
+    k = jax.random.split(jax.random.key(7), 5)
+    return {
+        "conv": jax.random.normal(k[0], (3, 3, 2, 4)) * 0.3,
+        "dense": {"kernel": jax.random.normal(k[1], (4 * 4 * 4, 8)) * 0.2, "bias": jnp.zeros(8)},
+        "out": jax.random.normal(k[2], (8, 3)) * 0.3,
+        "step": jnp.array(3, jnp.int32),
+    }
+
+
+def _loss(params, x, y):
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h = jnp.tanh(h).reshape(x.shape[0], -1)
+    h = jax.nn.relu(h @ params["dense"]["kernel"] + params["dense"]["bias"])
+    logits = h @ params["out"]
+    return jnp.mean((logits - y) ** 2) * params["step"].astype(jnp.float32), logits
+
+
+def _user_tangent(key, tree):
+    return jax.tree.map(
+        lambda leaf: jax.random.rademacher(key, jnp.shape(leaf), jnp.float32).astype(
+            jnp.result_type(leaf)
+        ),
+        tree,
+    )
+
+
+TANGENTS = {
+    "normal": "normal",
+    "rademacher": "rademacher",
+    "sphere": "sphere",
+    "orthogonal": "orthogonal",
+    "lowrank": "lowrank",
+    "lowrank2": fgrad_jax.lowrank(2),
+    "user": _user_tangent,
+}
+
+
+def compute() -> dict[str, np.ndarray]:
+    params = _params()
+    kx, ky = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (5, 4, 4, 2))
+    y = jax.random.normal(ky, (5, 3))
+    out = {}
+    for name, tangent in TANGENTS.items():
+        for k in (1, 3):
+            est = jax.jit(
+                fgrad_jax.value_and_forward_grad(
+                    _loss, num_tangents=k, tangent=tangent, has_aux=True
+                )
+            )
+            (value, aux), grad = est(jax.random.key(11), params, x, y)
+            out[f"{name}/K{k}/value"] = np.asarray(value)
+            out[f"{name}/K{k}/aux"] = np.asarray(aux)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(grad):
+                out[f"{name}/K{k}/grad{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+        # Two positional arguments differentiated, eagerly (not jitted).
+        g = fgrad_jax.forward_grad(
+            lambda a, b: jnp.sum(jnp.sin(a) * b) + jnp.sum(a @ b),
+            argnums=(0, 1),
+            num_tangents=2,
+            tangent=tangent,
+        )(jax.random.key(5), jnp.ones((3, 3)) * 0.5, jnp.arange(9.0).reshape(3, 3))
+        out[f"{name}/argnums/a"], out[f"{name}/argnums/b"] = map(np.asarray, g)
+    # The optax transformation over three steps.
+    tx = fgrad_jax.forward_gradient(key=4, num_tangents=2, tangent="rademacher")
+    p = {k: v for k, v in params.items() if k != "step"}
+    state = tx.init(p)
+    for i in range(3):
+        upd, state = jax.jit(
+            lambda s, p: tx.update(
+                None, s, p, value_fn=lambda q: _loss({**q, "step": params["step"]}, x, y)[0]
+            )
+        )(state, p)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(upd):
+            out[f"transform/{i}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--check":
+        ref = np.load(DATA)
+        got = compute()
+        bad = [k for k in ref.files if not np.array_equal(ref[k], got[k])]
+        missing = sorted(set(ref.files) ^ set(got))
+        print({"n": len(ref.files), "mismatched": bad, "missing": missing})
+        sys.exit(1 if bad or missing else 0)
+    DATA.parent.mkdir(exist_ok=True)
+    np.savez(DATA, **compute())
+    print("wrote", DATA)

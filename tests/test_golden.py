@@ -1,0 +1,35 @@
+"""Estimates are bit for bit those recorded before the estimator was split into strategies."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import golden_estimates
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.slow
+def test_same_estimates_as_recorded_on_eight_devices(standard_promotion):
+    ref = np.load(golden_estimates.DATA)
+    got = golden_estimates.compute()
+    assert sorted(ref.files) == sorted(got)
+    mismatched = [k for k in ref.files if not np.array_equal(ref[k], got[k])]
+    assert not mismatched
+
+
+@pytest.mark.slow
+def test_same_estimates_as_recorded_on_one_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, str(HERE / "golden_estimates.py"), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
