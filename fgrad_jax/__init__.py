@@ -1,6 +1,6 @@
 """fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
 
-from fgrad_jax import diagnostics
+from fgrad_jax import datasets, diagnostics
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
@@ -27,6 +27,7 @@ __all__ = [
     "LocalLosses",
     "Tangent",
     "apply_forward_gradient",
+    "datasets",
     "diagnostics",
     "fgd",
     "forward_grad",

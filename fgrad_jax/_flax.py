@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 from flax import nnx
+from flax.nnx import graph
 
 from fgrad_jax._estimator import check_num_tangents, estimate_forward_grad
 from fgrad_jax._tangents import Tangent, resolve_tangent
@@ -15,34 +16,122 @@ from fgrad_jax._tangents import Tangent, resolve_tangent
 Array = jax.Array
 
 
+class _Detached:
+    """An nnx graph node passed to ``loss_fn``, split outside the JVP and copied inside it.
+
+    Mutating an object created outside a JAX trace from inside it is a flax trace-level
+    error (e.g. drawing a Dropout key from ``nnx.Rngs`` in the loss), so ``loss_fn`` gets a
+    copy made inside the trace; its new state can then be written back after the estimate.
+    """
+
+    def __init__(self, node: Any):
+        self.node = node
+        self.graphdef, self.state = nnx.split(node)
+
+    def copy(self) -> Any:
+        return nnx.merge(self.graphdef, self.state, copy=True)
+
+
+def _detach(args: tuple, kwargs: dict, fork_rngs: bool) -> tuple[list, dict]:
+    def one(x):
+        if not graph.is_graph_node(x):
+            return x
+        if fork_rngs and isinstance(x, nnx.Rngs):
+            # The copy's draws cannot be written back on this path: fork, which advances
+            # the caller's streams once per step, so every step draws new keys.
+            x = x.fork()
+        return _Detached(x)
+
+    return [one(a) for a in args], {k: one(v) for k, v in kwargs.items()}
+
+
+def _attach(args: list, kwargs: dict) -> tuple[list, dict, list]:
+    copies = []
+
+    def one(x):
+        if isinstance(x, _Detached):
+            copies.append((x, x.copy()))
+            return copies[-1][1]
+        return x
+
+    return [one(a) for a in args], {k: one(v) for k, v in kwargs.items()}, copies
+
+
+def _split_loss(out: Any, has_aux: bool, fn_name: str) -> tuple[Any, Any]:
+    if has_aux:
+        return out
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"{fn_name} returned a tuple of {len(out)} (e.g. (loss, logits)); pass "
+            "has_aux=True so that it may return (scalar_loss, aux), or return only the loss."
+        )
+    return out, None
+
+
+def _check_params(params: Any, expected: Any, wrt: Any) -> None:
+    got = jax.tree_util.tree_structure(params)
+    want = jax.tree_util.tree_structure(nnx.as_pure(expected))
+    if got != want:
+        raise ValueError(
+            f"The optimizer passed {got.num_leaves} parameter leaves, but nnx_value_fn's "
+            f"wrt={wrt!r} selects {want.num_leaves} (or other paths): the two filters "
+            "differ. Pass the optimizer's filter: nnx_value_fn(loss_fn, model, *batch, "
+            "wrt=optimizer.wrt)."
+        )
+
+
+def _changed(before: list, after: list) -> bool:
+    return len(before) != len(after) or any(a is not b for a, b in zip(before, after))
+
+
+def _mutation_error(what: str) -> ValueError:
+    return ValueError(
+        f"loss_fn changed the state of {what} (BatchNorm batch statistics, or RNG counters "
+        "of an nnx.Rngs stored in the model, as Dropout(rngs=...) uses) during the "
+        "forward pass. nnx.Optimizer.update(model, None, value_fn=...) cannot write that "
+        "state back, so it would be lost silently. Use "
+        "grad_fn = fgrad_jax.nnx_value_and_forward_grad(loss_fn) and "
+        "optimizer.update(model, grad_fn(key, model, *batch)[1]) with a plain optax "
+        "optimizer: it writes the state back once per step (pass nnx.Rngs to loss_fn as an "
+        "argument, or call model.eval() for a pass that mutates nothing)."
+    )
+
+
 def nnx_value_fn(
-    loss_fn: Callable[..., Array],
+    loss_fn: Callable[..., Any],
     model: nnx.Module,
     *args: Any,
     wrt: Any = nnx.Param,
+    has_aux: bool = False,
     **kwargs: Any,
-) -> Callable[[Any], Array]:
+) -> Callable[[Any], Any]:
     """Builds the ``value_fn`` that :func:`fgrad_jax.forward_gradient` needs from an nnx model.
 
     ``value_fn(params)`` merges ``params`` (the ``wrt`` state, as
     :class:`flax.nnx.Optimizer` passes it) into a *copy* of ``model`` and returns
     ``loss_fn(model_copy, *args, **kwargs)``. The copy is required: the JVP traces the
-    model, and merging in place would leak tracers into it (flax raises a trace-level
-    error without ``copy=True``).
+    model, and merging in place would leak tracers into it.
 
-    Because it works on a copy, any state the forward pass mutates (BatchNorm batch
-    statistics, the counters of ``nnx.Rngs`` streams used by Dropout) is discarded. For
-    such models use :func:`nnx_value_and_forward_grad`, which writes that state back.
+    nnx graph objects among ``args``/``kwargs`` are copied the same way; an ``nnx.Rngs``
+    argument (the nnx tutorial's ``loss_fn(model, rngs, batch)``, Dropout keys drawn inside
+    the loss) is forked first, which advances its streams once per step. State that the
+    forward pass mutates cannot come back out of ``optimizer.update``, so a ``loss_fn``
+    that changes the model's state (BatchNorm in training mode, Dropout with its own
+    stored ``rngs``) raises an error at trace time naming
+    :func:`nnx_value_and_forward_grad`, which handles such models.
 
     Args:
-        loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``.
+        loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
         model: The nnx model.
         *args: Positional arguments for ``loss_fn`` after the model (e.g. a batch).
-        wrt: Filter of the differentiated state; must match the optimizer's ``wrt``.
+        wrt: Filter of the differentiated state; must match the optimizer's ``wrt``
+            (``wrt=optimizer.wrt`` always does); a mismatch is an error.
+        has_aux: Whether ``loss_fn`` returns ``(loss, aux)``; then use
+            ``forward_gradient(has_aux=True, aux_example=...)``.
         **kwargs: Keyword arguments for ``loss_fn``.
 
     Returns:
-        ``value_fn(params) -> scalar``.
+        ``value_fn(params) -> scalar`` (or ``(scalar, aux)``).
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -55,11 +144,25 @@ def nnx_value_fn(
         >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
         >>> _ = optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
     """
-    graphdef, _, rest = nnx.split(model, wrt, ...)
+    graphdef, expected, rest = nnx.split(model, wrt, ...)
+    d_args, d_kwargs = _detach(args, kwargs, fork_rngs=True)
 
-    def value_fn(params: Any) -> Array:
+    def value_fn(params: Any) -> Any:
+        _check_params(params, expected, wrt)
         copy = nnx.merge(graphdef, params, rest, copy=True)
-        return loss_fn(copy, *args, **kwargs)
+        c_args, c_kwargs, copies = _attach(d_args, d_kwargs)
+        before = [jax.tree_util.tree_leaves(nnx.state(copy, nnx.Not(wrt)))]
+        before += [jax.tree_util.tree_leaves(nnx.state(c)) for _, c in copies]
+        out = loss_fn(copy, *c_args, **c_kwargs)
+        if _changed(before[0], jax.tree_util.tree_leaves(nnx.state(copy, nnx.Not(wrt)))):
+            raise _mutation_error("the model")
+        for (d, c), b in zip(copies, before[1:]):
+            if not isinstance(d.node, nnx.Rngs) and _changed(
+                b, jax.tree_util.tree_leaves(nnx.state(c))
+            ):
+                raise _mutation_error(f"the argument {type(d.node).__name__}")
+        loss, aux = _split_loss(out, has_aux, "loss_fn")
+        return (loss, aux) if has_aux else loss
 
     return value_fn
 
@@ -71,6 +174,7 @@ def nnx_value_and_forward_grad(
     num_tangents: int = 1,
     tangent: Tangent = "normal",
     has_aux: bool = False,
+    mask: Any = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """Forward-gradient analogue of :func:`flax.nnx.value_and_grad` for nnx models.
 
@@ -78,8 +182,9 @@ def nnx_value_and_forward_grad(
     with ``has_aux``), where ``grads`` is an :class:`flax.nnx.State` of the ``wrt``
     variables, ready for ``optimizer.update(model, grads)`` with any plain optax
     optimizer. State that the forward pass mutates (BatchNorm batch statistics, Dropout's
-    ``nnx.Rngs`` counters) is written back into ``model`` once, from the primal pass of
-    the JVP, just as :func:`flax.nnx.value_and_grad` does.
+    ``nnx.Rngs`` counters, in the model or in an ``nnx.Rngs`` passed to ``loss_fn``) is
+    written back once, from the primal pass of the JVP, just as
+    :func:`flax.nnx.value_and_grad` does. The loss and aux come from that same pass.
 
     Args:
         loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``).
@@ -87,6 +192,8 @@ def nnx_value_and_forward_grad(
         num_tangents: Number of tangents averaged (>= 1).
         tangent: Tangent distribution, as in :func:`fgrad_jax.forward_grad`.
         has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
+        mask: Which ``wrt`` leaves get tangents (see :func:`fgrad_jax.forward_gradient`);
+            the others get zeros. ``wrt`` filters usually express this more simply.
 
     Returns:
         ``fn(key, model, *args, **kwargs)``; ``key`` is a JAX PRNG key, new every step.
@@ -107,26 +214,31 @@ def nnx_value_and_forward_grad(
 
     def fn(key: Array, model: nnx.Module, *args: Any, **kwargs: Any):
         graphdef, params, rest = nnx.split(model, wrt, ...)
+        d_args, d_kwargs = _detach(args, kwargs, fork_rngs=False)
 
         def value_fn(p: Any):
             copy = nnx.merge(graphdef, p, rest, copy=True)
-            out = loss_fn(copy, *args, **kwargs)
-            loss, aux = out if has_aux else (out, None)
+            c_args, c_kwargs, copies = _attach(d_args, d_kwargs)
+            loss, aux = _split_loss(loss_fn(copy, *c_args, **c_kwargs), has_aux, "loss_fn")
             _, _, new_rest = nnx.split(copy, wrt, ...)
-            return loss, (aux, new_rest)
+            return loss, (aux, new_rest, [nnx.state(c) for _, c in copies])
 
         est = estimate_forward_grad(
             value_fn,
             key,
             (params,),
             {},
+            mask=mask,
             num_tangents=num_tangents,
             tangent=tangent,
             has_aux=True,
             fn_name="loss_fn",
         )
-        aux, new_rest = est.aux
+        aux, new_rest, new_arg_states = est.aux
         nnx.update(model, new_rest)
+        detached = [x for x in (*d_args, *d_kwargs.values()) if isinstance(x, _Detached)]
+        for d, state in zip(detached, new_arg_states):
+            nnx.update(d.node, state)
         if has_aux:
             return (est.value, aux), est.grad
         return est.value, est.grad

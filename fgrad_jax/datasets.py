@@ -120,6 +120,15 @@ class Dataset(NamedTuple):
     num_classes: int
 
 
+def _channels_last(ds: Dataset, channel_axis: bool) -> Dataset:
+    """Adds a trailing channel axis, ``(N, H, W) -> (N, H, W, 1)``, as convolutions expect."""
+    if not channel_axis:
+        return ds
+    return ds._replace(
+        train_images=ds.train_images[..., None], test_images=ds.test_images[..., None]
+    )
+
+
 def cache_dir() -> Path:
     """Returns the data cache directory: ``$FGRAD_JAX_DATA`` or ``~/.cache/fgrad_jax``.
 
@@ -227,7 +236,11 @@ def _to_split(images: np.ndarray, labels: np.ndarray, path_i: Path, path_l: Path
 
 
 def load_idx_dataset(
-    data_dir: str | os.PathLike, name: str | None = None, num_classes: int | None = None
+    data_dir: str | os.PathLike,
+    name: str | None = None,
+    num_classes: int | None = None,
+    *,
+    channel_axis: bool = False,
 ) -> Dataset:
     """Loads the four MNIST-style IDX files from a directory.
 
@@ -240,6 +253,8 @@ def load_idx_dataset(
         data_dir: The directory.
         name: Name stored in the result (default: the directory's name).
         num_classes: Number of classes (default: ``max(label) + 1``).
+        channel_axis: Add a trailing channel axis to the images (``(N, H, W, 1)``, the
+            layout of ``flax`` convolutions).
 
     Returns:
         A :class:`Dataset`.
@@ -271,7 +286,8 @@ def load_idx_dataset(
     )
     if num_classes is None:
         num_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-    return Dataset(xtr, ytr, xte, yte, name or data_dir.name, int(num_classes))
+    ds = Dataset(xtr, ytr, xte, yte, name or data_dir.name, int(num_classes))
+    return _channels_last(ds, channel_axis)
 
 
 def _sha256(path: Path) -> str:
@@ -343,7 +359,9 @@ def _how_to_get_mnist(data_dir: Path, mirrors: Sequence[str]) -> str:
     )
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool = True, *, channel_axis: bool = False
+) -> Dataset:
     """Loads MNIST (60,000 train / 10,000 test images of 28x28), downloading it if needed.
 
     Files are looked up in ``data_dir`` (default: ``cache_dir() / "mnist"``, i.e.
@@ -355,6 +373,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
     Args:
         data_dir: Directory of the four IDX files (created when downloading).
         download: Whether to download missing files.
+        channel_axis: Return images of shape ``(N, 28, 28, 1)`` (for convolutions).
 
     Returns:
         A :class:`Dataset` with images ``(N, 28, 28)`` in ``[0, 1]``.
@@ -380,10 +399,12 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
             got = _sha256(found)
             if got != MNIST_SHA256[found.name]:
                 raise _checksum_error(found, MNIST_SHA256[found.name], got)
-    return load_idx_dataset(data_dir, name="mnist", num_classes=10)
+    return load_idx_dataset(data_dir, name="mnist", num_classes=10, channel_axis=channel_axis)
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, *, channel_axis: bool = False
+) -> Dataset:
     """Loads Fashion-MNIST (60,000 / 10,000 images of 28x28, 10 classes).
 
     By default it reads the files installed by Debian's ``dataset-fashion-mnist`` package
@@ -391,6 +412,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
 
     Args:
         data_dir: Directory of the four IDX files (default: the Debian package's).
+        channel_axis: Return images of shape ``(N, 28, 28, 1)`` (for convolutions).
 
     Returns:
         A :class:`Dataset` with images ``(N, 28, 28)`` in ``[0, 1]``.
@@ -401,7 +423,9 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     """
     path = Path(data_dir).expanduser() if data_dir is not None else Path(DEFAULT_FASHION_MNIST_DIR)
     try:
-        return load_idx_dataset(path, name="fashion_mnist", num_classes=10)
+        return load_idx_dataset(
+            path, name="fashion_mnist", num_classes=10, channel_axis=channel_axis
+        )
     except DataUnavailableError as e:
         raise DataUnavailableError(
             f"Fashion-MNIST not found: {e}\nInstall it with `apt-get install "
@@ -410,7 +434,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
         ) from None
 
 
-def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
+def load_digits(test_size: int = 360, seed: int = 0, *, channel_axis: bool = False) -> Dataset:
     """Loads scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline).
 
     Pixel values (0..16) are scaled to ``[0, 1]``. The split is stratified and fixed by
@@ -419,6 +443,7 @@ def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
     Args:
         test_size: Number of test images (the default leaves 1,437 for training).
         seed: Seed of the split.
+        channel_axis: Return images of shape ``(N, 8, 8, 1)`` (for convolutions).
 
     Returns:
         A :class:`Dataset` with images ``(N, 8, 8)``.
@@ -440,4 +465,5 @@ def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
     xtr, xte, ytr, yte = train_test_split(
         images, labels, test_size=test_size, random_state=seed, stratify=labels
     )
-    return Dataset(np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte, "digits", 10)
+    ds = Dataset(np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte, "digits", 10)
+    return _channels_last(ds, channel_axis)

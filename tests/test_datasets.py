@@ -5,6 +5,8 @@ import gzip
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,11 +210,9 @@ def test_fashion_mnist_missing_message(tmp_path):
         datasets.load_fashion_mnist(tmp_path)
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_real_fashion_mnist():
-    # CI installs Debian's dataset-fashion-mnist (.ci/run); not skipped on purpose.
-    assert os.path.isdir(datasets.DEFAULT_FASHION_MNIST_DIR), (
-        "apt-get install dataset-fashion-mnist"
-    )
+    # CI installs Debian's dataset-fashion-mnist (.ci/run) and sets CI: mandatory there.
     ds = datasets.load_fashion_mnist()
     assert ds.train_images.shape == (60000, 28, 28) and ds.test_images.shape == (10000, 28, 28)
     assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
@@ -233,3 +233,39 @@ def test_digits_deterministic():
     assert a.train_images.dtype == np.float32 and a.train_labels.dtype == np.int32
     assert a.train_images.min() >= 0.0 and a.train_images.max() <= 1.0
     assert set(np.unique(a.test_labels)) == set(range(10))
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_missing_fashion_mnist_skips_outside_ci_and_fails_in_ci(monkeypatch, tmp_path, ci):
+    from conftest import require_fashion_mnist
+
+    monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+        expected = pytest.skip.Exception
+    else:
+        monkeypatch.setenv("CI", ci)
+        expected = pytest.fail.Exception
+    with pytest.raises(expected, match="apt-get install dataset-fashion-mnist"):
+        require_fashion_mnist()
+
+
+def test_channel_axis(tmp_path):
+    make_idx_dir(tmp_path)
+    ds = datasets.load_idx_dataset(tmp_path, channel_axis=True)
+    plain = datasets.load_idx_dataset(tmp_path)
+    assert ds.train_images.shape == (12, 4, 3, 1) and ds.test_images.shape == (5, 4, 3, 1)
+    np.testing.assert_array_equal(ds.train_images[..., 0], plain.train_images)
+    digits = datasets.load_digits(channel_axis=True)
+    assert digits.train_images.shape == (1437, 8, 8, 1)
+
+
+def test_datasets_is_an_attribute_of_the_package():
+    """``import fgrad_jax`` alone gives ``fgrad_jax.datasets`` (fresh interpreter)."""
+    code = "import fgrad_jax; print(fgrad_jax.datasets.DEFAULT_FASHION_MNIST_DIR)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == datasets.DEFAULT_FASHION_MNIST_DIR

@@ -243,3 +243,153 @@ def test_linen_batch_stats_and_dropout_recipe():
     stats_mean = jax.tree_util.tree_leaves(state.batch_stats)[0]
     assert np.abs(np.asarray(stats_mean)).max() > 1e-2
     assert eval_loss(state) < 0.7 * initial
+
+
+# --- nnx: rngs in the loss, mutation, aux, wrt, advice ----------------------------------
+
+
+class DropoutMLP(nnx.Module):
+    """Dropout without stored rngs: keys come from an nnx.Rngs passed to the loss."""
+
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 32, rngs=rngs)
+        self.do = nnx.Dropout(0.3)
+        self.l2 = nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x, rngs=None):
+        return self.l2(self.do(jax.nn.relu(self.l1(x)), rngs=rngs))
+
+
+def rngs_loss(model, rngs, x, y):
+    return xent(model(x, rngs=rngs), y)
+
+
+def test_nnx_value_fn_with_rngs_in_the_loss():
+    """Used to fail with TraceContextError: Cannot mutate RngCount from a different trace."""
+    model = DropoutMLP(nnx.Rngs(0))
+    rngs = nnx.Rngs(dropout=1)
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0, num_tangents=4), optax.adam(1e-2))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, rngs, x, y):
+        value_fn = fgrad_jax.nnx_value_fn(rngs_loss, model, rngs, x, y)
+        optimizer.update(model, None, value_fn=value_fn)
+
+    model.eval()
+    initial = float(nnx_loss(model, X, Y))
+    model.train()
+    for i in range(150):
+        sl = slice((i * 32) % 256, (i * 32) % 256 + 32)
+        step(model, optimizer, rngs, X[sl], Y[sl])
+    # The stream advanced once per step (forked), so every step drew new dropout masks.
+    assert int(rngs.dropout.count[...]) == 150
+    model.eval()
+    assert float(nnx_loss(model, X, Y)) < 0.7 * initial
+
+
+def test_nnx_value_and_forward_grad_with_rngs_in_the_loss():
+    model = DropoutMLP(nnx.Rngs(0))
+    rngs = nnx.Rngs(dropout=1)
+    reference_rngs = nnx.clone(rngs)
+    grad_fn = fgrad_jax.nnx_value_and_forward_grad(rngs_loss, num_tangents=2)
+    reference = nnx.clone(model)
+    loss, grads = nnx.jit(grad_fn)(jax.random.key(0), model, rngs, X, Y)
+    # Written back as nnx.value_and_grad does: one draw by the one Dropout layer.
+    assert int(rngs.dropout.count[...]) == 1
+    np.testing.assert_allclose(loss, rngs_loss(reference, reference_rngs, X, Y), rtol=1e-5)
+    assert isinstance(grads, nnx.State)
+
+
+def test_nnx_value_fn_refuses_state_it_would_lose():
+    """BatchNorm statistics on the optimizer path were silently never updated."""
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+    for model in (
+        NnxMLP(nnx.Rngs(0), batch_norm=True),
+        NnxMLP(nnx.Rngs(0, dropout=1), dropout=0.3),  # Dropout with its own stored rngs
+    ):
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        with pytest.raises(
+            ValueError, match=r"cannot write that state back.*nnx_value_and_forward_grad"
+        ):
+            optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(nnx_loss, model, X, Y))
+        model.eval()  # an evaluation-mode pass mutates nothing: allowed
+        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(nnx_loss, model, X, Y))
+
+
+def loss_and_logits(model, x, y):
+    logits = model(x)
+    return xent(logits, y), logits
+
+
+def test_nnx_tuple_without_has_aux_names_has_aux():
+    model = NnxMLP(nnx.Rngs(0))
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with pytest.raises(TypeError, match="has_aux=True"):
+        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_and_logits, model, X, Y))
+    with pytest.raises(TypeError, match="has_aux=True"):
+        fgrad_jax.nnx_value_and_forward_grad(loss_and_logits)(jax.random.key(0), model, X, Y)
+
+
+def test_nnx_optimizer_aux_from_the_steps_own_pass():
+    model = NnxMLP(nnx.Rngs(0))
+    x, y = X[:32], Y[:32]
+    aux_example = jax.ShapeDtypeStruct((32, 3), jnp.float32)  # the logits
+    tx = optax.chain(
+        fgrad_jax.forward_gradient(key=0, num_tangents=2, has_aux=True, aux_example=aux_example),
+        optax.adam(1e-2),
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        value_fn = fgrad_jax.nnx_value_fn(loss_and_logits, model, x, y, has_aux=True)
+        optimizer.update(model, None, value_fn=value_fn)
+        fg = fgrad_jax.forward_gradient_state(optimizer.opt_state)
+        return fg.value, fg.aux
+
+    expected_logits = model(x)
+    loss, logits = step(model, optimizer, x, y)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, xent(expected_logits, y), rtol=1e-5)
+    _, logits2 = step(model, optimizer, x, y)  # fixed state structure: no retrace error
+    assert not np.allclose(logits2, logits)
+
+
+def test_nnx_wrt_mismatch_is_a_clear_error():
+    model = NnxMLP(nnx.Rngs(0))
+    head_only = nnx.All(nnx.Param, nnx.PathContains("l2"))
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0, num_tangents=2), optax.sgd(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=head_only)
+    with pytest.raises(ValueError, match=r"filters differ.*wrt=optimizer.wrt"):
+        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(nnx_loss, model, X, Y))
+    l1_before = np.asarray(model.l1.kernel[...]).copy()
+    l2_before = np.asarray(model.l2.kernel[...]).copy()
+    value_fn = fgrad_jax.nnx_value_fn(nnx_loss, model, X, Y, wrt=optimizer.wrt)
+    optimizer.update(model, None, value_fn=value_fn)
+    np.testing.assert_array_equal(model.l1.kernel[...], l1_before)
+    assert not np.array_equal(model.l2.kernel[...], l2_before)
+
+
+def test_value_fn_missing_error_advises_a_call_that_works():
+    model = NnxMLP(nnx.Rngs(0))
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with pytest.raises(ValueError) as info:
+        optimizer.update(model, None)
+    advice = "optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))"
+    assert advice in str(info.value)
+    loss_fn, x, y = nnx_loss, X, Y
+    eval(
+        advice,
+        {
+            "optimizer": optimizer,
+            "model": model,
+            "fgrad_jax": fgrad_jax,
+            "loss_fn": loss_fn,
+            "x": x,
+            "y": y,
+        },
+    )
+    assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == 1

@@ -9,7 +9,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.p
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.usefixtures("standard_promotion", "fashion_mnist")
 def test_quickstart_reaches_66_percent_on_fashion_mnist():
     spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
     module = importlib.util.module_from_spec(spec)

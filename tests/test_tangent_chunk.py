@@ -65,3 +65,20 @@ def test_bad_chunk_names_the_fix(bad, err):
         fgrad_jax.forward_grad(lambda w: jnp.sum(w**2), num_tangents=4, tangent_chunk=bad)(
             jax.random.key(0), jnp.ones(3)
         )
+
+
+def test_forward_gradient_passes_tangent_chunk_through():
+    params, x = _params(), jax.random.normal(jax.random.key(1), (16, 32))
+
+    def updates(chunk):
+        tx = fgrad_jax.forward_gradient(key=3, num_tangents=4, tangent_chunk=chunk)
+        return jax.jit(
+            lambda p: tx.update(None, tx.init(p), p, value_fn=lambda q: _loss(q, x)[0])[0]
+        )(params)
+
+    for a, b in zip(
+        jax.tree_util.tree_leaves(updates(None)), jax.tree_util.tree_leaves(updates(2))
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tangent_chunk"):
+        updates(3)

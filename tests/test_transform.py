@@ -81,15 +81,23 @@ def test_key_forms_agree():
         np.testing.assert_array_equal(outs[0], o)
 
 
-def test_updates_argument_is_ignored_and_extra_args_pass_through():
+def test_empty_updates_accepted_and_extra_args_pass_through():
+    """None and empty pytrees (nnx.Optimizer.update(model, None) passes State({})) are fine."""
     tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
     params = init_params()
     state = tx.init(params)
     u_none, _ = tx.update(None, state, params, value_fn=quadratic, unused_arg=3)
-    u_junk, _ = tx.update(
-        jax.tree_util.tree_map(jnp.ones_like, params), state, params, value_fn=quadratic
-    )
-    np.testing.assert_array_equal(u_none["w"], u_junk["w"])
+    u_empty, _ = tx.update({}, state, params, value_fn=quadratic)
+    np.testing.assert_array_equal(u_none["w"], u_empty["w"])
+
+
+def test_incoming_updates_would_be_discarded_error():
+    """Real updates passed in (e.g. backprop grads) used to be dropped silently."""
+    tx = optax.chain(fgrad_jax.forward_gradient(key=0), optax.sgd(0.1))
+    params = init_params()
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match=r"would discard.*update\(None, state, params"):
+        tx.update(grads, tx.init(params), params, value_fn=quadratic)
 
 
 def test_nonfinite_step_is_zeroed_and_counted():
@@ -166,7 +174,7 @@ def test_forward_gradient_state_accessor():
     for tx in (
         fgrad_jax.fgd(0.1),
         optax.inject_hyperparams(fgrad_jax.fgd)(learning_rate=0.1),
-        optax.chain(optax.clip(1.0), fgrad_jax.forward_gradient(), optax.sgd(0.1)),
+        optax.chain(fgrad_jax.forward_gradient(), optax.clip(1.0), optax.sgd(0.1)),
     ):
         _, state = tx.update(None, tx.init(params), params, value_fn=quadratic)
         fg = fgrad_jax.forward_gradient_state(state)
@@ -175,6 +183,6 @@ def test_forward_gradient_state_accessor():
         assert int(fg.count) == 1
     with pytest.raises(ValueError, match="exactly one ForwardGradientState"):
         fgrad_jax.forward_gradient_state(optax.sgd(0.1).init(params))
-    two = optax.chain(fgrad_jax.forward_gradient(), fgrad_jax.forward_gradient())
+    fg = fgrad_jax.forward_gradient()
     with pytest.raises(ValueError, match="found 2"):
-        fgrad_jax.forward_gradient_state(two.init(params))
+        fgrad_jax.forward_gradient_state((fg.init(params), fg.init(params)))
