@@ -18,6 +18,7 @@ draws the ``u_k`` again from their seeds (as the counter-hash tangents do).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -75,7 +76,7 @@ class Guided(TangentStrategy):
                 f"The guess must have the structure of the differentiated argument: it has "
                 f"{len(leaves)} leaves, the argument {len(want)}."
             )
-        picked = [jnp.asarray(leaves[i], jnp.float32) for i in selection.index]
+        picked = [jnp.asarray(leaves[i], jnp.float32) for i in selection.indices]
         for g, p in zip(picked, primals):
             if g.shape != p.shape:
                 raise ValueError(
@@ -118,8 +119,7 @@ class Guided(TangentStrategy):
             return jnp.where(k == num_tangents, unit[i].astype(u.dtype), u)
 
         lazy = [
-            _interpreter.LazyTangent(lambda zero, i=i: tangent(zero, i))
-            for i in range(len(primals))
+            _interpreter.LazyTangent(functools.partial(tangent, i=i)) for i in range(len(primals))
         ]
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
         return Direction(value, deriv, aux, None)
