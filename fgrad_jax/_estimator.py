@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgrad_jax._activity import with_perturbation
-from fgrad_jax._strategy import Selection
+from fgrad_jax._strategy import Selection, TangentStrategy
 from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
@@ -227,7 +227,7 @@ def estimate_forward_grad(
     return Estimate(value, aux, derivs, grad if is_tuple else grad[0])
 
 
-def _check_common(num_tangents: int, tangent: Tangent) -> tuple[int, Tangent]:
+def _check_common(num_tangents: int, tangent: Tangent) -> tuple[int, TangentStrategy]:
     return check_num_tangents(num_tangents), resolve_tangent(tangent)
 
 

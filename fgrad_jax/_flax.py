@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optax
@@ -30,6 +30,12 @@ class _Detached:
 
     def copy(self) -> Any:
         return nnx.merge(self.graphdef, self.state, copy=True)
+
+
+def split_wrt(node: Any, wrt: Any) -> tuple[nnx.GraphDef[Any], nnx.State, nnx.State]:
+    """``nnx.split(node, wrt, ...)``: the graph, the state selected by ``wrt`` and the rest."""
+    # cast: nnx.split's overload for two or more filters returns a variadic tuple of states.
+    return cast("tuple[nnx.GraphDef[Any], nnx.State, nnx.State]", nnx.split(node, wrt, ...))
 
 
 def _detach(args: tuple, kwargs: dict, fork_rngs: bool) -> tuple[list, dict]:
@@ -69,8 +75,9 @@ def _split_loss(out: Any, has_aux: bool, fn_name: str) -> tuple[Any, Any]:
 
 
 def _check_params(params: Any, expected: Any, wrt: Any) -> None:
-    got = jax.tree_util.tree_structure(params)
-    want = jax.tree_util.tree_structure(nnx.as_pure(expected))
+    # Any: jaxlib ships no type stub for PyTreeDef (mypy cannot compare it).
+    got: Any = jax.tree_util.tree_structure(params)
+    want: Any = jax.tree_util.tree_structure(nnx.as_pure(expected))
     if got != want:
         raise ValueError(
             f"The optimizer passed {got.num_leaves} parameter leaves, but nnx_value_fn's "
@@ -144,7 +151,7 @@ def nnx_value_fn(
         >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
         >>> _ = optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
     """
-    graphdef, expected, rest = nnx.split(model, wrt, ...)
+    graphdef, expected, rest = split_wrt(model, wrt)
     d_args, d_kwargs = _detach(args, kwargs, fork_rngs=True)
 
     def value_fn(params: Any) -> Any:
@@ -213,14 +220,14 @@ def nnx_value_and_forward_grad(
     tangent = resolve_tangent(tangent)
 
     def fn(key: Array, model: nnx.Module, *args: Any, **kwargs: Any):
-        graphdef, params, rest = nnx.split(model, wrt, ...)
+        graphdef, params, rest = split_wrt(model, wrt)
         d_args, d_kwargs = _detach(args, kwargs, fork_rngs=False)
 
         def value_fn(p: Any):
             copy = nnx.merge(graphdef, p, rest, copy=True)
             c_args, c_kwargs, copies = _attach(d_args, d_kwargs)
             loss, aux = _split_loss(loss_fn(copy, *c_args, **c_kwargs), has_aux, "loss_fn")
-            _, _, new_rest = nnx.split(copy, wrt, ...)
+            _, _, new_rest = split_wrt(copy, wrt)
             return loss, (aux, new_rest, [nnx.state(c) for _, c in copies])
 
         est = estimate_forward_grad(

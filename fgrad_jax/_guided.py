@@ -18,6 +18,7 @@ draws the ``u_k`` again from their seeds (as the counter-hash tangents do).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -118,8 +119,7 @@ class Guided(TangentStrategy):
             return jnp.where(k == num_tangents, unit[i].astype(u.dtype), u)
 
         lazy = [
-            _interpreter.LazyTangent(lambda zero, i=i: tangent(zero, i))
-            for i in range(len(primals))
+            _interpreter.LazyTangent(functools.partial(tangent, i=i)) for i in range(len(primals))
         ]
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
         return Direction(value, deriv, aux, None)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -348,7 +348,7 @@ def jvp_jaxpr(
     primals: Sequence[Array],
     tangents: Sequence[Any],
     schedule: Schedule = SINGLE_DEVICE,
-    rules: dict[str, Sequence[Rule]] | None = None,
+    rules: Mapping[str, Sequence[Rule]] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """The JVP of a closed jaxpr: flat lists ``(outs, tangent_outs)``, tangents dense.
 

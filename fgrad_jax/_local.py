@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from fgrad_jax._activity import PERTURB, ActivityPerturbation
+from fgrad_jax._flax import split_wrt
 from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
 
@@ -46,9 +47,10 @@ class _Block:
         for fn in self.pre:
             h = fn(h)
         if isinstance(self.layer, nn.Module):
-            h = self.layer.apply({"params": params}, h)
+            # cast: without mutable=, apply returns the output alone (not (out, state)).
+            h = cast(Array, self.layer.apply({"params": params}, h))
         else:
-            graphdef, _, rest = nnx.split(self.layer, nnx.Param, ...)
+            graphdef, _, rest = split_wrt(self.layer, nnx.Param)
             h = nnx.merge(graphdef, params, rest, copy=True)(h)
         for fn in self.tail:
             h = fn(h)
@@ -105,7 +107,9 @@ class LocalLosses:
     def init(self, key: Array, x: Array) -> dict[str, list[Any]]:
         """Parameters of the blocks (nnx: the modules' current values) and fresh heads."""
         keys = jax.random.split(key, 2 * len(self.blocks))
-        params, heads, kinds = [], [], []
+        params: list[Any] = []
+        heads: list[Any] = []
+        kinds: list[Any] = []
         h = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
         for i, block in enumerate(self.blocks):
             if isinstance(block.layer, nn.Module):
@@ -143,19 +147,20 @@ class LocalLosses:
         return {"blocks": params, "heads": heads}
 
     def _head(self, i: int, params: Any, h: Array) -> Array:
-        kind = self._heads[i]
+        kind = self._check_init()[i]
         if kind is None:
             return h
         if kind == "default":
             return _pool(h) @ params["kernel"] + params["bias"]
         if isinstance(kind, nn.Module):
-            return kind.apply({"params": params}, h)
-        graphdef, _, rest = nnx.split(kind, nnx.Param, ...)
+            return cast(Array, kind.apply({"params": params}, h))
+        graphdef, _, rest = split_wrt(kind, nnx.Param)
         return nnx.merge(graphdef, params, rest, copy=True)(h)
 
-    def _check_init(self) -> None:
+    def _check_init(self) -> list[Any]:
         if self._heads is None:
             raise ValueError("Call init(key, x) first: it creates the heads' parameters.")
+        return self._heads
 
     def losses(self, params: Any, x: Array, y: Array) -> Array:
         """Per-example local losses, shape ``(B, L)``: column ``l`` is block ``l``'s loss."""

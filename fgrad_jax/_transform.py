@@ -39,7 +39,8 @@ class ForwardGradientState(NamedTuple):
     """
 
     key: Array
-    count: Array
+    # The field shadows tuple.count, as in optax's own states (e.g. ScaleByAdamState).
+    count: Array  # type: ignore[assignment]
     value: Array
     num_nonfinite: Array
     aux: Any = None
@@ -77,7 +78,9 @@ def _spec(tree: Any) -> Any:
 def _store_aux(aux: Any, placeholder: Any) -> Any:
     """Checks ``aux`` against the state's fixed structure (jit, scan and nnx need it fixed)."""
     got, want = _spec(aux), _spec(placeholder)
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want) or any(
+    # Any: jaxlib ships no type stub for PyTreeDef (mypy cannot compare it).
+    got_def: Any = jax.tree_util.tree_structure(got)
+    if got_def != jax.tree_util.tree_structure(want) or any(
         (a.shape, a.dtype) != (b.shape, b.dtype)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
     ):

@@ -264,13 +264,14 @@ def load_idx_dataset(
         ValueError: If a file is corrupt (see :func:`load_idx`).
     """
     data_dir = Path(data_dir).expanduser()
-    paths = {}
-    missing = []
+    paths: dict[str, Path] = {}
+    missing: list[str] = []
     for role, gz_name in MNIST_FILES.items():
         found = _find_file(data_dir, gz_name)
         if found is None:
             missing.append(gz_name)
-        paths[role] = found
+        else:
+            paths[role] = found
     if missing:
         raise DataUnavailableError(
             f"{data_dir}: missing IDX file(s) {', '.join(missing)} (with or without .gz). "

@@ -43,7 +43,9 @@ def _float_leaves(tree: Any) -> list[Array]:
 
 
 def _check_same(a: Any, b: Any, what: str) -> None:
-    sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
+    # Any: jaxlib ships no type stub for PyTreeDef (mypy cannot compare it).
+    sa: Any = jax.tree_util.tree_structure(a)
+    sb: Any = jax.tree_util.tree_structure(b)
     if sa != sb:
         raise ValueError(f"{what} must have the same pytree structure; got {sa} and {sb}.")
 
@@ -209,19 +211,20 @@ def estimator_variance(
         mean = [jnp.mean(x, axis=0) for x in leaves]
         return mean, [jnp.sum((x - m) ** 2, axis=0) for x, m in zip(leaves, mean)]
 
-    count, mean, m2 = 0, None, None
-    for start in range(0, num_samples, batch):
+    # The first chunk starts the running statistics; later chunks merge into them.
+    mean: list[Array]
+    m2: list[Array]
+    mean, m2 = chunk_stats(keys[:batch])
+    count: int = batch  # batch <= num_samples, so the first chunk is full
+    for start in range(batch, num_samples, batch):
         chunk = keys[start : start + batch]
         n_b = chunk.shape[0]
         mean_b, m2_b = chunk_stats(chunk)
-        if mean is None:
-            count, mean, m2 = n_b, mean_b, m2_b
-            continue
-        total = count + n_b
+        merged = count + n_b
         delta = [b - a for a, b in zip(mean, mean_b)]
-        mean = [a + d * (n_b / total) for a, d in zip(mean, delta)]
-        m2 = [a + b + d * d * (count * n_b / total) for a, b, d in zip(m2, m2_b, delta)]
-        count = total
+        mean = [a + d * (n_b / merged) for a, d in zip(mean, delta)]
+        m2 = [a + b + d * d * (count * n_b / merged) for a, b, d in zip(m2, m2_b, delta)]
+        count = merged
     example = jax.eval_shape(lambda k: estimator(k, *args, **kwargs), keys[0])
     leaves, treedef = jax.tree_util.tree_flatten(example)
     per_leaf_list = [
