@@ -96,8 +96,8 @@ def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> l
         per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, diff)
     except (ValueError, TypeError) as err:
         raise ValueError(
-            f"mask must be a pytree of bools with the structure of the differentiated "
-            f"argument(s) (argnums={argnums!r}), or a prefix of it: {err}"
+            f"mask must be a pytree of bools with the structure of the parameters (the "
+            f"differentiated argument(s), argnums={argnums!r}), or a prefix of it: {err}"
         ) from None
     flags = jax.tree_util.tree_leaves(per_leaf)
     if len(flags) != len(leaves):
@@ -166,12 +166,16 @@ def estimate_forward_grad(
         mask = mask(tree)
     selected = _mask_leaves(mask, tree, leaves, argnums)
     index = tuple(i for i, leaf in enumerate(leaves) if is_differentiable(leaf) and selected[i])
+    if not index and any(is_differentiable(leaf) for leaf in leaves):
+        raise ValueError(
+            "mask selects no parameter: at least one floating-point leaf must be True "
+            "(a step that changes nothing is almost always a mistake in the mask)."
+        )
     if not index:
         raise TypeError(
             f"The differentiated argument(s) (argnums={argnums!r}) have no floating-point "
-            "leaves selected by the mask, so there is nothing to estimate a gradient for. "
-            "Pass float parameters (e.g. jnp.float32 arrays), choose other argnums or "
-            "select at least one leaf in mask."
+            "leaves, so there is nothing to estimate a gradient for. Pass float "
+            "parameters (e.g. jnp.float32 arrays) or choose other argnums."
         )
     primals = [jnp.asarray(leaves[i]) for i in index]
 

@@ -78,5 +78,5 @@ def test_bad_masks_name_the_fix():
         est({"body": True})
     with pytest.raises(TypeError, match="mask leaves must be Python or NumPy bools"):
         est({"body": jnp.array(True), "head": True})
-    with pytest.raises(TypeError, match="select at least one leaf"):
+    with pytest.raises(ValueError, match="mask selects no parameter"):
         est({"body": False, "head": False})
