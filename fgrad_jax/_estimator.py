@@ -19,11 +19,16 @@ Array = jax.Array
 ArgNums = int | Sequence[int]
 
 
-def check_num_tangents(num_tangents: Any) -> int:
+def check_num_tangents(
+    num_tangents: Any,
+    name: str = "num_tangents",
+    meaning: str = "the number of random directions averaged per estimate",
+) -> int:
+    """``num_tangents`` (or another static count called ``name``) as a positive int."""
     if isinstance(num_tangents, jax.core.Tracer):
         raise TypeError(
-            "num_tangents must be a static Python int, not a traced value. With "
-            "optax.inject_hyperparams pass static_args=('num_tangents',)."
+            f"{name} must be a static Python int, not a traced value. With "
+            f"optax.inject_hyperparams pass static_args=('{name}',)."
         )
     if (
         isinstance(num_tangents, jax.Array | np.ndarray)
@@ -32,12 +37,9 @@ def check_num_tangents(num_tangents: Any) -> int:
     ):
         num_tangents = int(num_tangents)
     if isinstance(num_tangents, bool) or not isinstance(num_tangents, (int, np.integer)):
-        raise TypeError(f"num_tangents must be a positive int; got {num_tangents!r}.")
+        raise TypeError(f"{name} must be a positive int; got {num_tangents!r}.")
     if num_tangents < 1:
-        raise ValueError(
-            f"num_tangents must be >= 1 (the number of random directions averaged per "
-            f"estimate); got {num_tangents}."
-        )
+        raise ValueError(f"{name} must be >= 1 ({meaning}); got {num_tangents}.")
     return int(num_tangents)
 
 

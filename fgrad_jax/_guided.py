@@ -30,7 +30,7 @@ import optax
 from fgrad_jax import _interpreter, _random
 from fgrad_jax._estimator import check_num_tangents, is_differentiable
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
-from fgrad_jax._tangents import HASHED, HashedTangents
+from fgrad_jax._tangents import HashedTangents, hashed_distribution
 from fgrad_jax._transform import ForwardGradientState, forward_gradient
 
 Array = jax.Array
@@ -42,15 +42,6 @@ def _check_unit_interval(value: Any, name: str, fix: str) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] ({fix}); got {value!r}.")
     return float(value)
-
-
-def _base(distribution: Any) -> HashedTangents:
-    if distribution not in HASHED:
-        raise ValueError(
-            f"distribution must be one of {sorted(HASHED)} (the law of the isotropic part); "
-            f"got {distribution!r}."
-        )
-    return HASHED[distribution]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -176,7 +167,7 @@ def guided(guess: Any, *, residual_scale: float = 0.1, distribution: str = "rade
     scale = _check_unit_interval(
         residual_scale, "residual_scale", "1 is unbiased, 0 is the projection on the guess"
     )
-    return Guided(guess, scale, _base(distribution))
+    return Guided(guess, scale, hashed_distribution(distribution, "the law of the isotropic part"))
 
 
 class GuidedForwardGradientState(NamedTuple):
@@ -254,7 +245,7 @@ def guided_forward_gradient(
             f"beta must be in [0, 1) (the moving average's decay; e.g. 0.99); got {beta!r}."
         )
     beta = float(beta)
-    base = _base(distribution)
+    base = hashed_distribution(distribution, "the law of the isotropic part")
     seeded = forward_gradient(key, num_tangents=num_tangents, tangent=base)
 
     def init_fn(params: optax.Params) -> GuidedForwardGradientState:

@@ -24,13 +24,12 @@ import numpy as np
 import optax
 
 from fgrad_jax import _interpreter, _random
+from fgrad_jax._estimator import check_num_tangents
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
-from fgrad_jax._tangents import HASHED, HashedTangents
+from fgrad_jax._tangents import HashedTangents, hashed_distribution
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
-
-DISTRIBUTIONS = ("normal", "rademacher")
 
 
 def _check_epsilon(epsilon: Any) -> Any:
@@ -45,31 +44,6 @@ def _check_epsilon(epsilon: Any) -> Any:
             f"difference; MeZO uses 1e-3); got {epsilon!r}. Pass e.g. epsilon=1e-3."
         )
     return value
-
-
-def _check_num_samples(num_samples: Any) -> int:
-    if isinstance(num_samples, jax.core.Tracer):
-        raise TypeError(
-            "num_samples must be a static Python int, not a traced value. With "
-            "optax.inject_hyperparams pass static_args=('num_samples',)."
-        )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-        raise TypeError(f"num_samples must be a positive int; got {num_samples!r}.")
-    if num_samples < 1:
-        raise ValueError(
-            f"num_samples must be >= 1 (the number of perturbations averaged per estimate); "
-            f"got {num_samples}."
-        )
-    return int(num_samples)
-
-
-def _perturbation(distribution: Any) -> HashedTangents:
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"distribution must be one of {DISTRIBUTIONS} (the law of the perturbation z); "
-            f"got {distribution!r}."
-        )
-    return HASHED[distribution]
 
 
 def _sample_counters(shape: tuple[int, ...], zero: Array, k: Array) -> Array:
@@ -194,7 +168,9 @@ def spsa(epsilon: float = 1e-3, *, distribution: str = "rademacher") -> SPSA:
         >>> bool(jnp.allclose(fd(key, w), fg(key, w), atol=1e-5))  # exact on quadratics
         True
     """
-    return SPSA(_check_epsilon(epsilon), _perturbation(distribution))
+    return SPSA(
+        _check_epsilon(epsilon), hashed_distribution(distribution, "the law of the perturbation z")
+    )
 
 
 def spsa_gradient(
@@ -257,7 +233,9 @@ def spsa_gradient(
         >>> bool(loss(params) < 1e-2)
         True
     """
-    num_samples = _check_num_samples(num_samples)
+    num_samples = check_num_tangents(
+        num_samples, "num_samples", "the number of perturbations averaged per estimate"
+    )
     inner = forward_gradient(
         key, num_tangents=num_samples, tangent=spsa(epsilon, distribution=distribution)
     )

@@ -190,6 +190,13 @@ _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
 HASHED: dict[str, HashedTangents] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
 
 
+def hashed_distribution(name: Any, role: str) -> HashedTangents:
+    """The counter-hash distribution called ``name``; ``role`` says what it is drawn for."""
+    if name not in HASHED:
+        raise ValueError(f"distribution must be one of {sorted(HASHED)} ({role}); got {name!r}.")
+    return HASHED[name]
+
+
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
     # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I.
     gaussians = _NORMAL(key, leaves, num_tangents)

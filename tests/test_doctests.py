@@ -5,7 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["fgrad_jax._estimator", "fgrad_jax._transform", "fgrad_jax._flax", "fgrad_jax._local"]
+MODULES = [
+    "fgrad_jax._estimator",
+    "fgrad_jax._transform",
+    "fgrad_jax._flax",
+    "fgrad_jax._local",
+    "fgrad_jax._spsa",
+    "fgrad_jax._guided",
+    "fgrad_jax.diagnostics",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
