@@ -18,13 +18,11 @@ from dataclasses import asdict, dataclass
 import jax
 import jax.numpy as jnp
 import optax
-
-# bench_transformer and runtime are the only other experiment scripts used (one place to
-# re-point when experiments/ becomes a toolkit).
 from bench_transformer import Config as TransformerConfig
 from bench_transformer import run as run_transformer
 from flax import nnx
-from runtime import (
+from toolkit import (
+    Block,
     compiled_memory,
     environment,
     init_mlp,
@@ -288,21 +286,6 @@ class GPTConfig:
     batch: int = 8
 
 
-class GPTBlock(nnx.Module):
-    def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=width, decode=False, rngs=rngs
-        )
-        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
-        self.up = nnx.Linear(width, 4 * width, rngs=rngs)
-        self.down = nnx.Linear(4 * width, width, rngs=rngs)
-
-    def __call__(self, x, mask):
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
-
-
 class GPT(nnx.Module):
     """A GPT-2-style causal language model: token and position embeddings, pre-LN blocks,
     output projection tied to the token embedding."""
@@ -310,7 +293,7 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.embed = nnx.Embed(cfg.vocab, cfg.width, rngs=rngs)
         self.pos = nnx.Embed(cfg.seq_len, cfg.width, rngs=rngs)
-        self.blocks = nnx.List([GPTBlock(cfg.width, cfg.heads, rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([Block(cfg.width, cfg.heads, rngs) for _ in range(cfg.depth)])
         self.ln_f = nnx.LayerNorm(cfg.width, rngs=rngs)
 
     def __call__(self, tokens):

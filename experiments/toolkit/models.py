@@ -165,8 +165,8 @@ class Block(nnx.Module):
         self.up = nnx.Linear(width, 4 * width, rngs=rngs)
         self.down = nnx.Linear(4 * width, width, rngs=rngs)
 
-    def __call__(self, x):
-        x = x + self.attn(self.ln1(x))
+    def __call__(self, x, mask=None):
+        x = x + self.attn(self.ln1(x), mask=mask)
         return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
 
 
