@@ -132,8 +132,8 @@ def plot_function(out: Path, name: str, entry: dict) -> Path:
     return _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
 
 
-def plot_tuned(out: Path, experiments: dict) -> Path:
-    """Final loss vs learning rate of the per-method sweeps."""
+def tuned_figure(experiments: dict):
+    """The figure of :func:`plot_tuned` (not saved)."""
     names = [n for n, e in experiments.items() if e.get("tuned")]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
     axes = np.atleast_1d(axes)
@@ -171,7 +171,12 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
-    return _save(fig, out / "tuned_sweeps.png")
+    return fig
+
+
+def plot_tuned(out: Path, experiments: dict) -> Path:
+    """Final loss vs learning rate of the per-method sweeps."""
+    return _save(tuned_figure(experiments), out / "tuned_sweeps.png")
 
 
 def depth_figure(depth: dict):
