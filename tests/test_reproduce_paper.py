@@ -228,3 +228,24 @@ def test_tuned_figure_names_backprop_backprop():
     assert plots.LABELS["sgd"] in texts and "FGD (forward gradient): diverged" in texts
     assert "sgd" not in texts and "fgd" not in texts
     plots.plt.close(fig)
+
+
+def test_loss_figure_one_line_style_per_learning_rate(tmp_path):
+    run_dir = tmp_path / "runs" / "mlp"
+    run_dir.mkdir(parents=True)
+    loss = np.array([[2.3, 2.3], [2.2, 2.25], [2.1, 2.2]])
+    params = np.zeros((3, 2, 1))
+    for method in ("fgd", "sgd"):
+        for lr in (2e-4, 2e-5):
+            path = run_dir / f"{method}_lr{lr:g}.jsonl"
+            _write_arm(path, method, loss, params)
+            rows = path.read_text().splitlines()
+            header = json.loads(rows[0]) | {"lrs": [lr, lr]}
+            path.write_text("\n".join([json.dumps(header), *rows[1:]]) + "\n")
+    fig = plots.loss_figure(tmp_path, "mlp", {"shared_lr": [{}]})
+    style = {ln.get_label(): ln.get_linestyle() for ln in fig.axes[0].get_lines()}
+    for lr in ("0.0002", "2e-05"):
+        fgd, bp = (style[f"{plots.LABELS[m]}, lr {lr}"] for m in ("fgd", "sgd"))
+        assert fgd == bp
+    assert style[f"{plots.LABELS['fgd']}, lr 0.0002"] != style[f"{plots.LABELS['fgd']}, lr 2e-05"]
+    plots.plt.close(fig)

@@ -47,8 +47,10 @@ def loss_figure(out: Path, name: str, entry: dict):
     run_dir = out / "runs" / name
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", ":", "-."]
-    for k, path in enumerate(_arms(run_dir)):
-        header, steps, times, loss, _ = _load_arm(path)
+    arms = [(path, *_load_arm(path)) for path in _arms(run_dir)]
+    # One line style per learning rate, shared by both methods (colour = method).
+    lrs = sorted({a[1].get("lrs", [0.0])[0] for a in arms})
+    for path, header, steps, times, loss, _ in arms:
         method = header.get("method", path.stem.split("_")[0])
         lr = header.get("lrs", [None])[0]
         # Runs as columns -> rows; the mean and band leave diverged runs out, as the
@@ -57,9 +59,11 @@ def loss_figure(out: Path, name: str, entry: dict):
         label = f"{LABELS[method]}, lr {lr:g}" if lr is not None else LABELS[method]
         if bad:
             label += f" ({bad} of {loss.shape[1]} runs diverged, left out)"
-        ls = styles[(k // 2) % len(styles)]
+        ls = styles[lrs.index(lr if lr is not None else 0.0) % len(styles)]
+        # A short run logs few points: mark them, or a single one would not show.
+        marker = "o" if len(steps) < 30 else None
         for ax, x in zip(axes, (steps + 1, times)):
-            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2)
+            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2, marker=marker, ms=4)
             if loss.shape[1] - bad > 1:
                 ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.15, lw=0)
     thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
