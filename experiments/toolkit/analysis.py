@@ -44,6 +44,27 @@ def mean_curve(losses: np.ndarray) -> np.ndarray:
     return losses[ok].mean(axis=0)
 
 
+def run_band(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(mean, low, high, n_diverged)`` of loss curves (rows = runs) for a figure.
+
+    The mean, min and max are taken over the runs that did not diverge, as in
+    :func:`mean_curve` (the analysis the tables come from): a run that blew up is counted,
+    not averaged in. With every run diverged, all three curves are ``nan`` (nothing drawn).
+
+    Example:
+        >>> mean, lo, hi, bad = run_band(np.array([[3.0, 1.0], [5.0, np.inf], [1.0, 3.0]]))
+        >>> mean.tolist(), lo.tolist(), hi.tolist(), bad
+        ([2.0, 2.0], [1.0, 1.0], [3.0, 3.0], 1)
+    """
+    losses = np.asarray(losses, np.float64)
+    ok = ~diverged(losses)
+    if not ok.any():
+        nan = np.full(losses.shape[1], np.nan)
+        return nan, nan.copy(), nan.copy(), int(losses.shape[0])
+    kept = losses[ok]
+    return kept.mean(axis=0), kept.min(axis=0), kept.max(axis=0), int((~ok).sum())
+
+
 def first_crossing(curve: np.ndarray, threshold: float) -> int | None:
     """Index of the first element ``<= threshold`` (``None`` if never)."""
     hits = np.nonzero(np.asarray(curve) <= threshold)[0]

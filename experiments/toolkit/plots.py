@@ -11,10 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .analysis import diverged, run_band
 from .io import read_jsonl
 
+# One colour and one name per method in every figure ("sgd" is the results' key for the
+# backprop arm: plain (S)GD on jax.value_and_grad).
 COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
-LABELS = {"fgd": "forward gradient (FGD)", "sgd": "backprop (SGD/GD)"}
+LABELS = {"fgd": "FGD (forward gradient)", "sgd": "backprop"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -39,29 +42,30 @@ def _arms(run_dir: Path):
     return sorted(p for p in run_dir.glob("*.jsonl") if not p.name.startswith("tune_"))
 
 
-def plot_loss(out: Path, name: str, entry: dict) -> Path:
-    """Loss vs iterations and vs wall time (mean over runs, band = min..max)."""
+def loss_figure(out: Path, name: str, entry: dict):
+    """The figure of :func:`plot_loss` (not saved)."""
     run_dir = out / "runs" / name
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", ":", "-."]
-    for k, path in enumerate(_arms(run_dir)):
-        header, steps, times, loss, _ = _load_arm(path)
+    arms = [(path, *_load_arm(path)) for path in _arms(run_dir)]
+    # One line style per learning rate, shared by both methods (colour = method).
+    lrs = sorted({a[1].get("lrs", [0.0])[0] for a in arms})
+    for path, header, steps, times, loss, _ in arms:
         method = header.get("method", path.stem.split("_")[0])
         lr = header.get("lrs", [None])[0]
-        mean = np.nanmean(loss, axis=1)
+        # Runs as columns -> rows; the mean and band leave diverged runs out, as the
+        # tables do.
+        mean, lo, hi, bad = run_band(loss.T)
         label = f"{LABELS[method]}, lr {lr:g}" if lr is not None else LABELS[method]
-        ls = styles[(k // 2) % len(styles)]
+        if bad:
+            label += f" ({bad} of {loss.shape[1]} runs diverged, left out)"
+        ls = styles[lrs.index(lr if lr is not None else 0.0) % len(styles)]
+        # A short run logs few points: mark them, or a single one would not show.
+        marker = "o" if len(steps) < 30 else None
         for ax, x in zip(axes, (steps + 1, times)):
-            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2)
-            if loss.shape[1] > 1:
-                ax.fill_between(
-                    x,
-                    np.nanmin(loss, axis=1),
-                    np.nanmax(loss, axis=1),
-                    color=COLORS[method],
-                    alpha=0.15,
-                    lw=0,
-                )
+            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2, marker=marker, ms=4)
+            if loss.shape[1] - bad > 1:
+                ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.15, lw=0)
     thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
     for ax in axes:
         ax.set_yscale("log")
@@ -72,45 +76,68 @@ def plot_loss(out: Path, name: str, entry: dict) -> Path:
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{name}: loss vs iterations and vs time")
-    return _save(fig, out / f"{name}_loss.png")
+    fig.suptitle(f"{name}: loss vs iterations and vs time (mean over runs, band = min..max)")
+    return fig
 
 
-def plot_function(out: Path, name: str, entry: dict) -> Path:
-    """Contour plot of a 2-D function (its sampled landscape) with the FGD and GD trajectories."""
+def plot_loss(out: Path, name: str, entry: dict) -> Path:
+    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
+    their min..max; the legend counts the diverged runs)."""
+    return _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
+
+
+def function_figure(out: Path, name: str, entry: dict):
+    """The figure of :func:`plot_function` (not saved)."""
     land = np.load(out / "runs" / name / "landscape.npz")
     xs, ys, zs = land["xs"], land["ys"], land["zs"]
     (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    ax.contourf(xs, ys, np.log10(zs + 1e-3), levels=40, cmap="viridis", alpha=0.85)
-    ax.contour(xs, ys, np.log10(zs + 1e-3), levels=15, colors="k", linewidths=0.3)
+    fig, ax = plt.subplots(figsize=(7.2, 5))
+    # A grey landscape, so that the methods keep their colours of every other figure.
+    logz = np.log10(zs + 1e-3)
+    filled = ax.contourf(xs, ys, logz, levels=40, cmap="Greys", alpha=0.7)
+    ax.contour(xs, ys, logz, levels=15, colors="k", linewidths=0.3, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="log10 f(x, y)")
     start = entry["config"]["start"]
     for method in ("fgd", "sgd"):
-        path = out / "runs" / name / f"{method}.jsonl"
-        _, _, _, _, params = _load_arm(path)
-        for r in range(params.shape[1] if method == "fgd" else 1):
+        _, _, _, loss, params = _load_arm(out / "runs" / name / f"{method}.jsonl")
+        # GD is deterministic: its runs coincide, one is drawn.
+        runs = params.shape[1] if method == "fgd" else 1
+        bad = diverged(loss.T)
+        label = LABELS[method]
+        if method == "fgd":
+            label += f", {runs} runs"
+            if bad.any():
+                label += f" ({int(bad.sum())} diverged: dashed)"
+        for r in range(runs):
             traj = np.vstack([start, params[:, r]])
             ax.plot(
                 traj[:, 0],
                 traj[:, 1],
-                color="white" if method == "fgd" else "tab:red",
-                lw=0.8 if method == "fgd" else 2.0,
-                alpha=0.8,
-                label=LABELS[method] if r == 0 else None,
+                "--" if bad[r] else "-",
+                color=COLORS[method],
+                lw=0.8 if method == "fgd" else 2.2,
+                alpha=0.75 if method == "fgd" else 0.95,
+                label=label if r == 0 else None,
             )
     ax.plot(*start, "ko", ms=6, label="start")
-    ax.plot(*entry["minimum"], "y*", ms=14, label="minimum")
+    ax.plot(*entry["minimum"], "*", color="gold", mec="k", ms=14, label="minimum")
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"{name}: trajectories (colour: log10 f)")
-    return _save(fig, out / f"{name}_trajectories.png")
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.set_title(f"{name}: trajectories of every run")
+    return fig
 
 
-def plot_tuned(out: Path, experiments: dict) -> Path:
-    """Final loss vs learning rate of the per-method sweeps."""
+def plot_function(out: Path, name: str, entry: dict) -> Path:
+    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
+    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
+    return _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
+
+
+def tuned_figure(experiments: dict):
+    """The figure of :func:`plot_tuned` (not saved)."""
     names = [n for n, e in experiments.items() if e.get("tuned")]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
     axes = np.atleast_1d(axes)
@@ -125,11 +152,17 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
         top = max(finite) if finite else 1.0
         for m in ("fgd", "sgd"):
             y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
-            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=m)
+            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=LABELS[m])
             bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
             if bad:
                 ax.plot(
-                    bad, [top] * len(bad), "x", color=COLORS[m], ms=9, mew=2, label=f"{m} diverged"
+                    bad,
+                    [top] * len(bad),
+                    "x",
+                    color=COLORS[m],
+                    ms=9,
+                    mew=2,
+                    label=f"{LABELS[m]}: diverged",
                 )
             ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
         ax.set_xscale("log")
@@ -142,11 +175,16 @@ def plot_tuned(out: Path, experiments: dict) -> Path:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
-    return _save(fig, out / "tuned_sweeps.png")
+    return fig
 
 
-def plot_depth(out: Path, depth: dict) -> Path:
-    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
+def plot_tuned(out: Path, experiments: dict) -> Path:
+    """Final loss vs learning rate of the per-method sweeps."""
+    return _save(tuned_figure(experiments), out / "tuned_sweeps.png")
+
+
+def depth_figure(depth: dict):
+    """The figure of :func:`plot_depth` (not saved)."""
     rows = depth["rows"]
     d = [r["depth"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -168,22 +206,33 @@ def plot_depth(out: Path, depth: dict) -> Path:
             [(x or {}).get("total_bytes", np.nan) for x in mems[m]],
             "o-",
             color=COLORS[m],
-            label=f"{m} iteration",
+            label=f"{LABELS[m]} iteration",
         )
     axes[2].plot(
         d,
         [(x or {}).get("total_bytes", np.nan) for x in mems["f"]],
         "o--",
         color="gray",
-        label="f",
+        label="f (forward only)",
     )
     axes[2].set_ylabel("XLA compiled memory (bytes)")
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
     for ax in axes:
+        # Layers are whole numbers: ticks at the measured depths, on a log axis (the
+        # paper's depths run from 1 to 100).
+        ax.set_xscale("log")
+        ax.set_xticks(d)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("number of hidden layers")
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"depth scaling: MLP width {depth['config']['width']}, batch {depth['config']['batch']}"
     )
-    return _save(fig, out / "depth_scaling.png")
+    return fig
+
+
+def plot_depth(out: Path, depth: dict) -> Path:
+    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
+    return _save(depth_figure(depth), out / "depth_scaling.png")

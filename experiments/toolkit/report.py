@@ -85,6 +85,10 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     cfg = env.get("config", {})
     L = []
     L.append("# Forward gradients vs backprop: reproduction report\n")
+    # Anything that makes this run differ from the preset (another data set, fewer
+    # iterations) comes first, so that no reader takes it for the paper's setting.
+    for note in results.get("notes") or []:
+        L.append(f"> **Note:** {note}\n")
     L.append(
         f"Preset **{cfg.get('preset', '?')}** on **{env['device']}**"
         f"{' (' + env['cpu_model'] + ')' if env.get('cpu_model') else ''} "
