@@ -242,7 +242,7 @@ class ActivityPerturbation(TangentStrategy):
         groups = None
         if self.groups is not None:
             flat = jax.tree_util.tree_leaves(self.groups(selection.tree))
-            groups = tuple(int(flat[i]) for i in selection.index)
+            groups = tuple(int(flat[i]) for i in selection.indices)
         schedule = self.schedule or _interpreter.schedule_for(primals)
         return jax.random.split(key, num_tangents), (groups, schedule)
 

@@ -75,7 +75,7 @@ class Guided(TangentStrategy):
                 f"The guess must have the structure of the differentiated argument: it has "
                 f"{len(leaves)} leaves, the argument {len(want)}."
             )
-        picked = [jnp.asarray(leaves[i], jnp.float32) for i in selection.index]
+        picked = [jnp.asarray(leaves[i], jnp.float32) for i in selection.indices]
         for g, p in zip(picked, primals):
             if g.shape != p.shape:
                 raise ValueError(
