@@ -50,6 +50,7 @@ class QualityConfig:
         seeds: Seeds of the final runs (vmapped together).
         diag_per_epoch: Cosine-to-true-gradient measurements per epoch (also the number of
             compiled calls per epoch).
+        cnn_diag_per_epoch: As ``diag_per_epoch`` for the CNN (``None``: the same).
         diag_batches: Fixed held-out batches the cosine is averaged over.
         eval_batch: Batch size of the accuracy evaluation (must divide the split sizes).
         cnn_scan: Run the CNN's steps in a compiled lax.scan (``False``: a Python loop over a
@@ -73,6 +74,7 @@ class QualityConfig:
     test_size: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     diag_per_epoch: int = 4
+    cnn_diag_per_epoch: int | None = None
     diag_batches: int = 2
     eval_batch: int = 1000
     cnn_scan: bool = True
@@ -104,8 +106,10 @@ PRESETS = {
         cnn_train_size=1_024,
         val_size=2_000,
         test_size=2_000,
+        cnn_diag_per_epoch=2,
+        diag_batches=1,
         cnn_scan=jax.default_backend() != "cpu",
-    ),  # fmt: skip
+    ),
     "tiny": QualityConfig(
         preset="tiny",
         methods=("backprop", "fg_act_k1"),
@@ -119,7 +123,7 @@ PRESETS = {
         diag_per_epoch=2,
         diag_batches=1,
         out_dir="runs/quality_tiny",
-    ),  # fmt: skip
+    ),
 }
 
 

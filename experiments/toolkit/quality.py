@@ -1,5 +1,5 @@
 """The quality benchmark's methods and trainer: every gradient estimator of fgrad_jax trained
-with Adam on the same models, data order and epochs, several seeds as one vmapped program.
+with Adam (cosine decay to 0 over the run) on the same models, data order and epochs, several seeds as one vmapped program.
 
 A method is named by a string (:func:`parse_method`): ``"backprop"``,
 ``"fg_<tangent>_k<K>"`` (weight-perturbed forward gradient, ``tangent`` one of ``normal``,
@@ -69,11 +69,11 @@ class _Model:
 
     def __init__(self, layers: list[Any]):
         self.layers = layers
-        self.mods = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Module)]
+        self.mods = [layer for layer in layers if isinstance(layer, nn.Module)]
 
     def init(self, key: Array, x: Array) -> list[Any]:
         params, keys = [], jax.random.split(key, len(self.mods))
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if isinstance(layer, nn.Module):
                 params.append(layer.init(keys[len(params)], x)["params"])
                 x = layer.apply({"params": params[-1]}, x)
@@ -161,6 +161,7 @@ class Method:
         objective: ``objective(params, x, y)``: what the estimator is given as ``value_fn``
             (per-example losses for activity perturbation, ``(B, L)`` for local losses).
         predict: ``predict(params, x) -> logits``.
+        model: The model's name (``"mlp"`` or ``"cnn"``).
     """
 
     spec: MethodSpec
@@ -168,6 +169,7 @@ class Method:
     estimator: Callable[[Array], optax.GradientTransformationExtraArgs] | None
     objective: Callable[[Any, Array, Array], Array]
     predict: Callable[[Any, Array], Array]
+    model: str = ""
 
     def mean_objective(self, params: Any, x: Array, y: Array) -> Array:
         """The scalar whose gradient the estimator estimates (sum over blocks of the means)."""
@@ -193,6 +195,7 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
             ),
             objective=lambda p, x, y: local.losses(p, x, y),
             predict=local.predict,
+            model=model,
         )
     net = _Model(layers)
     per_example = spec.perturb == "activations"
@@ -223,7 +226,9 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
                 key, num_samples=spec.k, epsilon=opts.get("spsa_epsilon", 1e-3)
             )
 
-    return Method(spec, lambda key: net.init(key, x_example), estimator, objective, net.apply)
+    return Method(
+        spec, lambda key: net.init(key, x_example), estimator, objective, net.apply, model
+    )
 
 
 # ----------------------------------------------------------------------------- steps
@@ -239,13 +244,25 @@ def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
             est_state = ()
         else:
             est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
-        return params, (est_state, optax.adam(lr).init(params))
+        return params, (est_state, adam_cosine(lr, 1.0).init(params))
 
     return jax.jit(jax.vmap(one))(lrs, seeds)
 
 
-def step(method: Method, lr: Array, params: Any, state: Any, x: Array, y: Array):
-    """One Adam step of one run: ``(params, state, loss before the step)``."""
+def adam_cosine(lr: Array | float, total: Array | float) -> optax.GradientTransformation:
+    """Adam whose learning rate decays from ``lr`` to 0 over ``total`` steps along a half
+    cosine (both may be traced: one compiled program serves the sweep and the final runs)."""
+
+    def schedule(count):
+        frac = jnp.minimum(jnp.asarray(count, jnp.float32) / total, 1.0)
+        return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
+
+
+def step(method: Method, lr: Array, total: Array, params: Any, state: Any, x: Array, y: Array):
+    """One step of one run (Adam, cosine decay over ``total`` steps):
+    ``(params, state, loss before the step)``."""
     est_state, adam_state = state
     if method.estimator is None:
         loss, grads = jax.value_and_grad(method.mean_objective)(params, x, y)
@@ -255,7 +272,7 @@ def step(method: Method, lr: Array, params: Any, state: Any, x: Array, y: Array)
             None, est_state, params, value_fn=lambda p: method.objective(p, x, y)
         )
         loss = fgrad_jax.forward_gradient_state(est_state).value
-    updates, adam_state = optax.adam(lr).update(grads, adam_state, params)
+    updates, adam_state = adam_cosine(lr, total).update(grads, adam_state, params)
     return optax.apply_updates(params, updates), (est_state, adam_state), loss
 
 
@@ -270,7 +287,7 @@ def make_perms(num_examples: int) -> Callable:
 
 
 def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = True) -> Callable:
-    """``train(lrs, params, state, perms, xs, ys, start) -> (params, state, losses)``:
+    """``train(lrs, total, params, state, perms, xs, ys, start) -> (params, state, losses)``:
     ``chunk`` steps of every run (vmapped over runs), batches ``start .. start + chunk - 1``
     of each run's permutation ``perms[r]``.
 
@@ -279,31 +296,31 @@ def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = T
     gradients run far slower inside a compiled loop (``docs/quality.md``).
     """
 
-    def one_step(lr, params, state, perm, xs, ys, i):
+    def one_step(lr, total, params, state, perm, xs, ys, i):
         idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
-        return step(method, lr, params, state, xs[idx], ys[idx])
+        return step(method, lr, total, params, state, xs[idx], ys[idx])
 
     if not scan:
-        step_v = jax.jit(jax.vmap(one_step, in_axes=(0, 0, 0, 0, None, None, None)))
+        step_v = jax.jit(jax.vmap(one_step, in_axes=(0, None, 0, 0, 0, None, None, None)))
 
-        def train_py(lrs, params, state, perms, xs, ys, start):
+        def train_py(lrs, total, params, state, perms, xs, ys, start):
             losses = []
             for i in range(start, start + chunk):
-                params, state, loss = step_v(lrs, params, state, perms, xs, ys, i)
+                params, state, loss = step_v(lrs, total, params, state, perms, xs, ys, i)
                 losses.append(loss)
             return params, state, jnp.stack(losses, axis=1)
 
         return train_py
 
-    def run_one(lr, params, state, perm, xs, ys, start):
+    def run_one(lr, total, params, state, perm, xs, ys, start):
         def body(carry, i):
-            p, s, loss = one_step(lr, *carry, perm, xs, ys, i)
+            p, s, loss = one_step(lr, total, *carry, perm, xs, ys, i)
             return (p, s), loss
 
         (params, state), losses = jax.lax.scan(body, (params, state), start + jnp.arange(chunk))
         return params, state, losses
 
-    return jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None, None, None)))
+    return jax.jit(jax.vmap(run_one, in_axes=(0, None, 0, 0, 0, None, None, None)))
 
 
 def make_accuracy(method: Method, eval_batch: int) -> Callable:

@@ -133,14 +133,14 @@ def write_report(out: str | Path) -> Path:
     env = res.get("environment", {})
     L = [f"# Quality benchmark ({cfg['preset']} preset)", ""]
     L.append(
-        f"Fashion-MNIST, Adam, {cfg['epochs']} epochs for every method, batch {cfg['batch_size']}, "
+        f"Fashion-MNIST, Adam with a cosine decay to 0 over the run, {cfg['epochs']} epochs for every method, batch {cfg['batch_size']}, "
         f"seeds {list(cfg['seeds'])} (vmapped; mean ± std), learning rate per method from a "
         f"{len(next(iter(methods.values()))[models[0]]['sweep']['lrs']) if methods else 0}-value "
         f"sweep of {cfg['sweep_epochs']} epoch(s) on {cfg['val_size']} held-out training images. "
         f"Test images: {cfg['test_size'] or 10000}. Training images: "
         + ", ".join(
             f"{m} {next(e[m]['train_size'] for e in methods.values() if m in e)}" for m in models
-        )  # fmt: skip
+        )
         + f". Machine: {env.get('device_kind', '?')} ({env.get('cpu_model', '?')}, {env.get('cpu_count', '?')} CPUs), "
         f"jax {env.get('jax', '?')}, backend {env.get('backend', '?')}. Total "
         f"{res.get('total_seconds', float('nan')):.0f} s."
@@ -175,7 +175,7 @@ def write_report(out: str | Path) -> Path:
                 sw = e[m]["sweep"]
                 pairs = ", ".join(f"{lr:g} → {_pct(a)}" for lr, a in zip(sw["lrs"], sw["val_acc"]))
                 L.append(f"| {m} | `{name}` | {pairs} | {e[m]['lr']:g} |")
-    L += ["", "## Targets of issue 10", ""] + targets(methods)
+    L += ["", "## Targets of issue 10", "", *targets(methods)]
     L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", "",
           "| data set (model) | method | test accuracy % |", "|---|---|---|"]  # fmt: skip
     for ds, row in REN.items():

@@ -24,12 +24,12 @@ from .quality import (
 
 # Adam learning rates tried by the sweep, per family (the estimators' scales differ).
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "backprop": (3e-4, 1e-3, 3e-3),
-    "fg": (1e-4, 3e-4, 1e-3),
-    "fg_act": (3e-4, 1e-3, 3e-3),
+    "backprop": (1e-3, 3e-3, 1e-2),
+    "fg": (3e-4, 1e-3, 3e-3),
+    "fg_act": (1e-4, 3e-4, 1e-3),
     "local": (3e-4, 1e-3, 3e-3),
-    "guided": (1e-4, 3e-4, 1e-3),
-    "spsa": (1e-4, 3e-4, 1e-3),
+    "guided": (3e-4, 1e-3, 3e-3),
+    "spsa": (3e-4, 1e-3, 3e-3),
 }
 
 
@@ -84,12 +84,16 @@ def make_split(ds: Any, model: str, train_size: int | None, val_size: int,
 def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate, scan) -> dict:
     """Trains runs ``(lrs[r], seeds[r])`` for ``epochs``; logs and returns the curves."""
     steps = x.shape[0] // cfg.batch_size
-    chunk = max(1, steps // cfg.diag_per_epoch)
+    per_epoch = cfg.diag_per_epoch
+    if method.model == "cnn" and cfg.cnn_diag_per_epoch:
+        per_epoch = cfg.cnn_diag_per_epoch
+    chunk = max(1, steps // per_epoch)
     steps = chunk * (steps // chunk)
     train = make_train_chunk(method, cfg.batch_size, chunk, scan=scan)
     perms_fn, cosine = make_perms(x.shape[0]), make_cosine(method)
     lrs_a, seeds_a = jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.uint32)
     params, state = init_runs(method, lrs_a, seeds_a)
+    total = jnp.float32(epochs * steps)
     out: dict[str, list] = {"epoch": [], "time_s": [], "acc": [], "step": [], "cosine": [],
                             "loss": []}  # fmt: skip
     clock = 0.0
@@ -101,7 +105,7 @@ def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate
         perms = perms_fn(seeds_a, e)
         for start in range(0, steps, chunk):
             t0 = time.perf_counter()
-            params, state, losses = train(lrs_a, params, state, perms, x, y, start)
+            params, state, losses = train(lrs_a, total, params, state, perms, x, y, start)
             losses = np.asarray(jax.block_until_ready(losses))
             clock += time.perf_counter() - t0
             cos = np.asarray(cosine(params, state, split.x_diag, split.y_diag))
