@@ -82,7 +82,9 @@ class QualityConfig:
 
 
 PRESETS = {
-    "full": QualityConfig(preset="full", out_dir="runs/quality_full"),
+    "full": QualityConfig(
+        preset="full", out_dir="runs/quality_full", cnn_scan=jax.default_backend() != "cpu"
+    ),
     "quick": QualityConfig(
         preset="quick",
         methods=(

@@ -17,6 +17,7 @@ from toolkit.quality_report import targets  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("standard_promotion")
 def test_tiny_preset_end_to_end(tmp_path):
     cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path))
     quality.run(cfg)
