@@ -2,6 +2,7 @@
 activity-perturbed FG, one epoch on 640 Fashion-MNIST images), and of its report logic."""
 
 import dataclasses
+import doctest
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS_DIR))
 
 import quality  # noqa: E402
+import toolkit.quality  # noqa: E402
 from toolkit.io import read_json, read_jsonl  # noqa: E402
 from toolkit.quality import parse_method  # noqa: E402
 from toolkit.quality_report import targets  # noqa: E402
@@ -73,3 +75,8 @@ def test_targets_met_and_missed():
     assert "gap 1.50 points" in lines[0] and "**met**" in lines[0]
     assert "gap 10.00 points" in lines[1] and "**missed** by 7.00 points" in lines[1]
     assert "+20.00 points" in lines[2] and "**met**" in lines[2]
+
+
+def test_toolkit_quality_docstring_examples():
+    result = doctest.testmod(toolkit.quality, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0

@@ -81,7 +81,8 @@ def plot_quality(out: Path, model: str, methods: dict) -> list[str]:
            title=f"{model}: cosine of the next step's estimate, fixed held-out batches")  # fmt: skip
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / f"{model}_cosine.png", dpi=110)
     plt.close(fig)
