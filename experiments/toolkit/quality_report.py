@@ -90,8 +90,22 @@ def plot_quality(out: Path, model: str, methods: dict) -> list[str]:
     return files
 
 
+def _why(e: dict) -> str:
+    """The diagnostics behind an entry: its final cosine and how many steps it trained."""
+    if "cosine" not in e:
+        return ""
+    steps = e.get("steps_per_epoch", 0) * len(e.get("curve", {}).get("epoch", []))
+    return f"cosine to the true gradient {_final_cosine(e):.3f}, {steps} steps"
+
+
+def ranking(methods: dict, model: str) -> str:
+    """Methods on ``model`` by mean test accuracy, best first."""
+    got = sorted((m[model]["test_acc"], n) for n, m in methods.items() if model in m)
+    return " > ".join(f"`{n}` {_pct(a)}" for a, n in reversed(got))
+
+
 def targets(methods: dict) -> list[str]:
-    """One line per target of issue 10: met or missed, and by how much."""
+    """One line per target of issue 10: met or missed, by how much, and the diagnostics."""
     lines = []
     for model, gap in TARGET_GAP.items():
         bp = methods.get("backprop", {}).get(model)
@@ -108,6 +122,7 @@ def targets(methods: dict) -> list[str]:
             f"{_pct(fo[best]['test_acc'])} % vs backprop {_pct(bp['test_acc'])} %: gap "
             f"{d:.2f} points, target ≤ {gap}: {verdict}"
             + ("." if d <= gap else f" by {d - gap:.2f} points.")
+            + (f" ({best}: {_why(fo[best])}.)" if _why(fo[best]) else "")
         )
     la, fw = methods.get("local_a_k1", {}).get("cnn"), methods.get("fg_normal_k4", {}).get("cnn")
     if la and fw:
@@ -117,6 +132,7 @@ def targets(methods: dict) -> list[str]:
             f"- CNN: local losses + activity perturbation (`local_a_k1`, {_pct(la['test_acc'])} %) "
             f"vs weight-perturbed FG normal K=4 ({_pct(fw['test_acc'])} %): +{d:.2f} points, "
             f"target ≥ +{LOCAL_MARGIN}: {verdict}."
+            + (f" (local_a_k1: {_why(la)}; fg_normal_k4: {_why(fw)}.)" if _why(la) else "")
         )
     else:
         lines.append("- CNN: local_a_k1 vs fg_normal_k4: not measured (missing runs).")
@@ -176,6 +192,8 @@ def write_report(out: str | Path) -> Path:
                 pairs = ", ".join(f"{lr:g} → {_pct(a)}" for lr, a in zip(sw["lrs"], sw["val_acc"]))
                 L.append(f"| {m} | `{name}` | {pairs} | {e[m]['lr']:g} |")
     L += ["", "## Targets of issue 10", "", *targets(methods)]
+    L += ["", "Ranking (the targets ask the quick preset to rank the methods as the full one):", ""]
+    L += [f"- {m.upper()}: {ranking(methods, m)}" for m in models]
     L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", "",
           "| data set (model) | method | test accuracy % |", "|---|---|---|"]  # fmt: skip
     for ds, row in REN.items():
