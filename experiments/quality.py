@@ -1,0 +1,190 @@
+"""Quality benchmark (issue 10): test accuracy on Fashion-MNIST of every gradient estimator of
+fgrad_jax against backprop, same epochs, Adam with a per-method learning rate from a sweep.
+
+    python experiments/quality.py --preset quick --out-dir runs/quality_quick
+    python experiments/quality.py --preset full --out-dir runs/quality_full --max-minutes 50
+
+Writes ``DIR/quality.json``, ``DIR/quality.md``, ``DIR/runs/<model>_<method>.jsonl`` and the
+figures (made from the JSON/JSONL only). See ``docs/quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+from toolkit import add_overrides, apply_overrides, environment, write_json
+from toolkit.quality_run import make_split, run_method
+
+import fgrad_jax
+
+# The methods the targets of issue 10 name come first (a --max-minutes budget cuts the last).
+ALL_METHODS = (
+    "backprop", "fg_normal_k4", "local_a_k1", "fg_act_k1", "local_w_k1", "spsa_k1",
+    "guided_k1", "fg_rademacher_k4", "fg_lowrank_k4", "fg_normal_k1", "fg_rademacher_k1",
+    "fg_lowrank_k1", "fg_normal_k16", "fg_rademacher_k16", "fg_lowrank_k16",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class QualityConfig:
+    """Configuration of the quality benchmark.
+
+    Attributes:
+        preset: Name of the preset the other fields came from.
+        out_dir: Output directory.
+        data_dir: Directory of the four Fashion-MNIST IDX files (default: the Debian package's).
+        models: Models to train: ``mlp`` (784-256-256-10) and/or ``cnn`` (Flax MNIST example).
+        methods: Method names trained on the MLP (see experiments/toolkit/quality.py).
+        cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
+        epochs: Training epochs of every method.
+        sweep_epochs: Epochs of the learning-rate sweep (seed ``seeds[0]``, held-out split).
+        batch_size: Minibatch size.
+        train_size: Training images of the MLP (``None``: all but the held-out split).
+        cnn_train_size: Training images of the CNN (``None``: as ``train_size``).
+        val_size: Held-out training images for the sweep (and the cosine batches).
+        test_size: Test images (``None``: all 10,000).
+        seeds: Seeds of the final runs (vmapped together).
+        diag_per_epoch: Cosine-to-true-gradient measurements per epoch (also the number of
+            compiled calls per epoch).
+        cnn_diag_per_epoch: As ``diag_per_epoch`` for the CNN (``None``: the same).
+        diag_batches: Fixed held-out batches the cosine is averaged over.
+        eval_batch: Batch size of the accuracy evaluation (must divide the split sizes).
+        cnn_scan: Run the CNN's steps in a compiled lax.scan (``False``: a Python loop over a
+            compiled step, much faster for convolutions on XLA:CPU).
+        max_minutes: Stop starting new (model, method) runs after this many minutes; the
+            skipped ones are listed in quality.json and the report.
+    """
+
+    preset: str = "quick"
+    out_dir: str = "runs/quality_quick"
+    data_dir: str | None = None
+    models: tuple[str, ...] = ("mlp", "cnn")
+    methods: tuple[str, ...] = ALL_METHODS
+    cnn_methods: tuple[str, ...] | None = None
+    epochs: int = 10
+    sweep_epochs: int = 1
+    batch_size: int = 128
+    train_size: int | None = None
+    cnn_train_size: int | None = None
+    val_size: int = 5000
+    test_size: int | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    diag_per_epoch: int = 4
+    cnn_diag_per_epoch: int | None = None
+    diag_batches: int = 2
+    eval_batch: int = 1000
+    cnn_scan: bool = True
+    max_minutes: float | None = None
+
+
+PRESETS = {
+    "full": QualityConfig(
+        preset="full", out_dir="runs/quality_full", cnn_scan=jax.default_backend() != "cpu"
+    ),
+    "quick": QualityConfig(
+        preset="quick",
+        methods=(
+            "backprop",
+            "fg_normal_k1",
+            "fg_normal_k4",
+            "fg_rademacher_k1",
+            "fg_rademacher_k4",
+            "fg_lowrank_k1",
+            "fg_lowrank_k4",
+            "fg_act_k1",
+            "local_w_k1",
+            "local_a_k1",
+            "guided_k1",
+            "spsa_k1",
+        ),
+        cnn_methods=("backprop", "fg_normal_k4", "fg_act_k1", "local_a_k1"),
+        epochs=3,
+        batch_size=64,
+        train_size=10_000,
+        cnn_train_size=1_024,
+        val_size=2_000,
+        test_size=2_000,
+        cnn_diag_per_epoch=2,
+        diag_batches=1,
+        cnn_scan=jax.default_backend() != "cpu",
+    ),
+    "tiny": QualityConfig(
+        preset="tiny",
+        methods=("backprop", "fg_act_k1"),
+        models=("mlp",),
+        epochs=1,
+        batch_size=32,
+        train_size=640,
+        val_size=500,
+        test_size=500,
+        eval_batch=250,
+        diag_per_epoch=2,
+        diag_batches=1,
+        out_dir="runs/quality_tiny",
+    ),
+}
+
+
+def run(cfg: QualityConfig) -> dict:
+    """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
+    from toolkit.quality_report import write_report
+
+    for name in (*cfg.methods, *(cfg.cnn_methods or ())):
+        from toolkit.quality import parse_method
+
+        parse_method(name)  # unknown names fail before any work
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = fgrad_jax.datasets.load_fashion_mnist(cfg.data_dir, channel_axis=True)
+    t0 = time.perf_counter()
+    results: dict = {"methods": {}, "skipped": [], "config": dataclasses.asdict(cfg),
+                     "environment": environment(), "dataset": ds.name}  # fmt: skip
+    splits, todo = {}, []
+    for model in cfg.models:
+        names = cfg.methods if model == "mlp" or cfg.cnn_methods is None else cfg.cnn_methods
+        size = cfg.cnn_train_size if model == "cnn" and cfg.cnn_train_size else cfg.train_size
+        splits[model] = make_split(ds, model, size, cfg.val_size, cfg.test_size,
+                                   cfg.diag_batches, cfg.batch_size)  # fmt: skip
+        todo += [(names.index(n), model, n) for n in names]
+    # Method by method, both models together, in the configured order: a time budget then
+    # cuts the last methods on every model rather than a whole model.
+    for _, model, name in sorted(todo, key=lambda t: (t[0], cfg.models.index(t[1]))):
+        elapsed = (time.perf_counter() - t0) / 60
+        if cfg.max_minutes is not None and elapsed > cfg.max_minutes:
+            results["skipped"].append(f"{model}/{name}")
+            print(f"[quality] budget of {cfg.max_minutes} min spent: skip {model}/{name}")
+            continue
+        t = time.perf_counter()
+        entry = run_method(name, model, splits[model], cfg, out)
+        entry["train_size"] = int(splits[model].x_train.shape[0])
+        entry["wall_s_incl_sweep_compile_eval"] = time.perf_counter() - t
+        results["methods"].setdefault(name, {})[model] = entry
+        print(f"[quality] {model:3s} {name:18s} acc {entry['test_acc']:.4f} "
+              f"± {entry['test_acc_std']:.4f}  lr {entry['lr']:g}  "
+              f"{entry['seconds']:.1f} s  (total {time.perf_counter() - t0:.0f} s)",
+              flush=True)  # fmt: skip
+        write_json(out / "quality.json", results)
+    results["total_seconds"] = time.perf_counter() - t0
+    write_json(out / "quality.json", results)
+    write_report(out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    add_overrides(parser, QualityConfig, [f.name for f in dataclasses.fields(QualityConfig)
+                                          if f.name != "preset"])  # fmt: skip
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(PRESETS[args.preset], args)
+    run(cfg)
+    print(f"[quality] wrote {cfg.out_dir}/quality.json, quality.md and figures")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

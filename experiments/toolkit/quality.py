@@ -1,0 +1,363 @@
+"""The quality benchmark's methods and trainer: every gradient estimator of fgrad_jax trained
+with Adam (cosine decay to 0 over the run) on the same models, data order and epochs, several seeds as one vmapped program.
+
+A method is named by a string (:func:`parse_method`): ``"backprop"``,
+``"fg_<tangent>_k<K>"`` (weight-perturbed forward gradient, ``tangent`` one of ``normal``,
+``rademacher``, ``lowrank``), ``"fg_act_k<K>"`` (activity perturbation),
+``"local_w_k<K>"`` / ``"local_a_k<K>"`` (block-local losses, weights / activations
+perturbed), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
+``"spsa_k<K>"`` (central differences, K samples).
+
+Every run ``r`` (a learning rate and a seed) starts from ``init(fold_in(key(seed), 0))``,
+draws its tangents from ``fold_in(key(seed), 1)`` and shuffles the training set at epoch
+``e`` with ``fold_in(fold_in(key(seed), 2), e)``: identical data order for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import fgrad_jax
+from fgrad_jax import diagnostics
+
+Array = jax.Array
+
+# ----------------------------------------------------------------------------- models
+
+
+def _flatten(x: Array) -> Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def _avg_pool(x: Array) -> Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def model_layers(name: str, num_classes: int = 10) -> list[Any]:
+    """The ordered layers of a benchmark model (linen modules and parameterless callables).
+
+    ``"mlp"``: 784-256-256-10 ReLU on flat ``(B, 784)`` inputs. ``"cnn"``: the Flax MNIST example's CNN, conv32 3x3 -
+    avgpool - conv64 3x3 - avgpool - dense256 - dense10 (ReLU after each conv and the first
+    dense). The same list is the global model (applied in order) and the blocks of the
+    local-loss methods (every module with parameters starts a block).
+
+    Example:
+        >>> len(model_layers("mlp"))
+        5
+    """
+    if name == "mlp":
+        return [nn.Dense(256), nn.relu, nn.Dense(256), nn.relu, nn.Dense(num_classes)]
+    if name == "cnn":
+        return [
+            nn.Conv(32, (3, 3)), nn.relu, _avg_pool,
+            nn.Conv(64, (3, 3)), nn.relu, _avg_pool, _flatten,
+            nn.Dense(256), nn.relu, nn.Dense(num_classes),
+        ]  # fmt: skip
+    raise ValueError(f"unknown model {name!r}; use 'mlp' or 'cnn'.")
+
+
+class _Model:
+    """A list of layers as one model: ``init(key, x) -> params`` and ``apply(params, x)``."""
+
+    def __init__(self, layers: list[Any]):
+        self.layers = layers
+        self.mods = [layer for layer in layers if isinstance(layer, nn.Module)]
+
+    def init(self, key: Array, x: Array) -> list[Any]:
+        params, keys = [], jax.random.split(key, len(self.mods))
+        for layer in self.layers:
+            if isinstance(layer, nn.Module):
+                params.append(layer.init(keys[len(params)], x)["params"])
+                x = layer.apply({"params": params[-1]}, x)
+            else:
+                x = layer(x)
+        return params
+
+    def apply(self, params: list[Any], x: Array) -> Array:
+        j = 0
+        for layer in self.layers:
+            if isinstance(layer, nn.Module):
+                x = layer.apply({"params": params[j]}, x)
+                j += 1
+            else:
+                x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- methods
+
+_PATTERNS = {
+    "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
+    "fg_act": re.compile(r"fg_act_k(\d+)$"),
+    "local": re.compile(r"local_([wa])_k(\d+)$"),
+    "guided": re.compile(r"guided_k(\d+)$"),
+    "spsa": re.compile(r"spsa_k(\d+)$"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method name: its family, tangent law, perturbation and number K of tangents."""
+
+    name: str
+    family: str
+    tangent: str = "normal"
+    perturb: str = "weights"
+    k: int = 1
+
+    @property
+    def forward_only(self) -> bool:
+        """No backward pass anywhere in its update (everything but backprop)."""
+        return self.family != "backprop"
+
+
+def parse_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` of a method name (see the module docstring).
+
+    Example:
+        >>> parse_method("fg_rademacher_k4")
+        MethodSpec(name='fg_rademacher_k4', family='fg', tangent='rademacher', perturb='weights', k=4)
+    """
+    if name == "backprop":
+        return MethodSpec(name, "backprop")
+    if m := _PATTERNS["fg"].match(name):
+        return MethodSpec(name, "fg", m.group(1), "weights", int(m.group(2)))
+    if m := _PATTERNS["fg_act"].match(name):
+        return MethodSpec(name, "fg", "rademacher", "activations", int(m.group(1)))
+    if m := _PATTERNS["local"].match(name):
+        perturb = "weights" if m.group(1) == "w" else "activations"
+        return MethodSpec(name, "local", "rademacher", perturb, int(m.group(2)))
+    if m := _PATTERNS["guided"].match(name):
+        return MethodSpec(name, "guided", "rademacher", "weights", int(m.group(1)))
+    if m := _PATTERNS["spsa"].match(name):
+        return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
+    raise ValueError(
+        f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
+        "fg_act_k<K>, local_<w|a>_k<K>, guided_k<K> or spsa_k<K>."
+    )
+
+
+def _xent(logits: Array, y: Array) -> Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+@dataclasses.dataclass
+class Method:
+    """A method on a model, as pure functions (all vmappable over runs).
+
+    Attributes:
+        spec: The parsed name.
+        init: ``init(key) -> params``.
+        estimator: ``estimator(key)``: the gradient transformation that replaces the
+            updates by the method's estimate (``None`` for backprop).
+        objective: ``objective(params, x, y)``: what the estimator is given as ``value_fn``
+            (per-example losses for activity perturbation, ``(B, L)`` for local losses).
+        predict: ``predict(params, x) -> logits``.
+        model: The model's name (``"mlp"`` or ``"cnn"``).
+    """
+
+    spec: MethodSpec
+    init: Callable[[Array], Any]
+    estimator: Callable[[Array], optax.GradientTransformationExtraArgs] | None
+    objective: Callable[[Any, Array, Array], Array]
+    predict: Callable[[Any, Array], Array]
+    model: str = ""
+
+    def mean_objective(self, params: Any, x: Array, y: Array) -> Array:
+        """The scalar whose gradient the estimator estimates (sum over blocks of the means)."""
+        out = self.objective(params, x, y)
+        return jnp.sum(jnp.mean(out, axis=0)) if out.ndim else out
+
+
+def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, **opts) -> Method:
+    """The :class:`Method` ``name`` on the benchmark model ``model``.
+
+    ``opts``: ``spsa_epsilon`` (1e-3), ``guided_residual`` (0.1), ``guided_beta`` (0.99).
+    """
+    spec = parse_method(name)
+    layers = model_layers(model, num_classes)
+    if spec.family == "local":
+        local = fgrad_jax.local_losses(layers, num_classes)
+        local.init(jax.random.key(0), x_example)  # creates the heads' structure
+        return Method(
+            spec,
+            init=lambda key: local.init(key, x_example),
+            estimator=lambda key: local.forward_gradient(
+                key, num_tangents=spec.k, perturb=spec.perturb, tangent=spec.tangent
+            ),
+            objective=lambda p, x, y: local.losses(p, x, y),
+            predict=local.predict,
+            model=model,
+        )
+    net = _Model(layers)
+    per_example = spec.perturb == "activations"
+
+    def objective(p, x, y):
+        losses = _xent(net.apply(p, x), y)
+        return losses if per_example else losses.mean()
+
+    if spec.family == "backprop":
+        estimator = None
+    elif spec.family == "fg":
+
+        def estimator(key):
+            return fgrad_jax.forward_gradient(
+                key, num_tangents=spec.k, tangent=spec.tangent, perturb=spec.perturb
+            )
+    elif spec.family == "guided":
+
+        def estimator(key):
+            return fgrad_jax.guided_forward_gradient(
+                key, num_tangents=spec.k, residual_scale=opts.get("guided_residual", 0.1),
+                beta=opts.get("guided_beta", 0.99),
+            )  # fmt: skip
+    else:
+
+        def estimator(key):
+            return fgrad_jax.spsa_gradient(
+                key, num_samples=spec.k, epsilon=opts.get("spsa_epsilon", 1e-3)
+            )
+
+    return Method(
+        spec, lambda key: net.init(key, x_example), estimator, objective, net.apply, model
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
+    """Stacked parameters and optimizer states ``(estimator state or (), adam state)``."""
+
+    def one(lr, seed):
+        base = jax.random.key(seed)
+        params = method.init(jax.random.fold_in(base, 0))
+        if method.estimator is None:
+            est_state = ()
+        else:
+            est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
+        return params, (est_state, adam_cosine(lr, 1.0).init(params))
+
+    return jax.jit(jax.vmap(one))(lrs, seeds)
+
+
+def adam_cosine(lr: Array | float, total: Array | float) -> optax.GradientTransformation:
+    """Adam whose learning rate decays from ``lr`` to 0 over ``total`` steps along a half
+    cosine (both may be traced: one compiled program serves the sweep and the final runs)."""
+
+    def schedule(count):
+        frac = jnp.minimum(jnp.asarray(count, jnp.float32) / total, 1.0)
+        return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
+
+
+def step(method: Method, lr: Array, total: Array, params: Any, state: Any, x: Array, y: Array):
+    """One step of one run (Adam, cosine decay over ``total`` steps):
+    ``(params, state, loss before the step)``."""
+    est_state, adam_state = state
+    if method.estimator is None:
+        loss, grads = jax.value_and_grad(method.mean_objective)(params, x, y)
+    else:
+        est = method.estimator(jax.random.key(0))  # the key lives in est_state
+        grads, est_state = est.update(
+            None, est_state, params, value_fn=lambda p: method.objective(p, x, y)
+        )
+        loss = fgrad_jax.forward_gradient_state(est_state).value
+    updates, adam_state = adam_cosine(lr, total).update(grads, adam_state, params)
+    return optax.apply_updates(params, updates), (est_state, adam_state), loss
+
+
+def make_perms(num_examples: int) -> Callable:
+    """``perms(seeds, epoch) -> (runs, num_examples)``: each run's shuffle of epoch ``epoch``."""
+
+    def one(seed, epoch):
+        dkey = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), epoch)
+        return jax.random.permutation(dkey, num_examples)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
+def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = True) -> Callable:
+    """``train(lrs, total, params, state, perms, xs, ys, start) -> (params, state, losses)``:
+    ``chunk`` steps of every run (vmapped over runs), batches ``start .. start + chunk - 1``
+    of each run's permutation ``perms[r]``.
+
+    ``scan=True``: one jitted ``lax.scan`` over the chunk. ``scan=False``: ``chunk`` calls
+    of one jitted (vmapped) step from Python, for convolutions on XLA:CPU, whose kernel
+    gradients run far slower inside a compiled loop (``docs/quality.md``).
+    """
+
+    def one_step(lr, total, params, state, perm, xs, ys, i):
+        idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+        return step(method, lr, total, params, state, xs[idx], ys[idx])
+
+    if not scan:
+        step_v = jax.jit(jax.vmap(one_step, in_axes=(0, None, 0, 0, 0, None, None, None)))
+
+        def train_py(lrs, total, params, state, perms, xs, ys, start):
+            losses = []
+            for i in range(start, start + chunk):
+                params, state, loss = step_v(lrs, total, params, state, perms, xs, ys, i)
+                losses.append(loss)
+            return params, state, jnp.stack(losses, axis=1)
+
+        return train_py
+
+    def run_one(lr, total, params, state, perm, xs, ys, start):
+        def body(carry, i):
+            p, s, loss = one_step(lr, total, *carry, perm, xs, ys, i)
+            return (p, s), loss
+
+        (params, state), losses = jax.lax.scan(body, (params, state), start + jnp.arange(chunk))
+        return params, state, losses
+
+    return jax.jit(jax.vmap(run_one, in_axes=(0, None, 0, 0, 0, None, None, None)))
+
+
+def make_accuracy(method: Method, eval_batch: int) -> Callable:
+    """``accuracy(params, xs, ys) -> (runs,)``, in batches of ``eval_batch`` (the rest of
+    ``xs`` beyond a multiple of it is not used: pick sizes that divide)."""
+    hits = jax.jit(
+        jax.vmap(
+            lambda p, x, y: jnp.sum(method.predict(p, x).argmax(-1) == y), in_axes=(0, None, None)
+        )
+    )
+
+    def accuracy(params, xs, ys):
+        n = xs.shape[0] // eval_batch
+        total = sum(
+            hits(params, xs[i * eval_batch : (i + 1) * eval_batch],
+                 ys[i * eval_batch : (i + 1) * eval_batch])
+            for i in range(n)
+        )  # fmt: skip
+        return total / (n * eval_batch)
+
+    return accuracy
+
+
+def make_cosine(method: Method) -> Callable:
+    """``cosine(params, state, xb, yb) -> (runs,)``: cosine of the estimate the next step
+    would take to the true gradient (``jax.grad``, diagnosis only) of the method's own
+    objective, averaged over the fixed batches ``xb, yb`` (``(n, B, ...)``, Python loop)."""
+
+    def one(params, state, x, y):
+        if method.estimator is None:
+            return jnp.float32(1.0)
+        true = diagnostics.true_gradient(method.mean_objective, params, x, y)
+        est = method.estimator(jax.random.key(0))
+        g, _ = est.update(None, state[0], params, value_fn=lambda p: method.objective(p, x, y))
+        return diagnostics.cosine_similarity(g, true)
+
+    one_v = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+    return lambda params, state, xb, yb: (
+        sum(one_v(params, state, xb[i], yb[i]) for i in range(xb.shape[0])) / xb.shape[0]
+    )
