@@ -132,8 +132,6 @@ PRESETS = {
 
 def run(cfg: QualityConfig) -> dict:
     """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
-    from toolkit.quality_report import write_report
-
     for name in (*cfg.methods, *(cfg.cnn_methods or ())):
         from toolkit.quality import parse_method
 
@@ -171,16 +169,29 @@ def run(cfg: QualityConfig) -> dict:
         write_json(out / "quality.json", results)
     results["total_seconds"] = time.perf_counter() - t0
     write_json(out / "quality.json", results)
-    write_report(out)
+    try:
+        from toolkit.quality_report import write_report
+    except ImportError as err:  # e.g. an accelerator image without matplotlib
+        print(f"[quality] no report ({err}); write it elsewhere with --report {out}")
+    else:
+        write_report(out)
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument(
+        "--report", metavar="DIR", help="only write quality.md and the figures of a finished run"
+    )
     add_overrides(parser, QualityConfig, [f.name for f in dataclasses.fields(QualityConfig)
                                           if f.name != "preset"])  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report:
+        from toolkit.quality_report import write_report
+
+        print(f"[quality] wrote {write_report(args.report)}")
+        return
     cfg = apply_overrides(PRESETS[args.preset], args)
     run(cfg)
     print(f"[quality] wrote {cfg.out_dir}/quality.json, quality.md and figures")
