@@ -15,7 +15,12 @@ extensions = [
 ]
 myst_enable_extensions = ["dollarmath", "amsmath"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "_static/quick/*.md", "_static/quality_quick/*.md", "_static/quality_full/*.md"]
+exclude_patterns = [
+    "_build",
+    "_static/quick/*.md",
+    "_static/quality_quick/*.md",
+    "_static/quality_full/*.md",
+]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_typehints = "description"
