@@ -112,15 +112,19 @@ class LocalLosses:
         kinds: list[Any] = []
         h = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
         for i, block in enumerate(self.blocks):
+            h_layer = h  # the layer's own input: after the callables that precede it
+            for fn in block.pre:
+                h_layer = jax.eval_shape(fn, h_layer)
             if isinstance(block.layer, nn.Module):
-                variables = jax.eval_shape(block.layer.init, keys[2 * i], h)
+                variables = jax.eval_shape(block.layer.init, keys[2 * i], h_layer)
                 if set(variables) - {"params"}:
                     raise ValueError(
                         f"Block {i} ({type(block.layer).__name__}) has variable collections "
                         f"{sorted(set(variables) - {'params'})}; local_losses supports linen "
                         "blocks with 'params' only (use an nnx module for mutable state)."
                     )
-                p = block.layer.init(keys[2 * i], jnp.zeros(h.shape, h.dtype))["params"]
+                zeros = jnp.zeros(h_layer.shape, h_layer.dtype)
+                p = block.layer.init(keys[2 * i], zeros)["params"]
             else:
                 p = nnx.state(block.layer, nnx.Param)
             params.append(p)

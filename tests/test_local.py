@@ -178,3 +178,13 @@ def test_local_activity_beats_weight_perturbation_on_digits(standard_promotion):
         accs.append(float((logits(p, xte).argmax(-1) == yte).mean()))
     assert acc_local > 0.75, acc_local
     assert acc_local > max(accs) + 0.25, (acc_local, accs)
+
+
+def test_parameterless_callables_before_the_first_layer():
+    """A flatten before the first linen layer: the layer is initialised on its own input."""
+    blocks = [lambda x: x.reshape(x.shape[0], -1), nn.Dense(16), jax.nn.relu, nn.Dense(10)]
+    local = fgrad_jax.local_losses(blocks, 10)
+    x, y = jnp.ones((8, 4, 4)), jnp.zeros(8, jnp.int32)
+    params = local.init(jax.random.key(0), x)
+    assert params["blocks"][0]["kernel"].shape == (16, 16)
+    assert local.losses(params, x, y).shape == (8, 2)
