@@ -393,3 +393,30 @@ def test_value_fn_missing_error_advises_a_call_that_works():
         },
     )
     assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == 1
+
+
+@pytest.mark.parametrize(
+    ("make_tx", "steps"),
+    [
+        (lambda: fgrad_jax.guided_forward_gradient(1, num_tangents=2), 200),
+        (lambda: fgrad_jax.spsa_gradient(1, num_samples=2), 300),
+    ],
+    ids=["guided", "spsa"],
+)
+def test_other_estimators_through_nnx_optimizer(standard_promotion, make_tx, steps):
+    """guided_forward_gradient and spsa_gradient on the nnx.Optimizer path of the README."""
+    model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    y = x @ jnp.array([[1.0], [-2.0], [0.5], [0.0]])
+    loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    optimizer = nnx.Optimizer(model, optax.chain(make_tx(), optax.adam(0.05)), wrt=nnx.Param)
+    before = float(loss_fn(model, x, y))
+
+    @nnx.jit
+    def step(model, optimizer):
+        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
+
+    for _ in range(steps):
+        step(model, optimizer)
+    assert float(loss_fn(model, x, y)) < 0.05 * before
+    assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == steps

@@ -7,9 +7,7 @@ independent estimates with the empirical standard error, |z| < 5 per component.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 import fgrad_jax
 
@@ -154,22 +152,3 @@ def test_nonfinite_step_keeps_the_guess():
     assert int(state2.inner.num_nonfinite) == 1
     np.testing.assert_array_equal(state2.guess, state.guess)
     assert np.abs(np.asarray(state.guess)).max() > 0
-
-
-def test_nnx_optimizer(standard_promotion):
-    model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    y = x @ jnp.array([[1.0], [-2.0], [0.5], [0.0]])
-    loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
-    tx = optax.chain(fgrad_jax.guided_forward_gradient(1, num_tangents=2), optax.adam(0.05))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    before = float(loss_fn(model, x, y))
-
-    @nnx.jit
-    def step(model, optimizer):
-        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
-
-    for _ in range(200):
-        step(model, optimizer)
-    assert float(loss_fn(model, x, y)) < 0.05 * before
-    assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == 200

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import fgrad_jax
 from fgrad_jax._tangents import HASHED
@@ -184,22 +183,3 @@ def test_jit_chain_with_adam_trains(standard_promotion):
     assert int(fg_state.count) == 400
     # The reported value is (f₊ + f₋)/2 = f(θ) + ε²·(d/2)·... close to f(θ) for ε = 1e-3.
     np.testing.assert_allclose(fg_state.value, loss(params), rtol=0.2, atol=1e-3)
-
-
-def test_nnx_optimizer(standard_promotion):
-    model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    y = x @ jnp.array([[1.0], [-2.0], [0.5], [0.0]])
-    loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
-    tx = optax.chain(fgrad_jax.spsa_gradient(1, num_samples=2), optax.adam(0.05))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    before = float(loss_fn(model, x, y))
-
-    @nnx.jit
-    def step(model, optimizer):
-        optimizer.update(model, None, value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y))
-
-    for _ in range(300):
-        step(model, optimizer)
-    assert float(loss_fn(model, x, y)) < 0.05 * before
-    assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == 300
