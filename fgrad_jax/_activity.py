@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,13 +181,23 @@ class _Trace:
             return [out], [tangents[i]]
         return None
 
-    def estimates(self, d: Array, groups: tuple[int, ...] | None) -> list[Array]:
+    def estimates(self, d: Array, groups: tuple[Any, ...] | None) -> list[Array]:
         """One estimate per leaf from the per-example derivatives ``d``."""
         d = d.astype(jnp.float32)
         out = [jnp.zeros(p.shape, jnp.float32) for p in self.primals]
 
         def column(leaf):
-            return d if groups is None else d[:, groups[leaf]]
+            if groups is None:
+                return d
+            spec = groups[leaf]
+            return d[:, spec] if isinstance(spec, int) else spec.total(d)
+
+        def scaled(site):
+            spec = None if groups is None else groups[site.leaf]
+            if isinstance(spec, Columns) and spec.split:
+                return spec.per_element(d, site.u.astype(jnp.float32), site.name)
+            dl = column(site.leaf)
+            return site.u.astype(jnp.float32) * dl.reshape((-1,) + (1,) * (site.u.ndim - 1))
 
         def add(leaf, fn, ct):
             _, pull = jax.vjp(fn, self.primals[leaf])
@@ -195,14 +205,67 @@ class _Trace:
             out[leaf] = out[leaf] + g.astype(jnp.float32) * np.float32(1 / self.batch)
 
         for site in self.sites:
-            dl = column(site.leaf)
-            ct = site.u.astype(jnp.float32) * dl.reshape((-1,) + (1,) * (site.u.ndim - 1))
+            ct = scaled(site)
             add(site.leaf, site.fn, ct)
             if site.bias is not None:
                 add(site.bias[0], site.bias[1], ct)
         for leaf, v in self.weights.items():
             out[leaf] = out[leaf] + jnp.mean(column(leaf)) * v.astype(jnp.float32)
         return out
+
+
+class Columns(NamedTuple):
+    """The loss columns ``start .. start + size - 1`` of one block split into patches/groups.
+
+    The columns are laid out patch-major, group-minor: column ``start + p * groups + g`` is
+    patch ``p`` (row-major over the grid ``patches``) and channel group ``g``. A leaf with
+    ``split=False`` (heads, weight-perturbed leaves) is estimated from the sum of the
+    block's columns. With ``split=True`` (the block's own dense/conv op) each element of an
+    activity perturbation ``u`` of shape ``(B, s_1, ..., s_n, C)`` is scaled by the
+    derivative of its own column only: position ``i`` along spatial axis ``k`` belongs to
+    patch row ``i * patches[k] // s_k`` and channel ``c`` to group ``c * groups // C``.
+    """
+
+    start: int
+    patches: tuple[int, ...]
+    groups: int
+    split: bool
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.patches, dtype=np.int64)) * self.groups
+
+    def total(self, d: Array) -> Array:
+        return jnp.sum(d[:, self.start : self.start + self.size], axis=1)
+
+    def per_element(self, d: Array, u: Array, name: str) -> Array:
+        n, g = len(self.patches), self.groups
+        sizes = u.shape[1:-1]
+        if (
+            (n and len(sizes) != n)
+            or u.shape[-1] % g
+            or any(s % p for s, p in zip(sizes, self.patches))
+        ):
+            raise ValueError(
+                f"Patch-/group-wise local losses: the output of `{name}` has shape "
+                f"{tuple(u.shape)}, which does not split into patches {self.patches} (one per "
+                f"spatial axis) and {g} channel groups. Train with the input shape given to "
+                "init(), or choose patches/groups that divide this output."
+            )
+        b = u.shape[0]
+        split: list[int] = [b]
+        dshape: list[int] = [b]
+        if n:
+            for s, p in zip(sizes, self.patches):
+                split += [p, s // p]
+                dshape += [p, 1]
+        else:
+            split += list(sizes)
+            dshape += [1] * len(sizes)
+        split += [g, u.shape[-1] // g]
+        dshape += [g, 1]
+        dl = d[:, self.start : self.start + self.size].reshape(dshape)
+        return (u.reshape(split) * dl).reshape(u.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +279,8 @@ class ActivityPerturbation(TangentStrategy):
             (and per-group) derivatives; local losses with ``perturb="weights"`` use it.
         groups: ``groups(tree) -> pytree of ints`` with the structure of the
             differentiated argument: the loss then returns shape ``(B, G)`` and leaf ``i``
-            is estimated from column ``groups[i]`` only (block-local losses).
+            is estimated from column ``groups[i]`` only (block-local losses). An entry may
+            be a :class:`Columns` instead: a block split into patch/group columns.
         schedule: Overrides the ``_interpreter.Schedule`` (never changes a value).
     """
 
@@ -241,8 +305,12 @@ class ActivityPerturbation(TangentStrategy):
     def prepare(self, key, primals, num_tangents, selection: Selection):
         groups = None
         if self.groups is not None:
-            flat = jax.tree_util.tree_leaves(self.groups(selection.tree))
-            groups = tuple(int(flat[i]) for i in selection.indices)
+            flat = jax.tree_util.tree_leaves(
+                self.groups(selection.tree), is_leaf=lambda c: isinstance(c, Columns)
+            )
+            groups = tuple(
+                flat[i] if isinstance(flat[i], Columns) else int(flat[i]) for i in selection.indices
+            )
         schedule = self.schedule or _interpreter.schedule_for(primals)
         return jax.random.split(key, num_tangents), (groups, schedule)
 
@@ -250,11 +318,15 @@ class ActivityPerturbation(TangentStrategy):
         groups, schedule = context
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
         losses_shape = out_shape[0].shape
-        if groups is not None and max(groups, default=0) >= losses_shape[1]:
-            raise ValueError(
-                f"The loss has {losses_shape[1]} columns but the groups name column "
-                f"{max(groups)}; return one column per group."
+        if groups is not None:
+            last = max(
+                (c if isinstance(c, int) else c.start + c.size - 1 for c in groups), default=0
             )
+            if last >= losses_shape[1]:
+                raise ValueError(
+                    f"The loss has {losses_shape[1]} columns but the groups name column "
+                    f"{last}; return one column per group."
+                )
         uses = _use_counts(closed.jaxpr, collections.Counter())
         trace = _Trace(self, key, primals, losses_shape[0], uses, self.activations)
         views = [_View(trace, i, lambda w: w) for i in range(len(primals))]

@@ -13,6 +13,7 @@ one JVP gives L independent local estimates (no mixing of the blocks' noise).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -23,7 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fgrad_jax._activity import PERTURB, ActivityPerturbation
+from fgrad_jax import _local_split as _split
+from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
 from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
@@ -46,15 +48,21 @@ class _Block:
     def apply(self, params: Any, h: Array) -> Array:
         for fn in self.pre:
             h = fn(h)
-        if isinstance(self.layer, nn.Module):
-            # cast: without mutable=, apply returns the output alone (not (out, state)).
-            h = cast(Array, self.layer.apply({"params": params}, h))
-        else:
-            graphdef, _, rest = split_wrt(self.layer, nnx.Param)
-            h = nnx.merge(graphdef, params, rest, copy=True)(h)
+        h = self.layer_apply(params, h)
         for fn in self.tail:
             h = fn(h)
         return h
+
+    def layer_apply(self, params: Any, h: Array) -> Array:
+        if isinstance(self.layer, nn.Module):
+            # cast: without mutable=, apply returns the output alone (not (out, state)).
+            return cast(Array, self.layer.apply({"params": params}, h))
+        graphdef, _, rest = split_wrt(self.layer, nnx.Param)
+        return nnx.merge(graphdef, params, rest, copy=True)(h)
+
+
+def _const(value: Any, _: Any) -> Any:
+    return value
 
 
 def _has_params(layer: Any) -> bool:
@@ -97,12 +105,16 @@ class LocalLosses:
     head: its local loss is the model's own loss, and its head entry is ``{}``).
     """
 
-    def __init__(self, blocks, num_classes, loss, head):
+    def __init__(self, blocks, num_classes, loss, head, patches=None, groups=1):
         self.blocks = blocks
         self.num_classes = int(num_classes)
         self.loss = loss
         self.head = head
+        self.patches, self.groups_per_block = patches, groups
         self._heads: list[Any] | None = None  # per block: None (none), "default" or a module
+        self.layout: list[tuple[tuple[int, ...], int]] = []  # per block: (patch grid, groups)
+        self._starts: list[int] = []  # per block: its first loss column
+        self._not_separable: dict[int, str] = {}  # block -> why activations can't split it
 
     def init(self, key: Array, x: Array) -> dict[str, list[Any]]:
         """Parameters of the blocks (nnx: the modules' current values) and fresh heads."""
@@ -123,7 +135,7 @@ class LocalLosses:
                         f"{sorted(set(variables) - {'params'})}; local_losses supports linen "
                         "blocks with 'params' only (use an nnx module for mutable state)."
                     )
-                zeros = jnp.zeros(h_layer.shape, h_layer.dtype)
+                zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
                 p = block.layer.init(keys[2 * i], zeros)["params"]
             else:
                 p = nnx.state(block.layer, nnx.Param)
@@ -148,7 +160,39 @@ class LocalLosses:
                 kinds.append(spec)
                 heads.append(nnx.state(spec, nnx.Param))
         self._heads = kinds
+        self._split_layout(key, x, params, heads)
         return {"blocks": params, "heads": heads}
+
+    def _split_layout(self, key: Array, x: Array, params: list[Any], heads: list[Any]) -> None:
+        """Patch/group layout per block, its first column, and the activity-split check."""
+        kinds = self._check_init()
+        layout, starts, problems, start = [], [], {}, 0
+        h = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+        for i, block in enumerate(self.blocks):
+            h_layer = h
+            for fn in block.pre:
+                h_layer = jax.eval_shape(fn, h_layer)
+            h = jax.eval_shape(block.apply, params[i], h)
+            head = "none" if kinds[i] is None else "default" if kinds[i] == "default" else "custom"
+            grid, g = _split.block_layout(i, h.shape, self.patches, self.groups_per_block, head)
+            layout.append((grid, g))
+            starts.append(start)
+            start += int(np.prod(grid, dtype=np.int64)) * g
+            if start - starts[-1] > 1:
+                zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
+                why = _split.check_separable(
+                    block.layer_apply, block.tail, params[i], zeros, grid, g,
+                    jax.random.fold_in(key, 7919 + i),
+                )  # fmt: skip
+                if why is not None:
+                    problems[i] = why
+        scalar = self.patches is not None and not isinstance(self.patches, list)
+        if scalar and self.patches != 1 and all(int(np.prod(grid)) == 1 for grid, _ in layout):
+            raise ValueError(
+                f"patches={self.patches!r}: no block has a default head and an output "
+                "with spatial axes (B, H, W, C) to split into patches. Use patches=None."
+            )
+        self.layout, self._starts, self._not_separable = layout, starts, problems
 
     def _head(self, i: int, params: Any, h: Array) -> Array:
         kind = self._check_init()[i]
@@ -167,13 +211,24 @@ class LocalLosses:
         return self._heads
 
     def losses(self, params: Any, x: Array, y: Array) -> Array:
-        """Per-example local losses, shape ``(B, L)``: column ``l`` is block ``l``'s loss."""
+        """Per-example local losses, shape ``(B, L)``: column ``l`` is block ``l``'s loss.
+
+        A block split into ``P`` patches and ``G`` groups has ``P G`` columns instead
+        (patch-major), each of value ``loss / (P G)`` with the derivative of its own
+        patch's and group's loss; ``local.layout`` lists the split per block."""
         self._check_init()
         cols, h = [], x
         for i, block in enumerate(self.blocks):
             h = block.apply(params["blocks"][i], jax.lax.stop_gradient(h))
-            cols.append(self.loss(self._head(i, params["heads"][i], h), y))
-        return jnp.stack(cols, axis=1)
+            grid, g = self.layout[i]
+            if int(np.prod(grid)) * g == 1:
+                cols.append(self.loss(self._head(i, params["heads"][i], h), y)[:, None])
+            else:
+                head = params["heads"][i]
+                cols.append(
+                    _split.split_columns(head["kernel"], head["bias"], h, y, self.loss, grid, g)
+                )
+        return jnp.concatenate(cols, axis=1)
 
     def value_fn(self, x: Array, y: Array) -> Callable[[Any], Array]:
         """``value_fn(params) -> (B, L)`` losses, for ``update(..., value_fn=...)``."""
@@ -188,11 +243,39 @@ class LocalLosses:
         return self._head(len(self.blocks) - 1, params["heads"][-1], h)
 
     def groups(self, params: Any) -> dict[str, list[Any]]:
-        """The block index of every parameter leaf (the loss column it is estimated from)."""
+        """The loss column of every parameter leaf: its block's index, or for a block split
+        into patches/groups a :class:`~fgrad_jax._activity.Columns` naming its columns."""
+        self._check_init()
+
+        def spec(part: str, i: int) -> Any:
+            grid, g = self.layout[i]
+            if int(np.prod(grid)) * g == 1:
+                return self._starts[i]
+            return Columns(self._starts[i], grid, g, part == "blocks")
+
         return {
-            part: [jax.tree.map(lambda _, i=i: i, p) for i, p in enumerate(params[part])]
+            part: [
+                jax.tree.map(functools.partial(_const, spec(part, i)), p)
+                for i, p in enumerate(params[part])
+            ]
             for part in ("blocks", "heads")
         }
+
+    def _check_separable(self) -> None:
+        for i, why in self._not_separable.items():
+            grid, g = self.layout[i]
+            raise ValueError(
+                f"patches={grid} / groups={g} with perturb='activations': block {i} "
+                f"({type(self.blocks[i].layer).__name__}) {why}, so its perturbations cannot "
+                "be scored against their own patch/group. Fixes: list such layers as separate "
+                "blocks, use pooling whose windows do not cross patch borders, give this block "
+                "None / 1 in per-block patches/groups lists, or use perturb='weights' (same "
+                "objective, no variance reduction)."
+            )
+
+    def _columns(self, params: Any) -> dict[str, list[Any]]:
+        self._check_separable()
+        return self.groups(params)
 
     def tangent(
         self, perturb: str = "activations", tangent: str = "rademacher"
@@ -207,7 +290,11 @@ class LocalLosses:
             raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
         if tangent not in HASHED:
             raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
-        return ActivityPerturbation(HASHED[tangent], perturb == "activations", self.groups)
+        if perturb == "weights":
+            return ActivityPerturbation(HASHED[tangent], False, self.groups)
+        if self._heads is not None:
+            self._check_separable()
+        return ActivityPerturbation(HASHED[tangent], True, self._columns)
 
     def forward_gradient(
         self,
@@ -236,6 +323,8 @@ def local_losses(
     *,
     loss: str | Callable[[Array, Array], Array] = "softmax_cross_entropy",
     head: Any = None,
+    patches: int | tuple[int, ...] | list[Any] | None = None,
+    groups: int | list[int | None] = 1,
 ) -> LocalLosses:
     """Trains a sequence of blocks with block-local losses and forward gradients.
 
@@ -257,6 +346,13 @@ def local_losses(
         head: ``None`` (default heads), a linen module used as every block's head (each
             with its own parameters), or a list with one entry per block (``None``, a linen
             module or an nnx module).
+        patches: Ren et al.'s patch-wise losses: ``None`` (default: one loss per block), an
+            int or a tuple (patches per spatial axis) for every block whose output has
+            spatial axes and a default head, or a list with one entry per block. Each
+            patch gets its own loss column (see ``docs/local_losses.md``).
+        groups: Group-wise losses: the channels (last axis) of every block with a default
+            head split into this many groups, each with its own loss column; or a list with
+            one int per block. Default 1 (no split).
 
     Returns:
         A :class:`LocalLosses`.
@@ -275,6 +371,15 @@ def local_losses(
         >>> params = optax.apply_updates(params, updates)
         >>> local.predict(params, x).shape
         (16, 3)
+
+        Patch- and group-wise losses on a conv net (one column per patch and group):
+
+        >>> cnn = nnx.Sequential(nnx.Conv(1, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.relu)
+        >>> split = fgrad_jax.local_losses(cnn, num_classes=3, patches=2, groups=4)
+        >>> xs = jnp.ones((4, 8, 8, 1))
+        >>> p = split.init(jax.random.key(0), xs)
+        >>> split.layout, split.losses(p, xs, jnp.zeros(4, jnp.int32)).shape
+        ([((2, 2), 4)], (4, 16))
     """
     layers = _layers(blocks)
     grouped: list[_Block] = []
@@ -304,4 +409,6 @@ def local_losses(
             f"head has {len(head)} entries but the model has {len(grouped)} blocks "
             "(one per module with parameters); give one head (or None) per block."
         )
-    return LocalLosses(grouped, num_classes, loss, head)
+    _split.check_spec(patches, "patches", len(grouped))
+    _split.check_spec(groups, "groups", len(grouped))
+    return LocalLosses(grouped, num_classes, loss, head, patches, groups)

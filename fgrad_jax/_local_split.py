@@ -1,0 +1,241 @@
+"""Patch-wise and group-wise local losses (Ren, Kornblith, Liao & Hinton 2023, Sec. 4).
+
+A block whose output ``a`` has shape ``(B, S_1, ..., S_n, C)`` is split into a grid of
+``P = P_1 ⋯ P_n`` spatial patches and ``G`` channel groups, and gets one loss column per
+(patch, group). The columns follow the paper's feature aggregator (its released code,
+``spatial_avg_group_linear``): in the forward pass every column sees the whole block, the
+class scores of the default head (global average pool + linear), while its derivative
+comes from its own patch's and group's activations only, the other patches and groups
+entering through ``stop_gradient``::
+
+    m_pg  = (1/S) Σ_{positions in patch p} a[..., channels of group g]       (B, C/G)
+    z     = pool(sg(a)) K + b                                                (B, classes)
+    z_pg  = sg(z) + (z - sg(z)) / (P G)  +  (m_pg - sg(m_pg)) sg(K_g)
+    ℓ_pg  = loss(z_pg, y)   (value ℓ, the block's loss, for every column)
+
+The column returned is ``ℓ_pg + sg(ℓ_pg / (P G) - ℓ_pg)``: value ``ℓ / (P G)`` (the
+columns of a block sum to its loss) with the derivative of ``ℓ_pg``. Summed over the
+columns, the derivatives are those of ``ℓ``: each ``a_pg`` is live in one column only and
+the head's share is divided by ``P G``. So the objective, and ``jax.grad`` of the summed
+columns, is the block-wise one; what changes is that with activity perturbation every
+element of the block's dense/conv output is scored against its own column, whose
+directional derivative holds the noise of its own patch and group only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgrad_jax import _interpreter
+
+Array = jax.Array
+_KERNEL_OPS = ("dot_general", "conv_general_dilated")
+
+
+def _positive(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+def check_spec(spec: Any, name: str, num_blocks: int) -> None:
+    """Validates ``patches`` / ``groups`` as given to ``local_losses`` (shapes come later)."""
+    entries = spec if isinstance(spec, list) else [spec]
+    if isinstance(spec, list) and len(spec) != num_blocks:
+        raise ValueError(
+            f"{name} has {len(spec)} entries but the model has {num_blocks} blocks (one per "
+            f"module with parameters); give one entry per block, or one value for all."
+        )
+    for entry in entries:
+        if entry is None:
+            continue
+        for v in entry if isinstance(entry, tuple) else (entry,):
+            _positive(v, f"every entry of {name}")
+        if name == "groups" and isinstance(entry, tuple):
+            raise ValueError(f"groups takes an int per block (channel groups); got {entry!r}.")
+
+
+def block_layout(
+    i: int, shape: tuple[int, ...], patches: Any, groups: Any, head: str
+) -> tuple[tuple[int, ...], int]:
+    """``(patches per spatial axis, groups)`` of block ``i`` with output ``shape``.
+
+    ``head`` is ``"default"``, ``"custom"`` or ``"none"`` (a last block whose output is
+    already the class scores). A single value (not a list) applies to every block with a
+    default head, patches only where the output has spatial axes; a per-block list is
+    taken literally and errors where it does not fit.
+    """
+    explicit_p, explicit_g = isinstance(patches, list), isinstance(groups, list)
+    p = patches[i] if explicit_p else patches
+    g = (
+        1
+        if (groups[i] if explicit_g else groups) is None
+        else int(groups[i] if explicit_g else groups)
+    )
+    n = max(len(shape) - 2, 0)
+    if n == 0 and p is not None:
+        if explicit_p and any(v != 1 for v in (p if isinstance(p, tuple) else (p,))):
+            raise ValueError(
+                f"patches: block {i}'s output has shape {shape}, with no spatial axes to "
+                "split into patches (patches need outputs (B, H, W, C) or (B, L, C)). Give "
+                f"None for block {i} in the patches list."
+            )
+        p = None
+    grid = (1,) * n if p is None else (p if isinstance(p, tuple) else (p,) * n)
+    if len(grid) != n:
+        raise ValueError(
+            f"patches: block {i}'s output has shape {shape}, with {n} spatial axes, but "
+            f"patches={p!r} gives {len(grid)}; give one count per spatial axis or one int."
+        )
+    if int(np.prod(grid, dtype=np.int64)) * g == 1:
+        return grid, 1
+    asked = (explicit_p and np.prod(grid) > 1) or (explicit_g and g > 1)
+    if head == "custom" or (head == "none" and asked):
+        what = "a custom head" if head == "custom" else "no head (its output is the scores)"
+        raise ValueError(
+            f"Block {i} has {what}, but patch-/group-wise losses split the default head "
+            f"(average pool + linear). Pass head=None for block {i}, or give patches/groups "
+            f"as per-block lists with None / 1 for block {i}."
+        )
+    if head == "none":
+        return (1,) * n, 1
+    for k, (s, q) in enumerate(zip(shape[1:-1], grid)):
+        if s % q:
+            fits = [d for d in range(1, s + 1) if s % d == 0]
+            raise ValueError(
+                f"patches: spatial axis {k + 1} of block {i}'s output {shape} has size {s}, "
+                f"not divisible into {q} patches; use a divisor of {s}: {fits}."
+            )
+    if shape[-1] % g:
+        fits = [d for d in range(1, shape[-1] + 1) if shape[-1] % d == 0]
+        raise ValueError(
+            f"groups: block {i}'s output {shape} has {shape[-1]} channels (last axis), not "
+            f"divisible into {g} groups; use a divisor of {shape[-1]}: {fits}."
+        )
+    return grid, g
+
+
+def split_columns(
+    kernel: Array,
+    bias: Array,
+    h: Array,
+    y: Array,
+    loss: Callable[[Array, Array], Array],
+    grid: tuple[int, ...],
+    groups: int,
+) -> Array:
+    """The ``(B, P G)`` loss columns of one split block (see the module docstring)."""
+    sg = jax.lax.stop_gradient
+    b, sizes, c = h.shape[0], h.shape[1:-1], h.shape[-1]
+    num_p = int(np.prod(grid, dtype=np.int64))
+    scale = np.float32(1.0 / (num_p * groups))
+    pooled = jnp.mean(sg(h), axis=tuple(range(1, h.ndim - 1))) if h.ndim > 2 else sg(h)
+    z = pooled @ kernel + bias
+    z = sg(z) + (z - sg(z)) * scale.astype(z.dtype)
+    split: list[int] = [b]
+    for s, q in zip(sizes, grid):
+        split += [q, s // q]
+    split += [groups, c // groups]
+    within = tuple(range(2, 2 * len(sizes) + 1, 2))
+    m = jnp.sum(h.reshape(split), axis=within) / np.float32(np.prod(sizes, dtype=np.int64))
+    m = m.reshape(b, num_p, groups, c // groups)
+    k_g = sg(kernel).reshape(groups, c // groups, kernel.shape[-1])
+    delta = jnp.einsum("bpgc,gck->bpgk", m - sg(m), k_g)
+    logits = (z[:, None, None, :] + delta).reshape(b, num_p * groups, -1)
+    cols = jax.vmap(loss, in_axes=(1, None), out_axes=1)(logits, y)
+    return cols + sg(cols * scale.astype(cols.dtype) - cols)
+
+
+def _column_ids(shape: tuple[int, ...], grid: tuple[int, ...], groups: int):
+    n = len(shape) - 2
+    pid = np.zeros((1,) * len(shape), np.int64)
+    for k, (s, q) in enumerate(zip(shape[1:-1], grid)):
+        idx = (np.arange(s) * q // s).reshape((1,) * (k + 1) + (s,) + (1,) * (n - k))
+        pid = pid * q + idx
+    gid = (np.arange(shape[-1]) * groups // shape[-1]).reshape((1,) * (n + 1) + (shape[-1],))
+    return np.broadcast_to(pid, shape), np.broadcast_to(gid, shape)
+
+
+def check_separable(
+    layer_apply: Callable[[Any, Array], Array],
+    tail: Sequence[Callable[[Array], Array]],
+    params: Any,
+    h: Array,
+    grid: tuple[int, ...],
+    groups: int,
+    key: Array,
+) -> str | None:
+    """Why activity perturbation cannot score the block's op output per column, or None.
+
+    Needs exactly one dense/conv op on the block's parameters, with an output that splits
+    like the block output, and everything after it (in the layer and the callables that
+    follow) keeping each patch's positions and each group's channels to themselves. Checked
+    numerically: random tangents on one patch (group) of the op output, pushed through the
+    rest of the block at two random op outputs, must stay inside that patch (group).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    fn = lambda ls, x: layer_apply(jax.tree_util.tree_unflatten(treedef, ls), x)
+    closed = jax.make_jaxpr(fn)(leaves, h)
+    primals = [*leaves, h]
+    tangents = [jnp.zeros_like(v) for v in leaves] + [None]
+    seen: list[Any] = []
+
+    def record(eqn, ps, ts):
+        seen.append(eqn.outvars[0].aval.shape)
+
+    rules = {op: [record] for op in _KERNEL_OPS}
+    outs, _ = _interpreter.jvp_jaxpr(closed, primals, tangents, rules=rules)
+    if len(seen) != 1:
+        return (
+            f"has {len(seen)} dense/conv operations on its parameters (patches and groups "
+            "need exactly one per block, whose outputs are perturbed)"
+        )
+    y_shape = tuple(seen[0])
+    a_shape = tuple(jax.eval_shape(lambda v: _apply_all(tail, v), outs[0]).shape)
+    if (
+        len(y_shape) != len(a_shape)
+        or any(s % q for s, q in zip(y_shape[1:-1], grid))
+        or y_shape[-1] % groups
+    ):
+        return (
+            f"has a dense/conv output of shape {y_shape} that does not split into the patches "
+            f"{grid} and {groups} groups of its block output {a_shape}"
+        )
+    ids_y, ids_a = _column_ids(y_shape, grid, groups), _column_ids(a_shape, grid, groups)
+
+    @jax.jit
+    def through(y, t):
+        replace = lambda eqn, ps, ts: ([y], [t])
+        rules = {op: [replace] for op in _KERNEL_OPS}
+        outs, touts = _interpreter.jvp_jaxpr(closed, primals, tangents, rules=rules)
+        return jax.jvp(lambda v: _apply_all(tail, v), (outs[0],), (touts[0],))[1]
+
+    checks = [(0, "patch", int(np.prod(grid, dtype=np.int64))), (1, "group", groups)]
+    for trial in range(2):
+        y = jax.random.normal(jax.random.fold_in(key, trial), y_shape, outs[0].dtype)
+        for axis, what, count in checks:
+            for j in range(count if count > 1 else 0):
+                noise = jax.random.normal(jax.random.fold_in(key, 100 + j), y_shape, y.dtype)
+                t = jnp.where(ids_y[axis] == j, noise, 0)
+                leak = np.asarray(jnp.abs(through(y, t))) * (ids_a[axis] != j)
+                if leak.max() > 0:
+                    ending = "es" if what == "patch" else "s"
+                    return (
+                        f"mixes {what}{ending} after its dense/conv op: a change in {what} {j} of "
+                        f"that op's output {y_shape} moves other {what}{ending} of the block "
+                        f"output "
+                        f"{a_shape} (e.g. overlapping pooling, a second linear layer, a norm "
+                        "over channels)"
+                    )
+    return None
+
+
+def _apply_all(fns: Sequence[Callable[[Array], Array]], h: Array) -> Array:
+    for f in fns:
+        h = f(h)
+    return h
