@@ -160,10 +160,10 @@ class LocalLosses:
                 kinds.append(spec)
                 heads.append(nnx.state(spec, nnx.Param))
         self._heads = kinds
-        self._split_layout(key, x, params, heads)
+        self._split_layout(x, params)
         return {"blocks": params, "heads": heads}
 
-    def _split_layout(self, key: Array, x: Array, params: list[Any], heads: list[Any]) -> None:
+    def _split_layout(self, x: Array, params: list[Any]) -> None:
         """Patch/group layout per block, its first column, and the activity-split check."""
         kinds = self._check_init()
         layout, starts, problems, start = [], [], {}, 0
@@ -179,11 +179,15 @@ class LocalLosses:
             starts.append(start)
             start += int(np.prod(grid, dtype=np.int64)) * g
             if start - starts[-1] > 1:
-                zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
-                why = _split.check_separable(
-                    block.layer_apply, block.tail, params[i], zeros, grid, g,
-                    jax.random.fold_in(key, 7919 + i),
-                )  # fmt: skip
+                # Concrete stand-ins, evaluated now: init may run under jit/vmap, and the
+                # check reads values.
+                with jax.ensure_compile_time_eval():
+                    zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
+                    stand_in = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params[i])
+                    why = _split.check_separable(
+                        block.layer_apply, block.tail, stand_in, zeros, grid, g,
+                        jax.random.fold_in(jax.random.key(7919), i),
+                    )  # fmt: skip
                 if why is not None:
                     problems[i] = why
         scalar = self.patches is not None and not isinstance(self.patches, list)

@@ -148,6 +148,10 @@ def test_errors():
     ):
         overlap.tangent("activations")
     overlap.tangent("weights")
+    keys = jax.random.split(jax.random.key(0), 2)
+    overlap._not_separable = {}
+    jax.jit(jax.vmap(lambda k: overlap.init(k, X)))(keys)  # the check also runs when traced
+    assert list(overlap._not_separable) == [0]
     norm = fgrad_jax.local_losses(
         [nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(1))],
         num_classes=3, groups=[2, 1],

@@ -5,7 +5,7 @@ A method is named by a string (:func:`parse_method`): ``"backprop"``,
 ``"fg_<tangent>_k<K>"`` (weight-perturbed forward gradient, ``tangent`` one of ``normal``,
 ``rademacher``, ``lowrank``), ``"fg_act_k<K>"`` (activity perturbation),
 ``"local_w_k<K>"`` / ``"local_a_k<K>"`` (block-local losses, weights / activations
-perturbed), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
+perturbed; ``"local_a_split_k<K>"``: patch-/group-wise, see ``SPLITS``), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
 ``"spsa_k<K>"`` (central differences, K samples).
 
 Every run ``r`` (a learning rate and a seed) starts from ``init(fold_in(key(seed), 0))``,
@@ -94,10 +94,18 @@ class _Model:
 
 # ----------------------------------------------------------------------------- methods
 
+# Patch-/group-wise local losses (Ren et al. 2023) per benchmark model, one entry per block:
+# the CNN's first conv block (14 x 14 x 32 after pooling) in 2 x 2 patches and 4 groups, the
+# dense 256 blocks in 4 groups; the block ending in a flatten and the output block unsplit.
+SPLITS: dict[str, dict[str, Any]] = {
+    "mlp": {"groups": [4, 4, 1]},
+    "cnn": {"patches": [2, None, None, None], "groups": [4, 1, 4, 1]},
+}
+
 _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
-    "local": re.compile(r"local_([wa])_k(\d+)$"),
+    "local": re.compile(r"local_([wa])(_split)?_k(\d+)$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
 }
@@ -134,14 +142,14 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, "fg", "rademacher", "activations", int(m.group(1)))
     if m := _PATTERNS["local"].match(name):
         perturb = "weights" if m.group(1) == "w" else "activations"
-        return MethodSpec(name, "local", "rademacher", perturb, int(m.group(2)))
+        return MethodSpec(name, "local", "rademacher", perturb, int(m.group(3)))
     if m := _PATTERNS["guided"].match(name):
         return MethodSpec(name, "guided", "rademacher", "weights", int(m.group(1)))
     if m := _PATTERNS["spsa"].match(name):
         return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
-        "fg_act_k<K>, local_<w|a>_k<K>, guided_k<K> or spsa_k<K>."
+        "fg_act_k<K>, local_<w|a>[_split]_k<K>, guided_k<K> or spsa_k<K>."
     )
 
 
@@ -185,7 +193,8 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     spec = parse_method(name)
     layers = model_layers(model, num_classes)
     if spec.family == "local":
-        local = fgrad_jax.local_losses(layers, num_classes)
+        split = SPLITS[model] if "_split_" in name else {}
+        local = fgrad_jax.local_losses(layers, num_classes, **split)
         local.init(jax.random.key(0), x_example)  # creates the heads' structure
         return Method(
             spec,
