@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgrad_jax import _random
 from fgrad_jax._activity import with_perturbation
 from fgrad_jax._estimator import (
     all_finite,
@@ -27,7 +28,9 @@ class ForwardGradientState(NamedTuple):
     """State of :func:`forward_gradient`.
 
     Attributes:
-        key: PRNG key, split at every step; the step's tangents come from the split.
+        key: The PRNG key given at construction; it never changes. Step ``count``'s
+            tangents come from a key hashed from ``key`` and ``count``
+            (``fgrad_jax._random.fold_in``: no threefry call per step).
         count: Number of updates made so far (int32).
         value: Loss at the parameters of the last update, from the same JVP pass
             (float32; NaN before the first update).
@@ -58,6 +61,34 @@ def _init_key(key: int | Array) -> Array:
     if isinstance(key, jax.Array) and key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
         return jax.random.key(key)
     return as_key(key)
+
+
+def step_key(key: int | Array, count: int | Array) -> Array:
+    """The key from which :func:`forward_gradient` draws the tangents of step ``count``.
+
+    Step ``count`` of ``forward_gradient(key, ...)`` returns exactly
+    ``forward_grad(value_fn, ...)(step_key(key, count), params)``. The key is hashed from
+    ``key`` and ``count`` by integer arithmetic, not split by ``jax.random`` (a threefry
+    call per step cost more than a small model's whole step on a CPU).
+
+    Args:
+        key: The key (or int seed) given to :func:`forward_gradient`.
+        count: The step, from 0 (``state.count`` before the update).
+
+    Returns:
+        A typed PRNG key of ``key``'s implementation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> f = lambda w: jnp.sum(w**2)
+        >>> tx = fgrad_jax.forward_gradient(key=3)
+        >>> w = jnp.ones(4)
+        >>> g, _ = tx.update(None, tx.init(w), w, value_fn=f)
+        >>> bool(jnp.array_equal(g, fgrad_jax.forward_grad(f)(fgrad_jax.step_key(3, 0), w)))
+        True
+    """
+    return _random.fold_in(_init_key(key), jnp.asarray(count))
 
 
 def _aux_placeholder(aux_example: Any) -> Any:
@@ -256,7 +287,7 @@ def forward_gradient(
             if has_aux
             else _compose(_check_no_tuple("value_fn", "forward_gradient"), value_fn)
         )
-        next_key, step_key = jax.random.split(state.key)
+        step_key = _random.fold_in(state.key, state.count)
         est = estimate_forward_grad(
             fun,
             step_key,
@@ -275,7 +306,7 @@ def forward_gradient(
             lambda g: jnp.where(finite, g, jnp.full_like(g, fill)), est.grad
         )
         new_state = ForwardGradientState(
-            key=next_key,
+            key=state.key,
             count=optax.safe_increment(state.count),
             value=est.value.astype(jnp.float32),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
