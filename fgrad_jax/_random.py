@@ -74,7 +74,7 @@ def _derive(key: Array, tags: Array, n_words: int, domain: np.uint32) -> Array:
     base = tags.astype(jnp.uint32) * _PHI + domain
     words = []
     for w in range(n_words):
-        h = mix32(base + np.uint32(w) * _M2)
+        h = mix32(base + np.uint32((w * int(_M2)) & 0xFFFFFFFF))
         for j in range(data.shape[0]):
             h = mix32(h ^ data[j]) + _PHI
         words.append(mix32(h))

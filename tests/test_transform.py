@@ -189,3 +189,33 @@ def test_forward_gradient_state_accessor():
     fg = fgrad_jax.forward_gradient()
     with pytest.raises(ValueError, match="found 2"):
         fgrad_jax.forward_gradient_state((fg.init(params), fg.init(params)))
+
+
+def test_state_is_one_packed_array_with_readable_fields():
+    """Key, counters and value travel as one uint32 array (one buffer per step); the
+    properties read them back exactly, also for stacked states and other key kinds."""
+    params = init_params()
+    tx = fgrad_jax.forward_gradient(key=jax.random.key(5, impl="rbg"))
+    state = tx.init(params)
+    assert len(jax.tree_util.tree_leaves(state)) == 1
+    assert state.words.dtype == jnp.uint32 and state.words.shape == (4 + 3,)
+    _, state = tx.update(None, state, params, value_fn=quadratic)
+    assert jax.random.key_impl(state.key) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+    assert int(state.count) == 1 and int(state.num_nonfinite) == 0
+    assert float(state.value) == float(quadratic(params))
+    made = fgrad_jax.ForwardGradientState.create(
+        jax.random.key(1), jnp.int32(-3), jnp.float32(-0.0), jnp.int32(2**31 - 1)
+    )
+    assert int(made.count) == -3 and int(made.num_nonfinite) == 2**31 - 1
+    assert np.signbit(made.value) and float(made.value) == 0.0
+
+    def run(seed):
+        tx = fgrad_jax.forward_gradient(key=seed)
+        _, s = tx.update(None, tx.init(params), params, value_fn=quadratic)
+        return s
+
+    stacked = jax.vmap(run)(jnp.arange(3))
+    assert stacked.words.shape == (3, 2 + 3)
+    np.testing.assert_array_equal(stacked.count, [1, 1, 1])
+    np.testing.assert_array_equal(stacked.value, np.full(3, float(quadratic(params)), np.float32))
+    assert jax.random.key_data(stacked.key).shape == (3, 2)
