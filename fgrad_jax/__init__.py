@@ -14,6 +14,7 @@ from fgrad_jax._transform import (
     fgd,
     forward_gradient,
     forward_gradient_state,
+    step_key,
 )
 
 __version__ = "0.1.0"
@@ -41,5 +42,6 @@ __all__ = [
     "nnx_value_fn",
     "spsa",
     "spsa_gradient",
+    "step_key",
     "value_and_forward_grad",
 ]

@@ -115,7 +115,7 @@ class _Trace:
         }
 
     def draw(self, shape: tuple[int, ...], dtype: Any) -> Array:
-        seed = _random.seed_words(jax.random.fold_in(self.key, self.draws), 1)[0]
+        seed = _random.seed_words(_random.fold_in(self.key, self.draws), 1)[0]
         self.draws += 1
         return self.strategy.base.draw(seed, shape).astype(dtype)
 
@@ -312,7 +312,7 @@ class ActivityPerturbation(TangentStrategy):
                 flat[i] if isinstance(flat[i], Columns) else int(flat[i]) for i in selection.indices
             )
         schedule = self.schedule or _interpreter.schedule_for(primals)
-        return jax.random.split(key, num_tangents), (groups, schedule)
+        return _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32)), (groups, schedule)
 
     def direction(self, fun, primals, context, key) -> Direction:
         groups, schedule = context

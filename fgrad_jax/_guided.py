@@ -174,8 +174,8 @@ class GuidedForwardGradientState(NamedTuple):
     """State of :func:`guided_forward_gradient`.
 
     Attributes:
-        inner: The :class:`fgrad_jax.ForwardGradientState` (key, count, value,
-            num_nonfinite); :func:`fgrad_jax.forward_gradient_state` finds it.
+        inner: The :class:`fgrad_jax.ForwardGradientState` (key, count, value and
+            num_nonfinite, packed); :func:`fgrad_jax.forward_gradient_state` finds it.
         guess: Exponential moving average of past estimates (float32, the parameters'
             structure); zeros before the first step.
     """

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgrad_jax import _random
 from fgrad_jax._activity import with_perturbation
 from fgrad_jax._estimator import (
     all_finite,
@@ -23,27 +26,76 @@ from fgrad_jax._tangents import Tangent, resolve_tangent
 Array = jax.Array
 
 
-class ForwardGradientState(NamedTuple):
-    """State of :func:`forward_gradient`.
+_I32, _U32 = jnp.int32, jnp.uint32
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["words", "aux"], meta_fields=["key_impl"]
+)
+@dataclasses.dataclass(frozen=True)
+class ForwardGradientState:
+    """State of :func:`forward_gradient`: one uint32 array (and the aux, if any).
+
+    A jitted step pays for every array of its state it reads and writes (host dispatch,
+    one buffer per output without donation), so the key, the counters and the logged loss
+    travel packed in ``words``; read them through the properties. Build one with
+    :meth:`create`.
 
     Attributes:
-        key: PRNG key, split at every step; the step's tangents come from the split.
-        count: Number of updates made so far (int32).
-        value: Loss at the parameters of the last update, from the same JVP pass
-            (float32; NaN before the first update).
-        num_nonfinite: Number of steps whose directional derivative or loss was not
-            finite (int32); see ``on_nonfinite`` in :func:`forward_gradient`.
+        words: uint32 vector: the key's data, then ``count``, ``num_nonfinite`` and the
+            bits of ``value`` (a leading batch axis when states are stacked, e.g. vmapped
+            over seeds).
         aux: With ``has_aux=True``, the ``aux`` that ``value_fn`` returned in the last
             update's JVP pass (zeros shaped like ``aux_example`` before the first update);
             ``None`` otherwise.
+        key_impl: Name of the key's PRNG implementation (static), e.g. ``"threefry2x32"``.
     """
 
-    key: Array
-    # The field shadows tuple.count, as in optax's own states (e.g. ScaleByAdamState).
-    count: Array  # type: ignore[assignment]
-    value: Array
-    num_nonfinite: Array
+    words: Array
     aux: Any = None
+    key_impl: str = "threefry2x32"
+
+    @classmethod
+    def create(
+        cls,
+        key: Array,
+        count: Array,
+        value: Array,
+        num_nonfinite: Array,
+        aux: Any = None,
+    ) -> ForwardGradientState:
+        """Packs a typed PRNG key, the int32 counters and the float32 value."""
+        data = jax.random.key_data(key)
+        scalars = [
+            jax.lax.bitcast_convert_type(jnp.asarray(count, _I32), _U32),
+            jax.lax.bitcast_convert_type(jnp.asarray(num_nonfinite, _I32), _U32),
+            jax.lax.bitcast_convert_type(jnp.asarray(value, jnp.float32), _U32),
+        ]
+        words = jnp.concatenate([data, jnp.stack(scalars, axis=-1)], axis=-1)
+        return cls(words, aux, str(jax.random.key_impl(key)))
+
+    @property
+    def key(self) -> Array:
+        """The PRNG key given at construction; it never changes. Step ``count``'s tangents
+        come from :func:`fgrad_jax.step_key` ``(key, count)``."""
+        return jax.random.wrap_key_data(self.words[..., :-3], impl=self.key_impl)
+
+    @property
+    def count(self) -> Array:
+        """Number of updates made so far (int32)."""
+        return jax.lax.bitcast_convert_type(self.words[..., -3], _I32)
+
+    @property
+    def num_nonfinite(self) -> Array:
+        """Number of steps whose directional derivative or loss was not finite (int32);
+        see ``on_nonfinite`` in :func:`forward_gradient`."""
+        return jax.lax.bitcast_convert_type(self.words[..., -2], _I32)
+
+    @property
+    def value(self) -> Array:
+        """Loss at the parameters of the last update, from the same JVP pass (float32;
+        NaN before the first update)."""
+        return jax.lax.bitcast_convert_type(self.words[..., -1], jnp.float32)
 
 
 _ON_NONFINITE = ("zero", "nan")
@@ -58,6 +110,34 @@ def _init_key(key: int | Array) -> Array:
     if isinstance(key, jax.Array) and key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
         return jax.random.key(key)
     return as_key(key)
+
+
+def step_key(key: int | Array, count: int | Array) -> Array:
+    """The key from which :func:`forward_gradient` draws the tangents of step ``count``.
+
+    Step ``count`` of ``forward_gradient(key, ...)`` returns exactly
+    ``forward_grad(value_fn, ...)(step_key(key, count), params)``. The key is hashed from
+    ``key`` and ``count`` by integer arithmetic, not split by ``jax.random`` (a threefry
+    call per step cost more than a small model's whole step on a CPU).
+
+    Args:
+        key: The key (or int seed) given to :func:`forward_gradient`.
+        count: The step, from 0 (``state.count`` before the update).
+
+    Returns:
+        A typed PRNG key of ``key``'s implementation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> f = lambda w: jnp.sum(w**2)
+        >>> tx = fgrad_jax.forward_gradient(key=3)
+        >>> w = jnp.ones(4)
+        >>> g, _ = tx.update(None, tx.init(w), w, value_fn=f)
+        >>> bool(jnp.array_equal(g, fgrad_jax.forward_grad(f)(fgrad_jax.step_key(3, 0), w)))
+        True
+    """
+    return _random.fold_in(_init_key(key), jnp.asarray(count))
 
 
 def _aux_placeholder(aux_example: Any) -> Any:
@@ -216,7 +296,7 @@ def forward_gradient(
     def init_fn(params: optax.Params) -> ForwardGradientState:
         del params
         check_init_placement()
-        return ForwardGradientState(
+        return ForwardGradientState.create(
             key=seed_key,
             count=jnp.zeros([], jnp.int32),
             value=jnp.full([], jnp.nan, jnp.float32),
@@ -256,7 +336,7 @@ def forward_gradient(
             if has_aux
             else _compose(_check_no_tuple("value_fn", "forward_gradient"), value_fn)
         )
-        next_key, step_key = jax.random.split(state.key)
+        step_key = _random.fold_in(state.key, state.count)
         est = estimate_forward_grad(
             fun,
             step_key,
@@ -274,8 +354,8 @@ def forward_gradient(
         new_updates = jax.tree_util.tree_map(
             lambda g: jnp.where(finite, g, jnp.full_like(g, fill)), est.grad
         )
-        new_state = ForwardGradientState(
-            key=next_key,
+        new_state = ForwardGradientState.create(
+            key=state.key,
             count=optax.safe_increment(state.count),
             value=est.value.astype(jnp.float32),
             num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
@@ -334,11 +414,8 @@ def forward_gradient_state(opt_state: Any) -> ForwardGradientState:
             f"Expected exactly one ForwardGradientState in the optimizer state, found "
             f"{len(found)}. Pass the state of a transformation built with forward_gradient or fgd."
         )
-    return ForwardGradientState(
-        *(
-            jax.tree_util.tree_map(_unwrap_variable, x, is_leaf=lambda v: hasattr(v, "get_value"))
-            for x in found[0]
-        )
+    return jax.tree_util.tree_map(
+        _unwrap_variable, found[0], is_leaf=lambda v: hasattr(v, "get_value")
     )
 
 

@@ -101,10 +101,12 @@ def test_no_correlation_across_leaves_tangents_steps_neighbours(name):
     for k in range(3):
         assert abs(_corr(a[k], a[k + 1])) < lim
         assert abs(_corr(b[k], b[k + 1])) < lim
-    # across steps: the transform splits its key each step
-    key2, _ = jax.random.split(key)
-    a2 = np.asarray(TANGENTS[name](key2, leaves, 4)[0], np.float64)
-    assert abs(_corr(a[0], a2[0])) < lim
+    # across steps (the transform's key of step t is step_key(key, t)) and across
+    # neighbouring integer seeds
+    steps = [fgrad_jax.step_key(key, t) for t in range(3)] + [jax.random.key(4)]
+    later = [np.asarray(TANGENTS[name](k, leaves, 1)[0][0], np.float64) for k in steps]
+    for x, y in zip([a[0], *later], later):
+        assert abs(_corr(x, y)) < lim
     # neighbouring elements (lag 1 and lag 32) and squared values (dependence beyond linear)
     flat = a.ravel()
     for lag in (1, 2, 32):
@@ -124,6 +126,22 @@ def test_same_key_same_bits_and_legacy_key():
             np.testing.assert_array_equal(u, w)
         other = TANGENTS[name](jax.random.key(8), leaves, 3)
         assert not np.array_equal(x[0], other[0])
+
+
+def test_derived_seed_words_pass_a_chi_square_byte_test():
+    """The words hashed from a key (per leaf, and per step through step_key) are uniform in
+    every byte (chi-square, 255 dof, p > 1e-6), for a key whose data is mostly zero bits."""
+    n = 1 << 16
+    key = jax.random.PRNGKey(0)  # data [0, 0]
+    per_leaf = np.asarray(_random.seed_words(key, n)).ravel()
+    per_step = np.asarray(
+        jax.random.key_data(_random.fold_in(key, jnp.arange(n, dtype=jnp.uint32)))
+    ).ravel()
+    for words in (per_leaf, per_step):
+        assert len(np.unique(words)) > 0.99 * len(words)
+        for shift in (0, 8, 16, 24):
+            counts = np.bincount((words >> shift) & 0xFF, minlength=256)
+            assert stats.chisquare(counts).pvalue > 1e-6, shift
 
 
 def test_bits_pass_a_chi_square_byte_test():

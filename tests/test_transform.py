@@ -50,7 +50,7 @@ def test_chains_minimise_quadratic(make_tx):
     assert float(quadratic(params)) < 1e-2 * initial
 
 
-def test_state_counts_splits_key_and_logs_value():
+def test_state_counts_and_logs_value_with_a_fixed_key():
     tx = fgrad_jax.forward_gradient(key=7)
     params = init_params()
     state = tx.init(params)
@@ -60,8 +60,9 @@ def test_state_counts_splits_key_and_logs_value():
     _, s2 = tx.update(None, s1, params, value_fn=quadratic)
     assert int(s2.count) == 2
     assert float(s1.value) == pytest.approx(float(quadratic(params)))
+    # The key stays the one given; each step's tangents come from (key, count).
     keys = [jax.random.key_data(s.key) for s in (state, s1, s2)]
-    assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
+    assert all(np.array_equal(k, jax.random.key_data(jax.random.key(7))) for k in keys)
     # Same params and same state: the same update (deterministic), different state: different.
     u1, _ = tx.update(None, s1, params, value_fn=quadratic)
     u1b, _ = tx.update(None, s1, params, value_fn=quadratic)
@@ -137,11 +138,13 @@ def test_transform_matches_functional_estimator():
     key = jax.random.key(11)
     params = init_params()
     tx = fgrad_jax.forward_gradient(key=key, num_tangents=3, tangent="sphere")
-    updates, _ = tx.update(None, tx.init(params), params, value_fn=quadratic)
-    _, step_key = jax.random.split(key)
-    expected = fgrad_jax.forward_grad(quadratic, num_tangents=3, tangent="sphere")(step_key, params)
-    for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_array_equal(a, b)
+    estimator = fgrad_jax.forward_grad(quadratic, num_tangents=3, tangent="sphere")
+    state = tx.init(params)
+    for count in range(2):
+        updates, state = tx.update(None, state, params, value_fn=quadratic)
+        expected = estimator(fgrad_jax.step_key(key, count), params)
+        for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_vmap_over_seeds_runs_independent_trainings():
@@ -186,3 +189,33 @@ def test_forward_gradient_state_accessor():
     fg = fgrad_jax.forward_gradient()
     with pytest.raises(ValueError, match="found 2"):
         fgrad_jax.forward_gradient_state((fg.init(params), fg.init(params)))
+
+
+def test_state_is_one_packed_array_with_readable_fields():
+    """Key, counters and value travel as one uint32 array (one buffer per step); the
+    properties read them back exactly, also for stacked states and other key kinds."""
+    params = init_params()
+    tx = fgrad_jax.forward_gradient(key=jax.random.key(5, impl="rbg"))
+    state = tx.init(params)
+    assert len(jax.tree_util.tree_leaves(state)) == 1
+    assert state.words.dtype == jnp.uint32 and state.words.shape == (4 + 3,)
+    _, state = tx.update(None, state, params, value_fn=quadratic)
+    assert jax.random.key_impl(state.key) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+    assert int(state.count) == 1 and int(state.num_nonfinite) == 0
+    assert float(state.value) == float(quadratic(params))
+    made = fgrad_jax.ForwardGradientState.create(
+        jax.random.key(1), jnp.int32(-3), jnp.float32(-0.0), jnp.int32(2**31 - 1)
+    )
+    assert int(made.count) == -3 and int(made.num_nonfinite) == 2**31 - 1
+    assert np.signbit(made.value) and float(made.value) == 0.0
+
+    def run(seed):
+        tx = fgrad_jax.forward_gradient(key=seed)
+        _, s = tx.update(None, tx.init(params), params, value_fn=quadratic)
+        return s
+
+    stacked = jax.vmap(run)(jnp.arange(3))
+    assert stacked.words.shape == (3, 2 + 3)
+    np.testing.assert_array_equal(stacked.count, [1, 1, 1])
+    np.testing.assert_array_equal(stacked.value, np.full(3, float(quadratic(params)), np.float32))
+    assert jax.random.key_data(stacked.key).shape == (3, 2)
