@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from fgrad_jax._activity import with_perturbation
 from fgrad_jax._strategy import Selection, TangentStrategy
@@ -118,9 +120,43 @@ def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> l
     return out
 
 
-def _check_chunk(tangent_chunk: int | None, num_tangents: int) -> int:
+# With tangent_chunk=None, the K tangents go through the JVP at once while K copies of the
+# function's largest intermediate stay below this; beyond it, in chunks that do.
+AUTO_CHUNK_BYTES = 64 << 20
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
+    for value in params.values():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, jcore.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jcore.Jaxpr):
+                yield v
+
+
+def largest_intermediate_bytes(jaxpr: Any) -> int:
+    """Bytes of the largest value any equation of ``jaxpr`` (or a sub-jaxpr) produces."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                largest = max(largest, math.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
+        for sub in _sub_jaxprs(eqn.params):
+            largest = max(largest, largest_intermediate_bytes(sub))
+    return largest
+
+
+def auto_chunk(num_tangents: int, largest_bytes: int) -> int:
+    """The largest divisor of ``num_tangents`` whose tangents' copies of the largest
+    intermediate fit in :data:`AUTO_CHUNK_BYTES` (at least 1)."""
+    fits = max(1, AUTO_CHUNK_BYTES // max(largest_bytes, 1))
+    return max(c for c in range(1, num_tangents + 1) if num_tangents % c == 0 and c <= fits)
+
+
+def _check_chunk(tangent_chunk: int | None, num_tangents: int) -> int | None:
     if tangent_chunk is None:
-        return num_tangents
+        return None
     if isinstance(tangent_chunk, bool) or not isinstance(tangent_chunk, (int, np.integer)):
         raise TypeError(f"tangent_chunk must be a positive int or None; got {tangent_chunk!r}.")
     if tangent_chunk < 1 or num_tangents % tangent_chunk:
@@ -213,6 +249,11 @@ def estimate_forward_grad(
         )(x)
 
     chunk = _check_chunk(tangent_chunk, num_tangents)
+    if chunk is None:
+        chunk = num_tangents
+        if num_tangents > 1:
+            traced = jax.make_jaxpr(flat_fun)(*primals)
+            chunk = auto_chunk(num_tangents, largest_intermediate_bytes(traced.jaxpr))
     if chunk == num_tangents:
         value, derivs, aux, kept = directions(inputs)
     else:
@@ -274,7 +315,11 @@ def value_and_forward_grad(
             ``num_tangents``), one chunk after the other, each with its own primal pass:
             the step's working memory is that of ``tangent_chunk`` tangents instead of
             ``num_tangents``, for ``num_tangents / tangent_chunk`` primal passes instead
-            of one. ``None`` (default): all at once.
+            of one. ``None`` (default): all at once while ``num_tangents`` copies of the
+            function's largest intermediate value take at most 64 MiB
+            (``fgrad_jax._estimator.AUTO_CHUNK_BYTES``), else the largest chunk that
+            does (e.g. a language model's logits: one tangent at a time). Pass
+            ``tangent_chunk=num_tangents`` to force all at once.
         perturb: ``"weights"`` (tangents on the parameters, Baydin et al.) or
             ``"activations"`` (Ren et al. 2023: tangents at the outputs of the dense/conv
             ops whose kernel is a parameter, one per example; lower variance). With

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -287,6 +288,22 @@ def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
     return None
 
 
+def _nbytes(aval: Any) -> int:
+    return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+
+
+def _outgrows_inputs(eqn: Any) -> bool:
+    """Whether the equation's outputs take more bytes than its inputs (e.g. a language
+    model's logits from its activations and vocabulary matrix).
+
+    Such an output is not tied to its tangent: the tie is an elementwise op whose result
+    XLA stores beside the untied output, one more output-sized buffer, and it only pays
+    where outputs are small next to what the next layers need (deep stacks of layers).
+    """
+    ins = sum(_nbytes(v.aval) for v in eqn.invars if hasattr(v.aval, "shape"))
+    return sum(_nbytes(v.aval) for v in eqn.outvars) > ins
+
+
 def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
     env: dict[Any, tuple[Any, Any]] = {}
 
@@ -327,7 +344,7 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
             if res is None:
                 res = _fallback(eqn, ps, ts)
             outs, touts = res
-            if name in _RULES and schedule.tie_primal:
+            if name in _RULES and schedule.tie_primal and not _outgrows_inputs(eqn):
                 outs = [
                     tie_to_tangent(o, t)
                     if t is not None
@@ -341,6 +358,32 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
             env[v] = (o, t)
     outs = [read(v) for v in jaxpr.outvars]
     return [o for o, _ in outs], [t for _, t in outs]
+
+
+def _dot_concat_rule(eqn: Any, primals: list[Any], tangents: list[Any]) -> Any:
+    """``ẋ·y + x·ẏ`` as one product ``[ẋ, x]·[y; ẏ]`` (operands joined along a contracting
+    axis) when the output is larger than both operands together.
+
+    The two-product form keeps two output-sized buffers alive before the add (XLA:CPU does
+    not accumulate one product into the other); for a language model's vocabulary
+    projection that is an extra logits-sized buffer, more than the whole forward pass's
+    working memory. Joining copies the operands instead, which is cheaper exactly when
+    they are smaller than the output.
+    """
+    (x, y), (tx, ty) = primals, tangents
+    if tx is None or ty is None or _is_structured(tx) or _is_structured(ty):
+        return None
+    (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
+    if not lhs_contract or not _outgrows_inputs(eqn):
+        return None
+    subfuns, params = _bind_params(eqn)
+    joined_x = jnp.concatenate([tx.astype(x.dtype), x], axis=lhs_contract[0])
+    joined_y = jnp.concatenate([y, ty.astype(y.dtype)], axis=rhs_contract[0])
+    primal_out = eqn.primitive.bind(*subfuns, x, y, **params)
+    return [primal_out], [eqn.primitive.bind(*subfuns, joined_x, joined_y, **params)]
+
+
+register_rule("dot_general", _dot_concat_rule)
 
 
 def jvp_jaxpr(

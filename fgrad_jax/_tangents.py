@@ -182,8 +182,9 @@ def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero:
     return draw(seed ^ zero, k)
 
 
-# A Rademacher draw (one hash, a few integer ops) is always cheaper than a memory round trip.
-_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=0)
+# A Rademacher draw (one hash, a few integer ops) is cheaper than a memory round trip, but
+# drawing again means more kernels per step, which is what a small model's step costs.
+_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=1 << 20)
 # A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
 # sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
 _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fgrad_jax
+from fgrad_jax import _estimator
 
 
 def _params(width=64, depth=3):
@@ -54,7 +55,7 @@ def test_chunked_memory_does_not_grow_with_k():
         compiled = jax.jit(f).lower(jax.random.key(0), params, x).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    at_once, chunked4, chunked8 = temp(8, None), temp(4, 1), temp(8, 1)
+    at_once, chunked4, chunked8 = temp(8, 8), temp(4, 1), temp(8, 1)
     assert chunked8 <= 1.05 * chunked4, (chunked8, chunked4)
     assert chunked8 < 0.25 * at_once, (chunked8, at_once)
 
@@ -82,3 +83,37 @@ def test_forward_gradient_passes_tangent_chunk_through():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="tangent_chunk"):
         updates(3)
+
+
+def test_auto_chunk_rule():
+    mib = 1 << 20
+    assert 64 * mib == _estimator.AUTO_CHUNK_BYTES
+    assert _estimator.auto_chunk(4, 1 * mib) == 4  # small: all at once
+    assert _estimator.auto_chunk(4, 1 << 30) == 1  # a language model's logits: one at a time
+    assert _estimator.auto_chunk(6, 20 * mib) == 3  # 3 copies fit, and 3 divides 6
+    assert _estimator.auto_chunk(8, 20 * mib) == 2  # 3 copies fit, 2 is the divisor below
+    assert _estimator.auto_chunk(1, 1 << 30) == 1
+
+
+def test_default_chunks_when_the_tangents_intermediates_are_large(monkeypatch):
+    """With the default, a function whose K copies of its largest intermediate exceed the
+    limit runs in chunks: compiled temp memory as with the chunk the rule picks, and an
+    estimate bitwise that of the explicit chunk; below the limit, all at once."""
+    params, x = _params(width=512), jax.random.normal(jax.random.key(1), (2048, 32))
+    f = lambda p, x: _loss(p, x)[0]
+    largest = 2048 * 512 * 4  # the (2048, 512) hidden activations
+    traced = jax.make_jaxpr(f)(params, x)
+    assert _estimator.largest_intermediate_bytes(traced.jaxpr) == largest
+
+    def compiled(chunk):
+        est = fgrad_jax.forward_grad(f, num_tangents=8, tangent="rademacher", tangent_chunk=chunk)
+        return jax.jit(est).lower(jax.random.key(0), params, x).compile()
+
+    temp = lambda c: compiled(c).memory_analysis().temp_size_in_bytes
+    assert temp(None) == temp(8)  # 8 x 4 MiB fits in 64 MiB
+    monkeypatch.setattr(_estimator, "AUTO_CHUNK_BYTES", 2 * largest)
+    assert temp(None) == temp(2) < 0.5 * temp(8)
+    key = jax.random.key(3)
+    a, b = compiled(None)(key, params, x), compiled(2)(key, params, x)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(u, v)
