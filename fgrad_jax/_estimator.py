@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from fgrad_jax import _interpreter
 from fgrad_jax._activity import with_perturbation
 from fgrad_jax._strategy import Selection, TangentStrategy
 from fgrad_jax._tangents import Tangent, resolve_tangent
@@ -139,9 +139,7 @@ def largest_intermediate_bytes(jaxpr: Any) -> int:
     largest = 0
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
-            aval = var.aval
-            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                largest = max(largest, math.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
+            largest = max(largest, _interpreter.nbytes(var.aval))
         for sub in _sub_jaxprs(eqn.params):
             largest = max(largest, largest_intermediate_bytes(sub))
     return largest

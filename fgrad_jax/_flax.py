@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from flax.nnx import graph
 
+from fgrad_jax._activity import with_perturbation
 from fgrad_jax._estimator import check_num_tangents, estimate_forward_grad
 from fgrad_jax._tangents import Tangent, resolve_tangent
 
@@ -182,6 +183,8 @@ def nnx_value_and_forward_grad(
     tangent: Tangent = "normal",
     has_aux: bool = False,
     mask: Any = None,
+    tangent_chunk: int | None = None,
+    perturb: str = "weights",
 ) -> Callable[..., tuple[Any, Any]]:
     """Forward-gradient analogue of :func:`flax.nnx.value_and_grad` for nnx models.
 
@@ -201,6 +204,11 @@ def nnx_value_and_forward_grad(
         has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
         mask: Which ``wrt`` leaves get tangents (see :func:`fgrad_jax.forward_gradient`);
             the others get zeros. ``wrt`` filters usually express this more simply.
+        tangent_chunk: Tangents per chunk, to bound memory (see
+            :func:`fgrad_jax.value_and_forward_grad`).
+        perturb: ``"weights"`` or ``"activations"`` (then ``loss_fn`` returns
+            per-example losses of shape ``(B,)`` and the reported loss is their mean), as
+            in :func:`fgrad_jax.value_and_forward_grad`.
 
     Returns:
         ``fn(key, model, *args, **kwargs)``; ``key`` is a JAX PRNG key, new every step.
@@ -218,6 +226,7 @@ def nnx_value_and_forward_grad(
     """
     num_tangents = check_num_tangents(num_tangents)
     tangent = resolve_tangent(tangent)
+    with_perturbation(tangent, perturb)  # fails at construction on a bad combination
 
     def fn(key: Array, model: nnx.Module, *args: Any, **kwargs: Any):
         graphdef, params, rest = split_wrt(model, wrt)
@@ -240,6 +249,8 @@ def nnx_value_and_forward_grad(
             tangent=tangent,
             has_aux=True,
             fn_name="loss_fn",
+            tangent_chunk=tangent_chunk,
+            perturb=perturb,
         )
         aux, new_rest, new_arg_states = est.aux
         nnx.update(model, new_rest)

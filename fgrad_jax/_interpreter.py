@@ -288,8 +288,16 @@ def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
     return None
 
 
-def _nbytes(aval: Any) -> int:
-    return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+def nbytes(aval: Any) -> int:
+    """Bytes of an abstract value; 0 for what has no array layout (tokens) and for
+    extended dtypes such as PRNG keys (a few words each)."""
+    if not hasattr(aval, "shape") or not hasattr(aval, "dtype"):
+        return 0
+    try:
+        itemsize = np.dtype(aval.dtype).itemsize
+    except TypeError:
+        return 0
+    return math.prod(aval.shape) * itemsize
 
 
 def _outgrows_inputs(eqn: Any) -> bool:
@@ -300,8 +308,8 @@ def _outgrows_inputs(eqn: Any) -> bool:
     XLA stores beside the untied output, one more output-sized buffer, and it only pays
     where outputs are small next to what the next layers need (deep stacks of layers).
     """
-    ins = sum(_nbytes(v.aval) for v in eqn.invars if hasattr(v.aval, "shape"))
-    return sum(_nbytes(v.aval) for v in eqn.outvars) > ins
+    ins = sum(nbytes(v.aval) for v in eqn.invars)
+    return sum(nbytes(v.aval) for v in eqn.outvars) > ins
 
 
 def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):

@@ -420,3 +420,36 @@ def test_other_estimators_through_nnx_optimizer(standard_promotion, make_tx, ste
         step(model, optimizer)
     assert float(loss_fn(model, x, y)) < 0.05 * before
     assert int(fgrad_jax.forward_gradient_state(optimizer.opt_state).count) == steps
+
+
+def test_nnx_value_and_forward_grad_perturbs_activations_like_the_functional_form():
+    """perturb="activations" through the nnx helper: the same estimate, bitwise, as
+    value_and_forward_grad on the split parameters with the same key, and the reported loss
+    is the mean of the per-example losses."""
+    model = nnx.Sequential(
+        nnx.Linear(5, 16, rngs=nnx.Rngs(0)), jax.nn.relu, nnx.Linear(16, 3, rngs=nnx.Rngs(1))
+    )
+    x = jax.random.normal(jax.random.key(2), (8, 5))
+    y = jnp.arange(8) % 3
+
+    def per_example(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y)
+
+    key = jax.random.key(3)
+    grad_fn = fgrad_jax.nnx_value_and_forward_grad(
+        per_example, num_tangents=2, tangent="rademacher", perturb="activations"
+    )
+    loss, grads = grad_fn(key, model, x, y)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ref_loss, ref = fgrad_jax.value_and_forward_grad(
+        lambda p: per_example(nnx.merge(graphdef, p), x, y),
+        num_tangents=2,
+        tangent="rademacher",
+        perturb="activations",
+    )(key, params)
+    np.testing.assert_allclose(loss, jnp.mean(per_example(model, x, y)), rtol=1e-6)
+    np.testing.assert_array_equal(loss, ref_loss)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="perturb"):
+        fgrad_jax.nnx_value_and_forward_grad(per_example, perturb="inputs")
