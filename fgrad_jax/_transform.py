@@ -336,10 +336,10 @@ def forward_gradient(
             if has_aux
             else _compose(_check_no_tuple("value_fn", "forward_gradient"), value_fn)
         )
-        step_key = _random.fold_in(state.key, state.count)
+        key_of_step = step_key(state.key, state.count)
         est = estimate_forward_grad(
             fun,
-            step_key,
+            key_of_step,
             (params,),
             {},
             mask=mask,
