@@ -135,7 +135,7 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     method = make_method(name, model, split.x_train[:1])
     scan = cfg.cnn_scan if model == "cnn" else True
     logger = JsonlLogger(Path(out_dir) / "runs" / f"{model}_{name}.jsonl")
-    grid = lr_grid(method.spec)
+    grid = tuple(cfg.lrs) if cfg.lrs else lr_grid(method.spec)
     logger.log({"header": True, "model": model, "method": name, "lr_grid": grid,
                 "seeds": cfg.seeds, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "train_size": int(split.x_train.shape[0])})  # fmt: skip
