@@ -58,6 +58,8 @@ class QualityConfig:
             compiled step, much faster for convolutions on XLA:CPU).
         max_minutes: Stop starting new (model, method) runs after this many minutes; the
             skipped ones are listed in quality.json and the report.
+        lrs: Learning rates of every method's sweep (``None``: the per-family grids,
+            ``toolkit.quality_run.LR_GRIDS``).
     """
 
     preset: str = "quick"
@@ -80,6 +82,7 @@ class QualityConfig:
     eval_batch: int = 1000
     cnn_scan: bool = True
     max_minutes: float | None = None
+    lrs: tuple[float, ...] | None = None
 
 
 PRESETS = {

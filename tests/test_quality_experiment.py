@@ -21,7 +21,8 @@ from toolkit.quality_report import targets  # noqa: E402
 @pytest.mark.slow
 @pytest.mark.usefixtures("standard_promotion")
 def test_tiny_preset_end_to_end(tmp_path):
-    cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path))
+    # lrs= replaces every method's grid (the per-family grids are the default).
+    cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path), lrs=(1e-3, 3e-3))
     quality.run(cfg)
     res = read_json(tmp_path / "quality.json")
     assert set(res["methods"]) == {"backprop", "fg_act_k1"}
@@ -32,6 +33,7 @@ def test_tiny_preset_end_to_end(tmp_path):
             assert isinstance(e[key], float) and e[key] >= 0.0, (name, key)
         assert 0.0 <= e["test_acc"] <= 1.0
         assert len(e["test_acc_per_seed"]) == 3
+        assert e["sweep"]["lrs"] == [1e-3, 3e-3]
         assert e["lr"] in e["sweep"]["lrs"]
         assert len(e["sweep"]["val_acc"]) == len(e["sweep"]["lrs"])
         assert e["forward_only"] == (name != "backprop")
@@ -48,6 +50,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert all(abs(c) < 0.9 for c in cos_fg)
     md = (tmp_path / "quality.md").read_text()
     assert "| `fg_act_k1` | yes |" in md and "Ren et al." in md
+    assert "a 2-value learning-rate sweep" in md
     for fig in ("mlp_accuracy.png", "mlp_cosine.png"):
         assert (tmp_path / fig).stat().st_size > 1000
 

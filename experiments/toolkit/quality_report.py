@@ -194,6 +194,7 @@ def write_report(out: str | Path) -> Path:
     L += ["", "## Targets of issue 10", "", *targets(methods)]
     L += ["", "Ranking (the targets ask the quick preset to rank the methods as the full one):", ""]
     L += [f"- {m.upper()}: {ranking(methods, m)}" for m in models]
+    n_lrs = max((len(e["sweep"]["lrs"]) for r in methods.values() for e in r.values()), default=0)
     L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", "",
           "| data set (model) | method | test accuracy % |", "|---|---|---|"]  # fmt: skip
     for ds, row in REN.items():
@@ -203,8 +204,10 @@ def write_report(out: str | Path) -> Path:
           "CIFAR-10) for many more epochs, with their LocalMixer architecture, patch- and "
           "group-wise local losses and tuned schedules; here a plain MLP and the Flax example "
           "CNN on Fashion-MNIST (a harder data set than MNIST: backprop MLPs reach about 89-90 "
-          "%, not 98 %), block-wise local losses only, few epochs and a 3-value learning-rate "
-          "sweep. Compare the gaps to backprop, not the absolute numbers.", ""]  # fmt: skip
+          "%, not 98 %), block-wise local losses (`local_*_split_*`: split into channel "
+          "groups and patches as in Ren et al., without their architecture), few epochs and a "
+          f"{n_lrs}-value learning-rate sweep. Compare the gaps to backprop, not the absolute "
+          "numbers.", ""]  # fmt: skip
     L += ["## Figures", ""] + [f"![{f}]({f})" for f in figs]
     path = out / "quality.md"
     path.write_text("\n".join(L) + "\n")
