@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -125,22 +125,13 @@ def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> l
 AUTO_CHUNK_BYTES = 64 << 20
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
-    for value in params.values():
-        for v in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(v, jcore.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jcore.Jaxpr):
-                yield v
-
-
 def largest_intermediate_bytes(jaxpr: Any) -> int:
     """Bytes of the largest value any equation of ``jaxpr`` (or a sub-jaxpr) produces."""
     largest = 0
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
             largest = max(largest, _interpreter.nbytes(var.aval))
-        for sub in _sub_jaxprs(eqn.params):
+        for sub in jcore.jaxprs_in_params(eqn.params):
             largest = max(largest, largest_intermediate_bytes(sub))
     return largest
 
