@@ -307,11 +307,17 @@ class LocalLosses:
         num_tangents: int = 1,
         perturb: str = "activations",
         tangent: str = "rademacher",
+        tangent_chunk: int | None = None,
     ) -> optax.GradientTransformationExtraArgs:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents; the state's
-        ``value`` is the sum over blocks of the mean local losses."""
+        ``value`` is the sum over blocks of the mean local losses. ``tangent_chunk`` is
+        :func:`fgrad_jax.forward_gradient`'s (``None``: automatic; ``num_tangents``: all
+        tangents in one pass, for accelerators with memory to spare)."""
         return forward_gradient(
-            key, num_tangents=num_tangents, tangent=self.tangent(perturb, tangent)
+            key,
+            num_tangents=num_tangents,
+            tangent=self.tangent(perturb, tangent),
+            tangent_chunk=tangent_chunk,
         )
 
     def update_model(self, params: Any) -> None:

@@ -188,3 +188,28 @@ def test_parameterless_callables_before_the_first_layer():
     params = local.init(jax.random.key(0), x)
     assert params["blocks"][0]["kernel"].shape == (16, 16)
     assert local.losses(params, x, y).shape == (8, 2)
+
+
+@pytest.mark.parametrize("perturb", ["activations", "weights"])
+def test_forward_gradient_passes_tangent_chunk_through(perturb):
+    """Chunks change the order of the K passes, not the estimate; a chunk that does not
+    divide K is refused with the argument named."""
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    local = fgrad_jax.local_losses(mlp_blocks(), num_classes=3)
+    params = local.init(jax.random.key(0), x)
+
+    def updates(chunk):
+        tx = local.forward_gradient(3, num_tangents=4, perturb=perturb, tangent_chunk=chunk)
+        return jax.jit(lambda p: tx.update(None, tx.init(p), p, value_fn=local.value_fn(x, y))[0])(
+            params
+        )
+
+    at_once = updates(4)
+    for chunk in (None, 1, 2):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(at_once), jax.tree_util.tree_leaves(updates(chunk))
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tangent_chunk"):
+        updates(3)

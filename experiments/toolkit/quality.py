@@ -188,10 +188,13 @@ class Method:
 def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, **opts) -> Method:
     """The :class:`Method` ``name`` on the benchmark model ``model``.
 
-    ``opts``: ``spsa_epsilon`` (1e-3), ``guided_residual`` (0.1), ``guided_beta`` (0.99).
+    ``opts``: ``spsa_epsilon`` (1e-3), ``guided_residual`` (0.1), ``guided_beta`` (0.99),
+    ``tangents_at_once`` (``False``: the library's automatic tangent chunks; ``True``: all K
+    tangents in one pass, ``tangent_chunk=K``, for accelerators with memory to spare).
     """
     spec = parse_method(name)
     layers = model_layers(model, num_classes)
+    chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family == "local":
         split = SPLITS[model] if "_split_" in name else {}
         local = fgrad_jax.local_losses(layers, num_classes, **split)
@@ -200,7 +203,11 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
             spec,
             init=lambda key: local.init(key, x_example),
             estimator=lambda key: local.forward_gradient(
-                key, num_tangents=spec.k, perturb=spec.perturb, tangent=spec.tangent
+                key,
+                num_tangents=spec.k,
+                perturb=spec.perturb,
+                tangent=spec.tangent,
+                tangent_chunk=chunk,
             ),
             objective=lambda p, x, y: local.losses(p, x, y),
             predict=local.predict,
@@ -219,8 +226,9 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
 
         def estimator(key):
             return fgrad_jax.forward_gradient(
-                key, num_tangents=spec.k, tangent=spec.tangent, perturb=spec.perturb
-            )
+                key, num_tangents=spec.k, tangent=spec.tangent, perturb=spec.perturb,
+                tangent_chunk=chunk,
+            )  # fmt: skip
     elif spec.family == "guided":
 
         def estimator(key):
@@ -333,8 +341,8 @@ def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = T
 
 
 def make_accuracy(method: Method, eval_batch: int) -> Callable:
-    """``accuracy(params, xs, ys) -> (runs,)``, in batches of ``eval_batch`` (the rest of
-    ``xs`` beyond a multiple of it is not used: pick sizes that divide)."""
+    """``accuracy(params, xs, ys) -> (runs,)``, in batches of ``eval_batch``, which must
+    divide ``len(xs)``."""
     hits = jax.jit(
         jax.vmap(
             lambda p, x, y: jnp.sum(method.predict(p, x).argmax(-1) == y), in_axes=(0, None, None)
@@ -342,7 +350,10 @@ def make_accuracy(method: Method, eval_batch: int) -> Callable:
     )
 
     def accuracy(params, xs, ys):
-        n = xs.shape[0] // eval_batch
+        n, rest = divmod(xs.shape[0], eval_batch)
+        if rest or not n:
+            raise ValueError(f"eval_batch={eval_batch} must divide the {xs.shape[0]} images "
+                             "scored; pick a divisor.")  # fmt: skip
         total = sum(
             hits(params, xs[i * eval_batch : (i + 1) * eval_batch],
                  ys[i * eval_batch : (i + 1) * eval_batch])
