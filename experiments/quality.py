@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report", metavar="DIR", help="only write quality.md and the figures of a finished run"
     )
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="with --report: compare the ranking with another finished run's (Kendall's tau)",
+    )
     add_overrides(parser, QualityConfig, [f.name for f in dataclasses.fields(QualityConfig)
                                           if f.name != "preset"])  # fmt: skip
     args = parser.parse_args(argv)
     if args.report:
         from toolkit.quality_report import write_report
 
-        print(f"[quality] wrote {write_report(args.report)}")
+        print(f"[quality] wrote {write_report(args.report, args.against)}")
         return
     cfg = apply_overrides(PRESETS[args.preset], args)
     run(cfg)

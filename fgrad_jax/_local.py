@@ -85,6 +85,23 @@ def _layers(blocks: Any) -> list[Any]:
     return list(blocks)
 
 
+def _explicit_block(index: int, entries: Sequence[Any]) -> _Block:
+    """One block given as a list: its one module with parameters and the callables
+    before (``pre``) and after (``tail``) it."""
+    owners = [j for j, entry in enumerate(entries) if _has_params(entry)]
+    if len(owners) != 1:
+        raise ValueError(
+            f"Block {index} holds {len(owners)} modules with parameters; each block of an "
+            "explicit list needs exactly one (split it into that many blocks, or wrap the "
+            "layers in one module)."
+        )
+    for entry in entries:
+        if not callable(entry):
+            raise TypeError(f"Block entries must be modules or callables; got {entry!r}.")
+    j = owners[0]
+    return _Block(entries[j], list(entries[j + 1 :]), list(entries[:j]))
+
+
 def _default_head_init(key: Array, features: int, num_classes: int) -> dict[str, Array]:
     kernel = jax.random.normal(key, (features, num_classes)) / np.sqrt(features)
     return {"kernel": kernel.astype(jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
@@ -340,7 +357,11 @@ def local_losses(
 
     Every module with parameters starts a block; parameterless callables (activations,
     pooling, reshapes) and parameterless nnx modules join the block before them (the first
-    block if they come first). Each block gets a head mapping its output to class scores
+    block if they come first). To draw the boundaries yourself, pass a list of blocks, each
+    a list holding exactly one module with parameters and the callables around it: e.g.
+    ``[[conv1, relu, pool], [conv2, relu, pool], [flatten, dense, relu], [dense_out]]`` puts
+    the flatten in the dense block, so that the second conv block keeps a spatial output
+    that ``patches=`` can split. Each block gets a head mapping its output to class scores
     (default: mean over every axis but the first and last, then a linear layer, created by
     :meth:`LocalLosses.init`); the last block needs none when its output is already
     ``(B, num_classes)``. Heads are trained by forward gradients of their own block's loss
@@ -349,7 +370,8 @@ def local_losses(
 
     Args:
         blocks: An ``nnx.Sequential``, an ``nn.Sequential`` or a list of nnx modules, linen
-            modules (with ``params`` only) and parameterless callables, in order.
+            modules (with ``params`` only) and parameterless callables, in order; or a
+            list of such lists, one per block (explicit boundaries, see above).
         num_classes: Number of classes of the heads' outputs.
         loss: ``"softmax_cross_entropy"`` (integer labels) or ``loss(logits, labels) ->
             (B,)`` per-example losses.
@@ -392,8 +414,19 @@ def local_losses(
         ([((2, 2), 4)], (4, 16))
     """
     layers = _layers(blocks)
-    grouped: list[_Block] = []
-    leading: list[Callable[[Array], Array]] = []
+    nested = [isinstance(layer, (list, tuple)) for layer in layers]
+    if layers and all(nested):
+        grouped = [_explicit_block(i, entries) for i, entries in enumerate(layers)]
+        leading: list[Callable[[Array], Array]] = grouped[0].pre
+        layers = []
+    elif any(nested):
+        raise TypeError(
+            "blocks mixes lists and single layers: pass either a flat sequence of layers "
+            "(boundaries drawn at every module with parameters) or a list of blocks, each a "
+            "list with one module with parameters, e.g. [[conv, relu], [flatten, dense]]."
+        )
+    else:
+        grouped, leading = [], []
     for layer in layers:
         if _has_params(layer):
             grouped.append(_Block(layer, []))

@@ -211,3 +211,54 @@ def test_split_local_losses_train_on_digits(standard_promotion):
     _, _, acc_plain = run()
     msg = (before, after, acc, acc_plain)
     assert before - after > 0.3 and acc > 0.4 and acc > acc_plain + 0.2, msg
+
+
+def flatten(h):
+    return h.reshape(h.shape[0], -1)
+
+
+def explicit_blocks(dense_in=16 * 8):
+    """A conv net whose flatten sits in the dense block (explicit boundaries), so the second
+    conv block keeps its (4, 4, 8) spatial output and can be split into patches."""
+    return [
+        [nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.relu, pool2],
+        [nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(1)), nnx.relu],
+        [flatten, nnx.Linear(dense_in, 3, rngs=nnx.Rngs(2))],
+    ]
+
+
+def test_explicit_blocks_match_the_automatic_grouping():
+    flat = [nn.Dense(8), nn.relu, nn.Dense(8), jnp.tanh, nn.Dense(3)]
+    auto = fgrad_jax.local_losses(flat, num_classes=3)
+    explicit = fgrad_jax.local_losses([flat[:2], flat[2:4], flat[4:]], num_classes=3)
+    x = X.reshape(4, -1)
+    params = auto.init(jax.random.key(0), x)
+    same = explicit.init(jax.random.key(0), x)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(same)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(auto.losses(params, x, Y), explicit.losses(params, x, Y))
+
+
+def test_explicit_boundary_lets_the_second_conv_block_split():
+    """With the flatten in the next block, patches=2 reaches the second conv block: its
+    column count grows 4x, and the activity estimates stay unbiased."""
+    local = fgrad_jax.local_losses(explicit_blocks(), num_classes=3, patches=[2, 2, None])
+    params = local.init(jax.random.key(0), X)
+    assert [grid for grid, _ in local.layout[:2]] == [(2, 2), (2, 2)]
+    assert local.losses(params, X, Y).shape == (4, 4 + 4 + 1)
+    check_unbiased(local, params, samples(local, params, "activations"))
+    # The block after the flatten takes the flat features: 4 x 4 x 8 = 128.
+    assert params["blocks"][2]["kernel"].shape == (128, 3)
+
+
+def test_explicit_block_errors():
+    conv = nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Block 1 holds 0 modules with parameters"):
+        fgrad_jax.local_losses([[conv, nnx.relu], [flatten]], num_classes=3)
+    two = [nn.Dense(4), nn.relu, nn.Dense(3)]
+    with pytest.raises(ValueError, match="Block 0 holds 2 modules with parameters"):
+        fgrad_jax.local_losses([two], num_classes=3)
+    with pytest.raises(TypeError, match="mixes lists and single layers"):
+        fgrad_jax.local_losses([[conv, nnx.relu], nn.Dense(3)], num_classes=3)
+    with pytest.raises(TypeError, match="modules or callables; got 3"):
+        fgrad_jax.local_losses([[conv, 3]], num_classes=3)

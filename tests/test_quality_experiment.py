@@ -13,9 +13,10 @@ sys.path.insert(0, str(EXPERIMENTS_DIR))
 
 import quality  # noqa: E402
 import toolkit.quality  # noqa: E402
+import toolkit.quality_report  # noqa: E402
 from toolkit.io import read_json, read_jsonl  # noqa: E402
 from toolkit.quality import parse_method  # noqa: E402
-from toolkit.quality_report import targets  # noqa: E402
+from toolkit.quality_report import agreement_lines, targets  # noqa: E402
 
 
 @pytest.mark.slow
@@ -42,6 +43,7 @@ def test_tiny_preset_end_to_end(tmp_path):
         finals = [r for r in recs if r.get("phase") == "final" and "acc" in r]
         assert [r["epoch"] for r in finals] == [1]
         assert finals[-1]["acc"] == pytest.approx(e["test_acc_per_seed"])
+        assert e["compile_s"] > 0.0  # the warm-up chunk, outside the clock
     # One epoch of 20 steps of backprop is far above chance (10 %) on Fashion-MNIST.
     assert res["methods"]["backprop"]["mlp"]["test_acc"] > 0.4
     # Backprop's estimate is the gradient; the forward gradient's cosine is far below 1.
@@ -78,8 +80,52 @@ def test_targets_met_and_missed():
     assert "gap 1.50 points" in lines[0] and "**met**" in lines[0]
     assert "gap 10.00 points" in lines[1] and "**missed** by 7.00 points" in lines[1]
     assert "+20.00 points" in lines[2] and "**met**" in lines[2]
+    # The 15-point target takes the best local + activations method, whatever its K or split.
+    methods["local_a_split_k16"] = {"cnn": _entry(0.85)}
+    line = targets(methods)[2]
+    assert "best: `local_a_split_k16`, 85.00 %" in line and "+25.00 points" in line
+    methods["fg_normal_k4"]["cnn"] = _entry(0.71)
+    assert "+14.00 points" in targets(methods)[2] and "**missed** by 1.00" in targets(methods)[2]
+
+
+def test_ranking_agreement_lines():
+    def run(accs, std):
+        return {n: {"mlp": {"test_acc": a, "test_acc_std": std}} for n, a in accs.items()}
+
+    quick = run({"backprop": 0.9, "a": 0.60, "b": 0.62, "c": 0.3}, std=0.03)
+    full = run({"backprop": 0.95, "a": 0.80, "b": 0.70, "c": 0.4, "only_full": 0.5}, std=0.001)
+    lines = agreement_lines(quick, full, "full")
+    assert "4 methods in both, Kendall's tau 0.67 (5 of 6 pairs in the same order)" in lines[2]
+    assert "`a` vs `b`" in lines[3] and "within the seeds' noise in one run" in lines[3]
+    quick["b"]["mlp"]["test_acc"] = 0.7  # now 10 points apart here, 10 there: a real swap
+    assert "beyond the seeds' noise in both" in agreement_lines(quick, full, "full")[3]
 
 
 def test_toolkit_quality_docstring_examples():
-    result = doctest.testmod(toolkit.quality, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 2 and result.failed == 0
+    for module in (toolkit.quality, toolkit.quality_report):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted >= 1 and result.failed == 0
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_splitall_splits_the_second_conv_block():
+    """``local_a_splitall``: the CNN's blocks drawn with the flatten in the dense block, so the
+    second conv block is split too (7 x 7 patches x 4 groups = 196 loss columns instead of 1);
+    the first block keeps 2 x 2 patches x 4 groups, the dense block 4 groups, the output 1."""
+    import jax
+    import jax.numpy as jnp
+
+    x, y = jnp.zeros((2, 28, 28, 1)), jnp.zeros(2, jnp.int32)
+    columns = {}
+    for name in ("local_a_split_k2", "local_a_splitall_k2"):
+        method = toolkit.quality.make_method(name, "cnn", x[:1])
+        columns[name] = method.objective(method.init(jax.random.key(0)), x, y).shape
+    assert columns == {"local_a_split_k2": (2, 16 + 1 + 4 + 1),
+                       "local_a_splitall_k2": (2, 16 + 196 + 4 + 1)}  # fmt: skip
+
+
+def test_eval_batch_must_divide_the_splits(tmp_path):
+    cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path), eval_batch=300)
+    with pytest.raises(ValueError, match="eval_batch=300 must divide the val_size"):
+        quality.run(cfg)
+    assert not (tmp_path / "quality.json").exists()

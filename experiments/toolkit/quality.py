@@ -5,7 +5,8 @@ A method is named by a string (:func:`parse_method`): ``"backprop"``,
 ``"fg_<tangent>_k<K>"`` (weight-perturbed forward gradient, ``tangent`` one of ``normal``,
 ``rademacher``, ``lowrank``), ``"fg_act_k<K>"`` (activity perturbation),
 ``"local_w_k<K>"`` / ``"local_a_k<K>"`` (block-local losses, weights / activations
-perturbed; ``"local_a_split_k<K>"``: patch-/group-wise, see ``SPLITS``), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
+perturbed; ``"local_a_split_k<K>"``: patch-/group-wise, see ``SPLITS``;
+``"local_a_splitall_k<K>"``: every block split, see ``SPLITS_ALL``), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
 ``"spsa_k<K>"`` (central differences, K samples).
 
 Every run ``r`` (a learning rate and a seed) starts from ``init(fold_in(key(seed), 0))``,
@@ -101,11 +102,33 @@ SPLITS: dict[str, dict[str, Any]] = {
     "mlp": {"groups": [4, 4, 1]},
     "cnn": {"patches": [2, None, None, None], "groups": [4, 1, 4, 1]},
 }
+# Every block split: the CNN's blocks drawn explicitly with the flatten in the dense block
+# (the same function), so that the second conv block (7 x 7 x 64) keeps its spatial axes and
+# is split into 7 x 7 patches (one per position) and 4 groups, as Ren et al. split every block.
+SPLITS_ALL: dict[str, dict[str, Any]] = {
+    "mlp": SPLITS["mlp"],
+    "cnn": {"patches": [2, 7, None, None], "groups": [4, 4, 4, 1]},
+}
+
+
+def model_blocks(name: str, num_classes: int = 10) -> list[Any]:
+    """The benchmark model's layers as explicit local-loss blocks (``local_a_splitall``):
+    the MLP's automatic blocks; the CNN's with the flatten at the start of the dense block.
+
+    Example:
+        >>> [len(b) for b in model_blocks("cnn")]
+        [3, 3, 3, 1]
+    """
+    layers = model_layers(name, num_classes)
+    if name == "mlp":
+        return layers
+    return [layers[0:3], layers[3:6], layers[6:9], layers[9:]]
+
 
 _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
-    "local": re.compile(r"local_([wa])(_split)?_k(\d+)$"),
+    "local": re.compile(r"local_([wa])(_split|_splitall)?_k(\d+)$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
 }
@@ -149,7 +172,7 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
-        "fg_act_k<K>, local_<w|a>[_split]_k<K>, guided_k<K> or spsa_k<K>."
+        "fg_act_k<K>, local_<w|a>[_split|_splitall]_k<K>, guided_k<K> or spsa_k<K>."
     )
 
 
@@ -197,6 +220,8 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family == "local":
         split = SPLITS[model] if "_split_" in name else {}
+        if "_splitall_" in name:
+            layers, split = model_blocks(model, num_classes), SPLITS_ALL[model]
         local = fgrad_jax.local_losses(layers, num_classes, **split)
         local.init(jax.random.key(0), x_example)  # creates the heads' structure
         return Method(

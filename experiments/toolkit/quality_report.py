@@ -104,6 +104,59 @@ def ranking(methods: dict, model: str) -> str:
     return " > ".join(f"`{n}` {_pct(a)}" for a, n in reversed(got))
 
 
+def ranking_agreement(a: dict, b: dict, model: str) -> dict:
+    """How two runs order the methods both trained on ``model``: Kendall's tau (1: the same
+    order) and the pairs they order differently, each with both runs' accuracies and the
+    larger seed std of each run's two entries (a swap within either is noise).
+
+    Example:
+        >>> run = lambda accs: {n: {"mlp": {"test_acc": x, "test_acc_std": 0.01}}
+        ...                     for n, x in accs.items()}
+        >>> r = ranking_agreement(run({"p": 0.9, "q": 0.5, "r": 0.4}),
+        ...                       run({"p": 0.8, "q": 0.6, "r": 0.7}), "mlp")
+        >>> r["tau"], [d["pair"] for d in r["discordant"]]
+        (0.3333333333333333, [('q', 'r')])
+    """
+    names = [n for n in a if model in a[n] and model in b.get(n, {})]
+    acc = lambda run, n: run[n][model]["test_acc"]
+    concordant, discordant = 0, []
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            if (acc(a, x) - acc(a, y)) * (acc(b, x) - acc(b, y)) > 0:
+                concordant += 1
+                continue
+            std = lambda run, x=x, y=y: max(run[x][model].get("test_acc_std", 0.0),
+                                            run[y][model].get("test_acc_std", 0.0))  # fmt: skip
+            discordant.append({"pair": (x, y), "a": (acc(a, x), acc(a, y)), "a_std": std(a),
+                               "b": (acc(b, x), acc(b, y)), "b_std": std(b)})  # fmt: skip
+    pairs = concordant + len(discordant)
+    tau = (concordant - len(discordant)) / pairs if pairs else float("nan")
+    return {"methods": names, "tau": tau, "discordant": discordant}
+
+
+def agreement_lines(methods: dict, other: dict, other_name: str) -> list[str]:
+    """The report's section comparing this run's ranking with ``other``'s."""
+    lines = [f"## Ranking against {other_name}", ""]
+    for model in ("mlp", "cnn"):
+        r = ranking_agreement(methods, other, model)
+        if len(r["methods"]) < 2:
+            continue
+        pairs = len(r["methods"]) * (len(r["methods"]) - 1) // 2
+        lines.append(f"- {model.upper()}: {len(r['methods'])} methods in both, Kendall's tau "
+                     f"{r['tau']:.2f} ({pairs - len(r['discordant'])} of {pairs} pairs in the "
+                     "same order).")  # fmt: skip
+        for d in r["discordant"]:
+            gaps = [100 * abs(d[s][0] - d[s][1]) for s in ("a", "b")]
+            noise = gaps[0] <= 100 * d["a_std"] or gaps[1] <= 100 * d["b_std"]
+            lines.append(f"  - `{d['pair'][0]}` vs `{d['pair'][1]}`: {_pct(d['a'][0])} / "
+                         f"{_pct(d['a'][1])} here (std ≤ {100 * d['a_std']:.2f}), "
+                         f"{_pct(d['b'][0])} / {_pct(d['b'][1])} there (std ≤ "
+                         f"{100 * d['b_std']:.2f}): "
+                         + ("within the seeds' noise in one run." if noise else
+                            "beyond the seeds' noise in both."))  # fmt: skip
+    return [*lines, ""]
+
+
 def targets(methods: dict) -> list[str]:
     """One line per target of issue 10: met or missed, by how much, and the diagnostics."""
     lines = []
@@ -143,8 +196,9 @@ def targets(methods: dict) -> list[str]:
     return lines
 
 
-def write_report(out: str | Path) -> Path:
-    """Writes ``quality.md`` and the figures next to ``quality.json``."""
+def write_report(out: str | Path, against: str | Path | None = None) -> Path:
+    """Writes ``quality.md`` and the figures next to ``quality.json``; with ``against`` (the
+    directory of another run, e.g. the full preset's), a section comparing the rankings."""
     out = Path(out)
     res = read_json(out / "quality.json")
     methods, cfg = res["methods"], res["config"]
@@ -202,6 +256,9 @@ def write_report(out: str | Path) -> Path:
     L += ["", "## Targets of issue 10", "", *targets(methods)]
     L += ["", "Ranking (the targets ask the quick preset to rank the methods as the full one):", ""]
     L += [f"- {m.upper()}: {ranking(methods, m)}" for m in models]
+    if against is not None:
+        other = read_json(Path(against) / "quality.json")["methods"]
+        L += ["", *agreement_lines(methods, other, f"`{Path(against).name}`")]
     n_lrs = max((len(e["sweep"]["lrs"]) for r in methods.values() for e in r.values()), default=0)
     L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", "",
           "| data set (model) | method | test accuracy % |", "|---|---|---|"]  # fmt: skip
