@@ -24,7 +24,8 @@ import fgrad_jax
 
 # The methods the targets of issue 10 name come first (a --max-minutes budget cuts the last).
 ALL_METHODS = (
-    "backprop", "fg_normal_k4", "local_a_split_k32", "local_a_split_k64", "fg_act_k16",
+    "backprop", "fg_normal_k4", "local_a_splitall_k64", "local_a_splitall_k32",
+    "local_a_split_k32", "local_a_split_k64", "fg_act_k16",
     "local_a_split_k16", "local_a_k1", "fg_act_k1", "local_w_k1", "spsa_k1", "guided_k1",
     "fg_rademacher_k4", "fg_lowrank_k4", "fg_normal_k1", "fg_rademacher_k1", "fg_lowrank_k1",
     "fg_normal_k16", "fg_rademacher_k16", "fg_lowrank_k16", "local_a_k16", "fg_act_k32",
