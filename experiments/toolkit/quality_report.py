@@ -106,8 +106,9 @@ def ranking(methods: dict, model: str) -> str:
 
 def ranking_agreement(a: dict, b: dict, model: str) -> dict:
     """How two runs order the methods both trained on ``model``: Kendall's tau (1: the same
-    order) and the pairs they order differently, each with both runs' accuracies and the
-    larger seed std of each run's two entries (a swap within either is noise).
+    order; tied pairs are left out) and the pairs they order differently, each with both
+    runs' accuracies and the larger seed std of each run's two entries (a swap within
+    either is noise).
 
     Example:
         >>> run = lambda accs: {n: {"mlp": {"test_acc": x, "test_acc_std": 0.01}}
@@ -122,8 +123,10 @@ def ranking_agreement(a: dict, b: dict, model: str) -> dict:
     concordant, discordant = 0, []
     for i, x in enumerate(names):
         for y in names[i + 1 :]:
-            if (acc(a, x) - acc(a, y)) * (acc(b, x) - acc(b, y)) > 0:
+            order = (acc(a, x) - acc(a, y)) * (acc(b, x) - acc(b, y))
+            if order > 0:
                 concordant += 1
+            if order >= 0:  # same order, or a tie in either run (neither order)
                 continue
             std = lambda run, x=x, y=y: max(run[x][model].get("test_acc_std", 0.0),
                                             run[y][model].get("test_acc_std", 0.0))  # fmt: skip
@@ -131,7 +134,7 @@ def ranking_agreement(a: dict, b: dict, model: str) -> dict:
                                "b": (acc(b, x), acc(b, y)), "b_std": std(b)})  # fmt: skip
     pairs = concordant + len(discordant)
     tau = (concordant - len(discordant)) / pairs if pairs else float("nan")
-    return {"methods": names, "tau": tau, "discordant": discordant}
+    return {"methods": names, "tau": tau, "concordant": concordant, "discordant": discordant}
 
 
 def agreement_lines(methods: dict, other: dict, other_name: str) -> list[str]:
@@ -141,9 +144,9 @@ def agreement_lines(methods: dict, other: dict, other_name: str) -> list[str]:
         r = ranking_agreement(methods, other, model)
         if len(r["methods"]) < 2:
             continue
-        pairs = len(r["methods"]) * (len(r["methods"]) - 1) // 2
+        pairs = r["concordant"] + len(r["discordant"])
         lines.append(f"- {model.upper()}: {len(r['methods'])} methods in both, Kendall's tau "
-                     f"{r['tau']:.2f} ({pairs - len(r['discordant'])} of {pairs} pairs in the "
+                     f"{r['tau']:.2f} ({r['concordant']} of {pairs} untied pairs in the "
                      "same order).")  # fmt: skip
         for d in r["discordant"]:
             gaps = [100 * abs(d[s][0] - d[s][1]) for s in ("a", "b")]
