@@ -102,6 +102,30 @@ def _explicit_block(index: int, entries: Sequence[Any]) -> _Block:
     return _Block(entries[j], list(entries[j + 1 :]), list(entries[:j]))
 
 
+def _automatic_blocks(layers: list[Any]) -> list[_Block]:
+    """Blocks starting at every module with parameters; parameterless entries join the block
+    before them (the first block's ``pre`` when they come first)."""
+    grouped: list[_Block] = []
+    leading: list[Callable[[Array], Array]] = []
+    for layer in layers:
+        if _has_params(layer):
+            grouped.append(_Block(layer, []))
+        elif not callable(layer):
+            raise TypeError(f"Block entries must be modules or callables; got {layer!r}.")
+        elif grouped:
+            grouped[-1].tail.append(layer)
+        else:
+            leading.append(layer)
+    if not grouped:
+        raise ValueError(
+            "local_losses needs at least one block with parameters; got "
+            f"{len(layers)} entries and none has parameters. Pass the model's layers in "
+            "order, e.g. nnx.Sequential(nnx.Linear(...), nnx.relu, nnx.Linear(...))."
+        )
+    grouped[0].pre = leading
+    return grouped
+
+
 def _default_head_init(key: Array, features: int, num_classes: int) -> dict[str, Array]:
     kernel = jax.random.normal(key, (features, num_classes)) / np.sqrt(features)
     return {"kernel": kernel.astype(jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
@@ -417,8 +441,6 @@ def local_losses(
     nested = [isinstance(layer, (list, tuple)) for layer in layers]
     if layers and all(nested):
         grouped = [_explicit_block(i, entries) for i, entries in enumerate(layers)]
-        leading: list[Callable[[Array], Array]] = grouped[0].pre
-        layers = []
     elif any(nested):
         raise TypeError(
             "blocks mixes lists and single layers: pass either a flat sequence of layers "
@@ -426,23 +448,7 @@ def local_losses(
             "list with one module with parameters, e.g. [[conv, relu], [flatten, dense]]."
         )
     else:
-        grouped, leading = [], []
-    for layer in layers:
-        if _has_params(layer):
-            grouped.append(_Block(layer, []))
-        elif not callable(layer):
-            raise TypeError(f"Block entries must be modules or callables; got {layer!r}.")
-        elif grouped:
-            grouped[-1].tail.append(layer)
-        else:
-            leading.append(layer)
-    if not grouped:
-        raise ValueError(
-            "local_losses needs at least one block with parameters; got "
-            f"{len(layers)} entries and none has parameters. Pass the model's layers in "
-            "order, e.g. nnx.Sequential(nnx.Linear(...), nnx.relu, nnx.Linear(...))."
-        )
-    grouped[0].pre = leading
+        grouped = _automatic_blocks(layers)
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable.")
