@@ -19,7 +19,6 @@ Two layouts of the same network:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from toolkit import environment
+from toolkit import environment, write_json
 from toolkit.quality import SPLITS, SPLITS_ALL, model_blocks, model_layers
 
 import fgrad_jax
@@ -60,7 +59,9 @@ def perturbed_per_column(layers: list, split: dict, x: jax.Array) -> list[int]:
 def block_cosines(local, params, x, y, k: int, keys: int) -> jax.Array:
     """Cosine of each block's estimate (block and head parameters) with its true gradient,
     mean over ``keys`` tangent draws."""
-    true = jax.grad(lambda p: local.losses(p, x, y).mean(0).sum())(params)
+    true = fgrad_jax.diagnostics.true_gradient(
+        lambda p: local.losses(p, x, y).mean(0).sum(), params
+    )
     est = fgrad_jax.forward_grad(
         local.value_fn(x, y), num_tangents=k, tangent=local.tangent("activations")
     )
@@ -90,10 +91,13 @@ def run_layout(name: str, ds, args) -> dict:
     tx = optax.chain(local.forward_gradient(args.seed, num_tangents=args.k), optax.adam(args.lr))
     state = tx.init(params)
 
+    batches = args.train_size // args.batch_size
+
     @jax.jit
     def step(params, state, i):
-        idx = jax.random.permutation(jax.random.fold_in(jax.random.key(1), i // 200), 200)
-        start = (idx[i % 200] * args.batch_size) % (args.train_size - args.batch_size)
+        # Every batch once per epoch, in a fresh order each epoch.
+        order = jax.random.permutation(jax.random.fold_in(jax.random.key(1), i // batches), batches)
+        start = order[i % batches] * args.batch_size
         xb = jax.lax.dynamic_slice_in_dim(x_all, start, args.batch_size)
         yb = jax.lax.dynamic_slice_in_dim(y_all, start, args.batch_size)
         updates, state = tx.update(None, state, params, value_fn=local.value_fn(xb, yb))
@@ -139,8 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[split-diag] {name}: perturbed activations per loss column "
               f"{r['perturbed_per_column']}, held-out accuracy {r['heldout_acc_at_end']:.3f}")  # fmt: skip
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.out, results)
     return results
 
 
