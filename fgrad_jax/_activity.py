@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,23 @@ _interpreter.register_structured_type(_View)
 
 @dataclasses.dataclass
 class _Site:
+    """A dense/conv op whose output is perturbed: ``op(lhs, kernel(leaf))``."""
+
     leaf: int
-    fn: Callable[[Array], Array]  # leaf value -> op output (linear in the leaf)
+    op: Callable[[Array, Array], Array]  # (input, kernel) -> output, linear in the kernel
+    kernel: Callable[[Array], Array]  # leaf value -> the op's kernel operand
+    lhs: Array
     u: Array
     name: str
     bias: tuple[int, Callable[[Array], Array]] | None = None
+
+
+def _bind(primitive: Any, params: dict[str, Any], lhs: Array, rhs: Array) -> Array:
+    return primitive.bind(lhs, rhs, **params)
+
+
+def _op_of(site: _Site, lhs: Array, w: Array) -> Array:
+    return site.op(lhs, site.kernel(w))
 
 
 def _broadcast_view(fn: Callable[[Array], Array], shape: tuple[int, ...], w: Array) -> Array:
@@ -160,8 +172,7 @@ class _Trace:
         if tl is not None:
             tl = tl.dense() if isinstance(tl, _View) else tl
             t_out = t_out + eqn.primitive.bind(tl, rhs, **params).astype(out.dtype)
-        fn = lambda w: eqn.primitive.bind(lhs, tr.fn(w), **params)
-        site = _Site(tr.leaf, fn, u, name)
+        site = _Site(tr.leaf, functools.partial(_bind, eqn.primitive, params), tr.fn, lhs, u, name)
         self.sites.append(site)
         self.by_var[eqn.outvars[0]] = site
         return [out], [t_out]
@@ -181,10 +192,12 @@ class _Trace:
             return [out], [tangents[i]]
         return None
 
-    def estimates(self, d: Array, groups: tuple[Any, ...] | None) -> list[Array]:
-        """One estimate per leaf from the per-example derivatives ``d``."""
+    def cotangents(self, d: Array, groups: tuple[Any, ...] | None) -> Kept:
+        """This tangent's share of the estimate, before any weight contraction: the
+        cotangent ``d ⊙ u`` of every site (float32) and each weight-perturbed leaf's
+        ``mean_b(d_b) v``. Both are linear in the tangent, so the K tangents' shares are
+        summed before :meth:`contract` applies each op's transposed map once."""
         d = d.astype(jnp.float32)
-        out = [jnp.zeros(p.shape, jnp.float32) for p in self.primals]
 
         def column(leaf):
             if groups is None:
@@ -199,19 +212,38 @@ class _Trace:
             dl = column(site.leaf)
             return site.u.astype(jnp.float32) * dl.reshape((-1,) + (1,) * (site.u.ndim - 1))
 
+        weights = {
+            leaf: jnp.mean(column(leaf)) * v.astype(jnp.float32)
+            for leaf, v in self.weights.items()
+        }
+        return Kept([scaled(site) for site in self.sites], weights)
+
+    def contract(self, kept: Kept, inputs: list[Array]) -> list[Array]:
+        """Per leaf: ``(1/B) Σ_sites J_siteᵀ ct_site`` plus the weight-perturbed terms, for
+        cotangents already summed over the tangents (one contraction per site); ``inputs``
+        are the sites' ``lhs`` as returned from the vmap over tangents."""
+        out = [jnp.zeros(p.shape, jnp.float32) for p in self.primals]
+
         def add(leaf, fn, ct):
             _, pull = jax.vjp(fn, self.primals[leaf])
             (g,) = pull(ct.astype(jnp.result_type(fn(self.primals[leaf]))))
             out[leaf] = out[leaf] + g.astype(jnp.float32) * np.float32(1 / self.batch)
 
-        for site in self.sites:
-            ct = scaled(site)
-            add(site.leaf, site.fn, ct)
+        for site, ct, lhs in zip(self.sites, kept.cotangents, inputs):
+            add(site.leaf, functools.partial(_op_of, site, lhs), ct)
             if site.bias is not None:
                 add(site.bias[0], site.bias[1], ct)
-        for leaf, v in self.weights.items():
-            out[leaf] = out[leaf] + jnp.mean(column(leaf)) * v.astype(jnp.float32)
+        for leaf, term in kept.weights.items():
+            out[leaf] = out[leaf] + term
         return out
+
+
+class Kept(NamedTuple):
+    """What one tangent's JVP keeps for the update: the site cotangents, in the order of
+    ``_Trace.sites``, and the weight-perturbed leaves' terms (leaf index -> term)."""
+
+    cotangents: list[Array]
+    weights: dict[int, Array]
 
 
 class Columns(NamedTuple):
@@ -312,10 +344,15 @@ class ActivityPerturbation(TangentStrategy):
                 flat[i] if isinstance(flat[i], Columns) else int(flat[i]) for i in selection.indices
             )
         schedule = self.schedule or _interpreter.schedule_for(primals)
-        return _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32)), (groups, schedule)
+        # The vmap over tangents traces direction() once; sum_tangents reads that trace's
+        # sites right after it (the sites' inputs come out of the vmap as its unbatched
+        # output ``shared``).
+        traces: list[_Trace] = []
+        keys = _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32))
+        return keys, (groups, schedule, traces)
 
     def direction(self, fun, primals, context, key) -> Direction:
-        groups, schedule = context
+        groups, schedule, traces = context
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
         losses_shape = out_shape[0].shape
         if groups is not None:
@@ -334,10 +371,19 @@ class ActivityPerturbation(TangentStrategy):
         losses, d = outs[0], touts[0]
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
-        return Direction(value, d, aux, trace.estimates(d, groups))
+        traces.append(trace)
+        shared = [site.lhs for site in trace.sites]
+        return Direction(value, d, aux, trace.cotangents(d, groups), shared)
+
+    sums_tangents: ClassVar[bool] = True
+
+    def sum_tangents(self, kept, shared, context):
+        summed = jax.tree.map(lambda a: jnp.sum(a, axis=0), kept)
+        return context[2][-1].contract(summed, shared)
 
     def combine(self, derivatives, primals, context, kept):
-        return [jnp.mean(k, axis=0).astype(p.dtype) for k, p in zip(kept, primals)]
+        k = np.float32(derivatives.shape[0])
+        return [(s / k).astype(p.dtype) for s, p in zip(kept, primals)]
 
 
 def with_perturbation(strategy: TangentStrategy, perturb: str) -> TangentStrategy:

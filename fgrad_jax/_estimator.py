@@ -234,10 +234,11 @@ def estimate_forward_grad(
     inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
 
     def directions(x):
-        return jax.vmap(
+        value, derivs, aux, kept, shared = jax.vmap(
             lambda xi: tuple(strategy.direction(flat_fun, primals, context, xi)),
-            out_axes=(None, 0, None, 0),
+            out_axes=(None, 0, None, 0, None),
         )(x)
+        return value, derivs, aux, strategy.sum_tangents(kept, shared, context)
 
     chunk = _check_chunk(tangent_chunk, num_tangents)
     if chunk is None:
@@ -255,7 +256,10 @@ def estimate_forward_grad(
         value, derivs, aux, kept = jax.lax.map(directions, jax.tree.map(split, inputs))
         value, aux = value[0], jax.tree.map(lambda a: a[0], aux)
         merge = lambda a: a.reshape(num_tangents, *a.shape[2:])
-        derivs, kept = merge(derivs), jax.tree.map(merge, kept)
+        derivs = merge(derivs)
+        kept = jax.tree.map(
+            (lambda a: jnp.sum(a, axis=0)) if strategy.sums_tangents else merge, kept
+        )
     derivs = derivs.astype(jnp.float32)
     grads = strategy.combine(derivs, primals, context, kept)
     grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]

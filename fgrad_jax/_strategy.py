@@ -9,7 +9,10 @@ Every estimate runs the same pipeline (``_estimator.estimate_forward_grad``)::
 ``prepare`` returns per-tangent ``inputs`` (every leaf with a leading axis of size K, what
 the vmap maps over) and a ``context`` shared by all K (seeds, options). ``direction`` runs
 one JVP and returns ``(value, derivative, aux, kept)``; ``kept`` is whatever the JVP drew
-that ``combine`` needs again (the vmap stacks it over K). ``combine`` turns the K
+that ``combine`` needs again (the vmap stacks it over K). ``sum_tangents`` then runs once
+per chunk of tangents, right after the vmap: a strategy whose estimate is linear in
+something per-tangent (activity perturbation: the cotangent of each weight contraction)
+sums it there and contracts once, instead of once per tangent. ``combine`` turns the K
 directional derivatives into one estimate per leaf. The primal does not depend on the
 tangent, so under the vmap it is computed once and only the tangent work is batched.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +39,29 @@ class Selection(NamedTuple):
 
 
 class Direction(NamedTuple):
+    """One tangent's JVP: ``kept`` is batched over the tangents; ``value``, ``aux`` and
+    ``shared`` do not depend on the tangent (one copy for all K; ``shared`` is for
+    :meth:`TangentStrategy.sum_tangents`)."""
+
     value: Array
     derivative: Array
     aux: Any
     kept: Any
+    shared: Any = None
 
 
 class TangentStrategy(abc.ABC):
     """One family of tangent distributions (dense samples, counter hashes, low rank, ...)."""
+
+    #: ``True`` when :meth:`sum_tangents` returns one sum per chunk instead of ``kept`` with
+    #: its K axis: the pipeline then adds the chunks' sums rather than stacking them.
+    sums_tangents: ClassVar[bool] = False
+
+    def sum_tangents(self, kept: Any, shared: Any, context: Any) -> Any:
+        """Runs after the vmap over one chunk of tangents (same trace), with the JVP's
+        ``kept`` (K axis first) and ``shared``: by default ``kept`` unchanged; see
+        :attr:`sums_tangents`."""
+        return kept
 
     @abc.abstractmethod
     def prepare(

@@ -1,12 +1,18 @@
-"""Estimates that must stay bit for bit the same across refactorings of the estimator.
+"""Estimates that must stay the same across refactorings of the estimator (bit for bit on one
+machine, within a rounding-level tolerance across CPUs).
 
 ``tests/data/golden_estimates.npz`` was written by ``python tests/golden_estimates.py``
 (one device). First at commit 5f7ee5c, before the estimator was split into tangent
 strategies (the split left every entry bitwise unchanged); rewritten once since, on purpose,
 when the per-leaf seeds and the transformation's step keys changed from threefry
 (``jax.random.bits``/``split``) to the integer hash of ``_random.fold_in`` (issue 11).
-``test_golden.py`` recomputes every entry and compares bitwise, with one device (subprocess)
-and with the test suite's eight.
+``test_golden.py`` recomputes every entry, with one device (subprocess) and with the test
+suite's eight, and compares within :data:`RELATIVE_TOLERANCE` of each entry's largest
+magnitude: XLA:CPU emits different code per instruction set (AVX2 vs AVX-512), so results
+differ at rounding level between CPUs (measured: 6.7e-7 of the scale on an AMD EPYC against
+a file written on another CPU). A real change of the estimator moves entries by far more
+(another tangent draw changes them completely). For refactors on one machine,
+``python tests/golden_estimates.py --check --bitwise`` compares bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +27,24 @@ import numpy as np
 import fgrad_jax
 
 DATA = Path(__file__).resolve().parent / "data" / "golden_estimates.npz"
+RELATIVE_TOLERANCE = 2e-5
+
+
+def mismatches(ref: dict, got: dict, bitwise: bool = False) -> list[str]:
+    """Entries of ``got`` farther from ``ref`` than the tolerance (or not bitwise equal)."""
+    bad = []
+    for k in ref:
+        r, o = np.asarray(ref[k], np.float64), np.asarray(got[k], np.float64)
+        if bitwise:
+            ok = np.array_equal(ref[k], got[k])
+        else:
+            scale = float(np.max(np.abs(r), initial=0.0))
+            ok = r.shape == o.shape and bool(
+                np.all(np.abs(r - o) <= RELATIVE_TOLERANCE * scale)
+            )
+        if not ok:
+            bad.append(k)
+    return bad
 
 
 def _params():
@@ -106,11 +130,11 @@ def compute() -> dict[str, np.ndarray]:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--check":
-        ref = np.load(DATA)
+        ref = dict(np.load(DATA))
         got = compute()
-        bad = [k for k in ref.files if not np.array_equal(ref[k], got[k])]
-        missing = sorted(set(ref.files) ^ set(got))
-        print({"n": len(ref.files), "mismatched": bad, "missing": missing})
+        bad = mismatches(ref, got, bitwise="--bitwise" in sys.argv)
+        missing = sorted(set(ref) ^ set(got))
+        print({"n": len(ref), "mismatched": bad, "missing": missing})
         sys.exit(1 if bad or missing else 0)
     DATA.parent.mkdir(exist_ok=True)
     np.savez(DATA, **compute())
