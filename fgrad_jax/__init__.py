@@ -5,6 +5,7 @@ from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
 from fgrad_jax._local import LocalLosses, local_losses
+from fgrad_jax._local_model import LocalAux, LocalVariables, ModelLocalLosses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._spsa import spsa, spsa_gradient
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
@@ -25,7 +26,10 @@ __all__ = [
     "TANGENT_NAMES",
     "ForwardGradientState",
     "GuidedForwardGradientState",
+    "LocalAux",
     "LocalLosses",
+    "LocalVariables",
+    "ModelLocalLosses",
     "Tangent",
     "apply_forward_gradient",
     "datasets",

@@ -192,14 +192,18 @@ class _Trace:
             return [out], [tangents[i]]
         return None
 
-    def cotangents(self, d: Array, groups: tuple[Any, ...] | None) -> Kept:
+    def cotangents(self, d: Array, groups: tuple[Any, ...] | None, coupled: bool) -> Kept:
         """This tangent's share of the estimate, before any weight contraction: the
         cotangent ``d ⊙ u`` of every site (float32) and each weight-perturbed leaf's
         ``mean_b(d_b) v``. Both are linear in the tangent, so the K tangents' shares are
         summed before :meth:`contract` applies each op's transposed map once."""
         d = d.astype(jnp.float32)
+        # Examples coupled through the batch (BatchNorm in training mode): example b's
+        # activations move every example's loss, so u_b is scored by the derivative of the
+        # whole batch's loss, which keeps E[.] = the gradient (at a higher variance).
+        d_sites = jnp.broadcast_to(jnp.sum(d, axis=0, keepdims=True), d.shape) if coupled else d
 
-        def column(leaf):
+        def column(leaf, d=d):
             if groups is None:
                 return d
             spec = groups[leaf]
@@ -208,13 +212,12 @@ class _Trace:
         def scaled(site):
             spec = None if groups is None else groups[site.leaf]
             if isinstance(spec, Columns) and spec.split:
-                return spec.per_element(d, site.u.astype(jnp.float32), site.name)
-            dl = column(site.leaf)
+                return spec.per_element(d_sites, site.u.astype(jnp.float32), site.name)
+            dl = column(site.leaf, d_sites)
             return site.u.astype(jnp.float32) * dl.reshape((-1,) + (1,) * (site.u.ndim - 1))
 
         weights = {
-            leaf: jnp.mean(column(leaf)) * v.astype(jnp.float32)
-            for leaf, v in self.weights.items()
+            leaf: jnp.mean(column(leaf)) * v.astype(jnp.float32) for leaf, v in self.weights.items()
         }
         return Kept([scaled(site) for site in self.sites], weights)
 
@@ -314,12 +317,17 @@ class ActivityPerturbation(TangentStrategy):
             is estimated from column ``groups[i]`` only (block-local losses). An entry may
             be a :class:`Columns` instead: a block split into patch/group columns.
         schedule: Overrides the ``_interpreter.Schedule`` (never changes a value).
+        batch_coupled: The per-example losses depend on other examples' activations
+            (BatchNorm in training mode): each perturbation is then scored by the whole
+            batch's directional derivative ``Σ_b d_b`` instead of its own example's
+            ``d_b``, which keeps the estimate unbiased (at a higher variance).
     """
 
     base: Any
     activations: bool = True
     groups: Callable[[Any], Any] | None = None
     schedule: _interpreter.Schedule | None = None
+    batch_coupled: bool = False
 
     def check_value(self, out: Any, fn_name: str) -> Array:
         out = jnp.asarray(out)
@@ -373,7 +381,8 @@ class ActivityPerturbation(TangentStrategy):
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
         traces.append(trace)
         shared = [site.lhs for site in trace.sites]
-        return Direction(value, d, aux, trace.cotangents(d, groups), shared)
+        kept = trace.cotangents(d, groups, self.batch_coupled)
+        return Direction(value, d, aux, kept, shared)
 
     sums_tangents: ClassVar[bool] = True
 

@@ -27,6 +27,7 @@ from flax import nnx
 from fgrad_jax import _local_split as _split
 from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
+from fgrad_jax._local_model import ModelLocalLosses, _default_head_init, _pool
 from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
 
@@ -78,9 +79,10 @@ def _layers(blocks: Any) -> list[Any]:
         return list(blocks.layers)
     if isinstance(blocks, (nnx.Module, nn.Module)) or not isinstance(blocks, Sequence):
         raise TypeError(
-            "local_losses needs the model as an ordered sequence of blocks: an "
+            "local_losses needs the model as an ordered sequence of blocks (an "
             "nnx.Sequential, an nn.Sequential, or a list of nnx/linen modules and "
-            f"parameterless callables; got {type(blocks).__name__}."
+            f"parameterless callables); got {type(blocks).__name__}. For a model class, say "
+            "where its blocks end: local_losses(model, num_classes, boundaries=BlockClass)."
         )
     return list(blocks)
 
@@ -124,18 +126,6 @@ def _automatic_blocks(layers: list[Any]) -> list[_Block]:
         )
     grouped[0].pre = leading
     return grouped
-
-
-def _default_head_init(key: Array, features: int, num_classes: int) -> dict[str, Array]:
-    kernel = jax.random.normal(key, (features, num_classes)) / np.sqrt(features)
-    return {"kernel": kernel.astype(jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
-
-
-def _pool(h: Array) -> Array:
-    """Global average over every axis but the batch (first) and the features (last)."""
-    if h.ndim == 1:
-        return h[:, None]
-    return jnp.mean(h, axis=tuple(range(1, h.ndim - 1))) if h.ndim > 2 else h
 
 
 class LocalLosses:
@@ -376,7 +366,8 @@ def local_losses(
     head: Any = None,
     patches: int | tuple[int, ...] | list[Any] | None = None,
     groups: int | list[int | None] = 1,
-) -> LocalLosses:
+    boundaries: Any = None,
+) -> LocalLosses | ModelLocalLosses:
     """Trains a sequence of blocks with block-local losses and forward gradients.
 
     Every module with parameters starts a block; parameterless callables (activations,
@@ -437,6 +428,18 @@ def local_losses(
         >>> split.layout, split.losses(p, xs, jnp.zeros(4, jnp.int32)).shape
         ([((2, 2), 4)], (4, 16))
     """
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable.")
+        loss = LOSSES[loss]
+    if boundaries is not None:
+        if head is not None or patches is not None or groups != 1:
+            raise ValueError(
+                "With boundaries=, every block gets the default head (mean over the spatial "
+                "axes, then a linear layer) and one loss column; head=, patches= and groups= "
+                "work with a block list for now: local_losses([[conv, relu], ...], ...)."
+            )
+        return ModelLocalLosses(blocks, num_classes, loss, boundaries)
     layers = _layers(blocks)
     nested = [isinstance(layer, (list, tuple)) for layer in layers]
     if layers and all(nested):
@@ -449,10 +452,6 @@ def local_losses(
         )
     else:
         grouped = _automatic_blocks(layers)
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"Unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable.")
-        loss = LOSSES[loss]
     if isinstance(head, (list, tuple)) and len(head) != len(grouped):
         raise ValueError(
             f"head has {len(head)} entries but the model has {len(grouped)} blocks "

@@ -39,9 +39,7 @@ def mismatches(ref: dict, got: dict, bitwise: bool = False) -> list[str]:
             ok = np.array_equal(ref[k], got[k])
         else:
             scale = float(np.max(np.abs(r), initial=0.0))
-            ok = r.shape == o.shape and bool(
-                np.all(np.abs(r - o) <= RELATIVE_TOLERANCE * scale)
-            )
+            ok = r.shape == o.shape and bool(np.all(np.abs(r - o) <= RELATIVE_TOLERANCE * scale))
         if not ok:
             bad.append(k)
     return bad
