@@ -300,6 +300,7 @@ class ModelLocalLosses:
         which loss column each parameter feeds. ``kwargs`` go to the model's call (e.g.
         ``train=True``)."""
         k_model, k_drop, k_heads = jax.random.split(key, 3)
+        state: Any
         if self._linen:
             init = jax.jit(functools.partial(self.model.init, **kwargs))  # one compile
             variables = dict(init({"params": k_model, "dropout": k_drop}, x))
