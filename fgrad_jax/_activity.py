@@ -287,20 +287,16 @@ class Columns(NamedTuple):
                 f"spatial axis) and {g} channel groups. Train with the input shape given to "
                 "init(), or choose patches/groups that divide this output."
             )
+        # The column derivatives expanded to u's own shape (each repeated over its patch's
+        # rows and its group's channels) rather than u reshaped into patch/group axes: with
+        # the K tangents' cotangents summed before a convolution's kernel contraction, the
+        # reshaped form miscompiled on XLA:CPU (jax 0.10.2: NaNs, then a segfault).
         b = u.shape[0]
-        split: list[int] = [b]
-        dshape: list[int] = [b]
-        if n:
-            for s, p in zip(sizes, self.patches):
-                split += [p, s // p]
-                dshape += [p, 1]
-        else:
-            split += list(sizes)
-            dshape += [1] * len(sizes)
-        split += [g, u.shape[-1] // g]
-        dshape += [g, 1]
-        dl = d[:, self.start : self.start + self.size].reshape(dshape)
-        return (u.reshape(split) * dl).reshape(u.shape)
+        grid = self.patches if n else (1,) * len(sizes)
+        dl = d[:, self.start : self.start + self.size].reshape(b, *grid, g)
+        for axis, (s, p) in enumerate(zip(sizes, grid), start=1):
+            dl = jnp.repeat(dl, s // p, axis=axis)
+        return u * jnp.repeat(dl, u.shape[-1] // g, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -262,3 +262,20 @@ def test_explicit_block_errors():
         fgrad_jax.local_losses([[conv, nnx.relu], nn.Dense(3)], num_classes=3)
     with pytest.raises(TypeError, match="modules or callables; got 3"):
         fgrad_jax.local_losses([[conv, 3]], num_classes=3)
+
+
+@pytest.mark.parametrize("patches,groups", [(None, 2), (2, 2), (2, 1)])
+def test_compiled_split_estimates_match_eager_with_several_tangents(patches, groups):
+    """The K tangents' cotangents are summed before the conv's kernel contraction; one form
+    of the per-column scaling miscompiled under jit on XLA:CPU (NaNs, later a segfault)."""
+    local = fgrad_jax.local_losses(
+        [nn.Conv(8, (3, 3)), nn.relu], 10, patches=patches, groups=groups
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    params = local.init(jax.random.key(0), x)
+    f = fgrad_jax.forward_grad(
+        local.value_fn(x, jnp.arange(4) % 10), num_tangents=3, tangent=local.tangent()
+    )
+    compiled, eager = jax.jit(f)(jax.random.key(1), params), f(jax.random.key(1), params)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
