@@ -40,14 +40,19 @@ class QualityConfig:
         preset: Name of the preset the other fields came from.
         out_dir: Output directory.
         data_dir: Directory of the four Fashion-MNIST IDX files (default: the Debian package's).
-        models: Models to train: ``mlp`` (784-256-256-10) and/or ``cnn`` (Flax MNIST example).
+        models: Models to train: ``mlp`` (784-256-256-10), ``cnn`` (Flax MNIST example) and/or
+            ``resnet`` (ResNet-18 with BatchNorm, 16 filters, trained as an unchanged class;
+            ``toolkit/resnet.py``).
         methods: Method names trained on the MLP (see experiments/toolkit/quality.py).
         cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
+        resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
+            ``local_a_k<K>``, ``local_w_k<K>``).
         epochs: Training epochs of every method.
         sweep_epochs: Epochs of the learning-rate sweep (seed ``seeds[0]``, held-out split).
         batch_size: Minibatch size.
         train_size: Training images of the MLP (``None``: all but the held-out split).
         cnn_train_size: Training images of the CNN (``None``: as ``train_size``).
+        resnet_train_size: Training images of the ResNet (``None``: as ``train_size``).
         val_size: Held-out training images for the sweep (and the cosine batches).
         test_size: Test images (``None``: all 10,000).
         seeds: Seeds of the final runs (vmapped together).
@@ -72,11 +77,13 @@ class QualityConfig:
     models: tuple[str, ...] = ("mlp", "cnn")
     methods: tuple[str, ...] = ALL_METHODS
     cnn_methods: tuple[str, ...] | None = None
+    resnet_methods: tuple[str, ...] = ("backprop", "fg_normal_k4", "local_a_k16", "local_a_k32")
     epochs: int = 10
     sweep_epochs: int = 1
     batch_size: int = 128
     train_size: int | None = None
     cnn_train_size: int | None = None
+    resnet_train_size: int | None = None
     val_size: int = 5000
     test_size: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -115,6 +122,8 @@ PRESETS = {
             "spsa_k1",
         ),
         cnn_methods=("backprop", "fg_normal_k4", "fg_act_k1", "local_a_split_k16"),
+        resnet_methods=("backprop", "fg_normal_k4", "local_a_k16"),
+        resnet_train_size=2_048,
         epochs=3,
         batch_size=64,
         train_size=10_000,
@@ -144,7 +153,7 @@ PRESETS = {
 
 def run(cfg: QualityConfig) -> dict:
     """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
-    for name in (*cfg.methods, *(cfg.cnn_methods or ())):
+    for name in (*cfg.methods, *(cfg.cnn_methods or ()), *cfg.resnet_methods):
         from toolkit.quality import parse_method
 
         parse_method(name)  # unknown names fail before any work
@@ -158,6 +167,8 @@ def run(cfg: QualityConfig) -> dict:
     for model in cfg.models:
         names = cfg.methods if model == "mlp" or cfg.cnn_methods is None else cfg.cnn_methods
         size = cfg.cnn_train_size if model == "cnn" and cfg.cnn_train_size else cfg.train_size
+        if model == "resnet":
+            names, size = cfg.resnet_methods, cfg.resnet_train_size or cfg.train_size
         splits[model] = make_split(ds, model, size, cfg.val_size, cfg.test_size,
                                    cfg.diag_batches, cfg.batch_size)  # fmt: skip
         todo += [(names.index(n), model, n) for n in names]

@@ -63,13 +63,14 @@ class LocalAux(NamedTuple):
             counters): pass it to the next step.
         block_losses: ``(L,)`` mean loss of every block (the last is the model's own).
         loss: The model's own mean loss on the batch (its output under ``loss``).
-        logits: The model's output for the batch.
+        accuracy: Fraction of the batch whose largest output is the label (NaN when the
+            labels are not integer class indices of shape ``(B,)``).
     """
 
     state: Any
     block_losses: Array
     loss: Array
-    logits: Array
+    accuracy: Array
 
 
 def _path_str(path: Any) -> Path:
@@ -345,9 +346,13 @@ class ModelLocalLosses:
         columns = tuple(_column_of_leaves(run_outputs, leaves))
         y = jnp.zeros(jnp.shape(x)[:1], jnp.int32)
         self._layout = _Layout(tuple(taps.paths), columns, None, False)
-        with jax.ensure_compile_time_eval():
+        with jax.ensure_compile_time_eval():  # concrete even when init is traced
+            y4 = jnp.zeros((4,), jnp.int32)
+            probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
             coupled = _batch_coupled(
-                lambda p, xs: self.losses(p, xs, y, state, rngs=rngs, **kwargs)[0], params, x
+                lambda ps, xs: self.losses(ps[0], xs, y4, ps[1], rngs=probe_rngs, **kwargs)[0],
+                (params, state),
+                x,
             )
         self._layout = self._layout._replace(coupled=coupled)
         aux = jax.eval_shape(lambda p: self.losses(p, x, y, state, rngs=rngs, **kwargs)[1], params)
@@ -391,7 +396,7 @@ class ModelLocalLosses:
         cols.append(self.loss(out, y))
         table = jnp.stack(cols, axis=1)
         block = jnp.mean(table.astype(jnp.float32), axis=0)
-        return table, LocalAux(new_state, block, block[-1], out)
+        return table, LocalAux(new_state, block, block[-1], _accuracy(out, y))
 
     def value_fn(
         self, x: Array, y: Array, state: Any = None, *, rngs: Any = None, **kwargs
@@ -441,7 +446,7 @@ class ModelLocalLosses:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents and
         ``has_aux=True``: after each update ``forward_gradient_state(opt_state).aux`` is
         the step's :class:`LocalAux` (new state, per-block losses, the model's loss,
-        logits); ``.value`` is the sum over blocks of the mean losses."""
+        accuracy); ``.value`` is the sum over blocks of the mean losses."""
         return forward_gradient(
             key,
             num_tangents=num_tangents,
@@ -457,15 +462,27 @@ class ModelLocalLosses:
             nnx.update(self.model, params["model"], *([state] if state is not None else []))
 
 
+def _accuracy(out: Array, y: Array) -> Array:
+    if out.ndim != 2 or jnp.shape(y) != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+        return jnp.float32(jnp.nan)
+    return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))
+
+
 def _batch_coupled(losses: Callable[[Any, Array], Array], params: Any, x: Array) -> bool:
-    """Whether changing example 0 changes another example's losses (at stand-in values
-    when ``params``/``x`` are traced, e.g. init under jit: coupling is structural)."""
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves((params, x))):
-        keys = iter(jax.random.split(jax.random.key(7919), 1 + len(jax.tree.leaves(params))))
-        stand_in = lambda a: jax.random.normal(next(keys), jnp.shape(a), jnp.result_type(a))
-        params, x = jax.tree.map(stand_in, params), stand_in(x)
-    if jnp.shape(x)[0] < 2:
-        return False
+    """Whether changing example 0 changes another example's losses, on a stand-in batch of
+    four examples (and stand-in parameters when they are traced, e.g. init under jit or
+    vmap): coupling is a property of the program, not of the values."""
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
+        keys = iter(jax.random.split(jax.random.key(7919), len(jax.tree.leaves(params))))
+
+        def stand_in(a):
+            k, dtype = next(keys), jnp.result_type(a)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                return jnp.zeros(jnp.shape(a), dtype)
+            return 0.5 + jnp.abs(jax.random.normal(k, jnp.shape(a), dtype))  # > 0: variances
+
+        params = jax.tree.map(stand_in, params)
+    x = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), jnp.result_type(x))
     run = jax.jit(losses)
     before = run(params, x)
     after = run(params, x.at[0].add(1.0))

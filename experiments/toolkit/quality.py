@@ -191,21 +191,45 @@ class Method:
             updates by the method's estimate (``None`` for backprop).
         objective: ``objective(params, x, y)``: what the estimator is given as ``value_fn``
             (per-example losses for activity perturbation, ``(B, L)`` for local losses).
-        predict: ``predict(params, x) -> logits``.
-        model: The model's name (``"mlp"`` or ``"cnn"``).
+            A model with mutable state (``init_state`` given) has ``objective(params, x, y,
+            model_state) -> (out, aux)`` instead, its estimator ``has_aux``, and
+            ``new_state(aux)`` the state after the step.
+        predict: ``predict(params, x) -> logits`` (``predict(params, x, model_state)``).
+        model: The model's name (``"mlp"``, ``"cnn"``, ``"resnet"``).
+        init_state: ``init_state(key) -> model_state`` (BatchNorm statistics); ``None`` for
+            models without mutable state.
+        new_state: ``new_state(aux) -> model_state`` (with ``init_state``).
     """
 
     spec: MethodSpec
     init: Callable[[Array], Any]
     estimator: Callable[[Array], optax.GradientTransformationExtraArgs] | None
-    objective: Callable[[Any, Array, Array], Array]
-    predict: Callable[[Any, Array], Array]
+    objective: Callable[..., Any]
+    predict: Callable[..., Array]
     model: str = ""
+    init_state: Callable[[Array], Any] | None = None
+    new_state: Callable[[Any], Any] | None = None
 
-    def mean_objective(self, params: Any, x: Array, y: Array) -> Array:
-        """The scalar whose gradient the estimator estimates (sum over blocks of the means)."""
-        out = self.objective(params, x, y)
-        return jnp.sum(jnp.mean(out, axis=0)) if out.ndim else out
+    def value_fn(self, x: Array, y: Array, model_state: Any) -> Callable[[Any], Any]:
+        """What the estimator's ``update`` is given as ``value_fn`` at this batch."""
+        if self.init_state is None:
+            return lambda p: self.objective(p, x, y)
+        return lambda p: self.objective(p, x, y, model_state)
+
+    def mean_objective(self, params: Any, x: Array, y: Array, model_state: Any = ()) -> Any:
+        """``(scalar, new model state)``: the scalar whose gradient the estimator estimates
+        (sum over blocks of the means)."""
+        out = self.value_fn(x, y, model_state)(params)
+        new = model_state
+        if self.init_state is not None:
+            out, aux = out
+            new = self.new_state(aux)  # type: ignore[misc]
+        return (jnp.sum(jnp.mean(out, axis=0)) if out.ndim else out), new
+
+    def logits(self, params: Any, x: Array, model_state: Any) -> Array:
+        if self.init_state is None:
+            return self.predict(params, x)
+        return self.predict(params, x, model_state)
 
 
 def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, **opts) -> Method:
@@ -216,6 +240,10 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     tangents in one pass, ``tangent_chunk=K``, for accelerators with memory to spare).
     """
     spec = parse_method(name)
+    if model == "resnet":
+        from .resnet import make_resnet_method
+
+        return make_resnet_method(spec, Method, x_example, num_classes, opts)
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family == "local":
@@ -277,7 +305,8 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
 
 
 def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
-    """Stacked parameters and optimizer states ``(estimator state or (), adam state)``."""
+    """Stacked parameters and states ``(estimator state or (), adam state, model state or
+    ())``."""
 
     def one(lr, seed):
         base = jax.random.key(seed)
@@ -286,7 +315,8 @@ def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
             est_state = ()
         else:
             est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
-        return params, (est_state, adam_cosine(lr, 1.0).init(params))
+        model_state = () if method.init_state is None else method.init_state(base)
+        return params, (est_state, adam_cosine(lr, 1.0).init(params), model_state)
 
     return jax.jit(jax.vmap(one))(lrs, seeds)
 
@@ -305,17 +335,22 @@ def adam_cosine(lr: Array | float, total: Array | float) -> optax.GradientTransf
 def step(method: Method, lr: Array, total: Array, params: Any, state: Any, x: Array, y: Array):
     """One step of one run (Adam, cosine decay over ``total`` steps):
     ``(params, state, loss before the step)``."""
-    est_state, adam_state = state
+    est_state, adam_state, model_state = state
     if method.estimator is None:
-        loss, grads = jax.value_and_grad(method.mean_objective)(params, x, y)
+        (loss, model_state), grads = jax.value_and_grad(method.mean_objective, has_aux=True)(
+            params, x, y, model_state
+        )
     else:
         est = method.estimator(jax.random.key(0))  # the key lives in est_state
         grads, est_state = est.update(
-            None, est_state, params, value_fn=lambda p: method.objective(p, x, y)
+            None, est_state, params, value_fn=method.value_fn(x, y, model_state)
         )
-        loss = fgrad_jax.forward_gradient_state(est_state).value
+        fg_state = fgrad_jax.forward_gradient_state(est_state)
+        loss = fg_state.value
+        if method.init_state is not None:
+            model_state = method.new_state(fg_state.aux)  # type: ignore[misc]
     updates, adam_state = adam_cosine(lr, total).update(grads, adam_state, params)
-    return optax.apply_updates(params, updates), (est_state, adam_state), loss
+    return optax.apply_updates(params, updates), (est_state, adam_state, model_state), loss
 
 
 def make_perms(num_examples: int) -> Callable:
@@ -366,21 +401,22 @@ def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = T
 
 
 def make_accuracy(method: Method, eval_batch: int) -> Callable:
-    """``accuracy(params, xs, ys) -> (runs,)``, in batches of ``eval_batch``, which must
-    divide ``len(xs)``."""
+    """``accuracy(params, state, xs, ys) -> (runs,)``, in batches of ``eval_batch``, which
+    must divide ``len(xs)``."""
     hits = jax.jit(
         jax.vmap(
-            lambda p, x, y: jnp.sum(method.predict(p, x).argmax(-1) == y), in_axes=(0, None, None)
+            lambda p, s, x, y: jnp.sum(method.logits(p, x, s[2]).argmax(-1) == y),
+            in_axes=(0, 0, None, None),
         )
     )
 
-    def accuracy(params, xs, ys):
+    def accuracy(params, state, xs, ys):
         n, rest = divmod(xs.shape[0], eval_batch)
         if rest or not n:
             raise ValueError(f"eval_batch={eval_batch} must divide the {xs.shape[0]} images "
                              "scored; pick a divisor.")  # fmt: skip
         total = sum(
-            hits(params, xs[i * eval_batch : (i + 1) * eval_batch],
+            hits(params, state, xs[i * eval_batch : (i + 1) * eval_batch],
                  ys[i * eval_batch : (i + 1) * eval_batch])
             for i in range(n)
         )  # fmt: skip
@@ -397,9 +433,11 @@ def make_cosine(method: Method) -> Callable:
     def one(params, state, x, y):
         if method.estimator is None:
             return jnp.float32(1.0)
-        true = diagnostics.true_gradient(method.mean_objective, params, x, y)
+        true = diagnostics.true_gradient(
+            lambda p, x, y: method.mean_objective(p, x, y, state[2])[0], params, x, y
+        )
         est = method.estimator(jax.random.key(0))
-        g, _ = est.update(None, state[0], params, value_fn=lambda p: method.objective(p, x, y))
+        g, _ = est.update(None, state[0], params, value_fn=method.value_fn(x, y, state[2]))
         return diagnostics.cosine_similarity(g, true)
 
     one_v = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))

@@ -87,7 +87,7 @@ def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate
     """Trains runs ``(lrs[r], seeds[r])`` for ``epochs``; logs and returns the curves."""
     steps = x.shape[0] // cfg.batch_size
     per_epoch = cfg.diag_per_epoch
-    if method.model == "cnn" and cfg.cnn_diag_per_epoch:
+    if method.model in ("cnn", "resnet") and cfg.cnn_diag_per_epoch:
         per_epoch = cfg.cnn_diag_per_epoch
     chunk = max(1, steps // per_epoch)
     steps = chunk * (steps // chunk)
@@ -121,7 +121,7 @@ def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate
             out["loss"].append(losses.mean(axis=1))
             logger.log({"phase": phase, "step": step_no, "time_s": clock, "epoch": e,
                         "loss": losses.mean(axis=1), "cosine": cos})  # fmt: skip
-        acc = np.asarray(evaluate(params))
+        acc = np.asarray(evaluate(params, state))
         out["epoch"].append(e + 1)
         out["time_s"].append(clock)
         out["acc"].append(acc)
@@ -138,7 +138,7 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     together) plus curves, the sweep and the chosen learning rate."""
     split = ds_split
     method = make_method(name, model, split.x_train[:1], tangents_at_once=cfg.tangents_at_once)
-    scan = cfg.cnn_scan if model == "cnn" else True
+    scan = cfg.cnn_scan if model in ("cnn", "resnet") else True
     logger = JsonlLogger(Path(out_dir) / "runs" / f"{model}_{name}.jsonl")
     grid = tuple(cfg.lrs) if cfg.lrs else lr_grid(method.spec)
     logger.log({"header": True, "model": model, "method": name, "lr_grid": grid,
@@ -148,7 +148,7 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     t_sweep = time.perf_counter()
     sweep_seeds = [cfg.seeds[0]] * len(grid)
     sw = _train(method, grid, sweep_seeds, split, split.x_train, split.y_train, cfg.sweep_epochs,
-                cfg, logger, "sweep", lambda p: acc(p, split.x_val, split.y_val), scan)  # fmt: skip
+                cfg, logger, "sweep", lambda p, s: acc(p, s, split.x_val, split.y_val), scan)  # fmt: skip
     val = [float(a) for a in sw["acc"][-1]]
     best = int(np.nanargmax(np.nan_to_num(val, nan=-1.0)))
     lr = grid[best]
@@ -156,7 +156,7 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     logger.log({"phase": "sweep_result", "lrs": grid, "val_acc": val, "chosen_lr": lr})
     fin = _train(method, [lr] * len(cfg.seeds), list(cfg.seeds), split, split.x_train,
                  split.y_train, cfg.epochs, cfg, logger, "final",
-                 lambda p: acc(p, split.x_test, split.y_test), scan)  # fmt: skip
+                 lambda p, s: acc(p, s, split.x_test, split.y_test), scan)  # fmt: skip
     final = np.asarray(fin["acc"][-1], np.float64)
     cos = np.asarray(fin["cosine"], np.float64)
     return {
