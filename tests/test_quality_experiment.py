@@ -126,6 +126,29 @@ def test_splitall_splits_the_second_conv_block():
                        "local_a_splitall_k2": (2, 16 + 196 + 4 + 1)}  # fmt: skip
 
 
+@pytest.mark.usefixtures("standard_promotion")
+def test_resnet_local_step_updates_batch_stats_and_scores():
+    """``--models resnet``: a local-loss step of the unchanged ResNet-18 (two runs vmapped)
+    updates every run's BatchNorm statistics and the accuracy reads them."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+    y = jnp.arange(8) % 10
+    method = toolkit.quality.make_method("local_a_k1", "resnet", x[:1])
+    params, state = toolkit.quality.init_runs(
+        method, jnp.array([1e-3, 1e-3]), jnp.array([0, 1], jnp.uint32)
+    )
+    step = jax.vmap(lambda p, s: toolkit.quality.step(method, 1e-3, 10.0, p, s, x, y))
+    new_params, new_state, loss = jax.jit(step)(params, state)
+    before, after = jax.tree.leaves(state[2]), jax.tree.leaves(new_state[2])
+    assert len(before) == 2 * 20  # mean and var: stem, 8 blocks x 2, 3 projected shortcuts
+    assert all(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(after, before))
+    assert loss.shape == (2,) and bool(jnp.all(jnp.isfinite(loss)))
+    acc = toolkit.quality.make_accuracy(method, 4)(new_params, new_state, x, y)
+    assert acc.shape == (2,)
+
+
 def test_eval_batch_must_divide_the_splits(tmp_path):
     cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path), eval_batch=300)
     with pytest.raises(ValueError, match="eval_batch=300 must divide the val_size"):
