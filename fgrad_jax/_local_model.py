@@ -266,7 +266,34 @@ class _Layout(NamedTuple):
 
 class ModelLocalLosses:
     """A Flax model trained with block-local losses; made by :func:`local_losses` with
-    ``boundaries=``. See the module docstring of ``fgrad_jax._local_model``."""
+    ``boundaries=`` (see ``docs/local_losses.md``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+        >>> import fgrad_jax
+        >>> class Block(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, train=True):
+        ...         h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        ...         return x + nn.relu(h)
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, train=True):
+        ...         x = Block()(nn.Dense(8)(x), train)
+        ...         return nn.Dense(3)(Block()(x, train))
+        >>> local = fgrad_jax.local_losses(Net(), 3, boundaries=Block)
+        >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
+        >>> params, batch_stats = local.init(jax.random.key(0), x, train=True)
+        >>> local.block_paths, local.batch_coupled
+        ((('Block_0',), ('Block_1',)), True)
+        >>> tx = optax.chain(local.forward_gradient(key=0, num_tangents=4), optax.adam(1e-2))
+        >>> opt_state = tx.init(params)
+        >>> value_fn = local.value_fn(x, y, batch_stats, train=True)
+        >>> updates, opt_state = tx.update(None, opt_state, params, value_fn=value_fn)
+        >>> aux = fgrad_jax.forward_gradient_state(opt_state).aux  # this step's LocalAux
+        >>> aux.block_losses.shape, sorted(aux.state)
+        ((3,), ['batch_stats'])
+    """
 
     def __init__(self, model: Any, num_classes: int, loss: Callable, boundaries: Any):
         if not isinstance(model, nn.Module | nnx.Module):

@@ -5,15 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = [
-    "fgrad_jax._estimator",
-    "fgrad_jax._transform",
-    "fgrad_jax._flax",
-    "fgrad_jax._local",
-    "fgrad_jax._spsa",
-    "fgrad_jax._guided",
-    "fgrad_jax.diagnostics",
-]
+import fgrad_jax
+
+# Every module that defines a public name of fgrad_jax, found rather than listed.
+MODULES = sorted(
+    m
+    for m in {getattr(getattr(fgrad_jax, name), "__module__", None) for name in fgrad_jax.__all__}
+    | {f"fgrad_jax.{name}" for name in ("datasets", "diagnostics")}
+    if isinstance(m, str) and m.startswith("fgrad_jax")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)
