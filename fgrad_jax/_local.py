@@ -367,6 +367,7 @@ def local_losses(
     patches: int | tuple[int, ...] | list[Any] | None = None,
     groups: int | list[int | None] = 1,
     boundaries: Any = None,
+    batch_coupling: str = "correct",
 ) -> LocalLosses | ModelLocalLosses:
     """Trains a sequence of blocks with block-local losses and forward gradients.
 
@@ -397,6 +398,13 @@ def local_losses(
             int or a tuple (patches per spatial axis) for every block whose output has
             spatial axes and a default head, or a list with one entry per block. Each
             patch gets its own loss column (see ``docs/local_losses.md``).
+        boundaries: For a model class (linen or nnx, used unchanged): which submodules'
+            outputs end a block: a class, a tuple of classes, a path or list of paths, or a
+            predicate ``(path, module) -> bool``. Returns a :class:`ModelLocalLosses`.
+        batch_coupling: With ``boundaries``, when BatchNorm in training mode couples the
+            examples: ``"correct"`` (default) scores each activity perturbation by the
+            whole batch's derivative (unbiased, higher variance); ``"per_example"`` by its
+            own example's (biased, lower variance; see ``docs/local_losses.md``).
         groups: Group-wise losses: the channels (last axis) of every block with a default
             head split into this many groups, each with its own loss column; or a list with
             one int per block. Default 1 (no split).
@@ -432,6 +440,11 @@ def local_losses(
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable.")
         loss = LOSSES[loss]
+    if boundaries is None and batch_coupling != "correct":
+        raise ValueError(
+            "batch_coupling applies to models given with boundaries=; a block list is "
+            "scored per example (its blocks must not couple the examples)."
+        )
     if boundaries is not None:
         if head is not None or patches is not None or groups != 1:
             raise ValueError(
@@ -439,7 +452,7 @@ def local_losses(
                 "axes, then a linear layer) and one loss column; head=, patches= and groups= "
                 "work with a block list for now: local_losses([[conv, relu], ...], ...)."
             )
-        return ModelLocalLosses(blocks, num_classes, loss, boundaries)
+        return ModelLocalLosses(blocks, num_classes, loss, boundaries, batch_coupling)
     layers = _layers(blocks)
     nested = [isinstance(layer, (list, tuple)) for layer in layers]
     if layers and all(nested):

@@ -17,10 +17,9 @@ Mutable collections (linen ``batch_stats``, nnx ``BatchStat`` and RNG counters) 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, NamedTuple, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -28,16 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.extend import core as jcore
 
-from fgrad_jax import _interpreter
 from fgrad_jax._activity import PERTURB, ActivityPerturbation
 from fgrad_jax._flax import split_wrt
+from fgrad_jax._local_taps import Taps, batch_coupled, column_of_leaves, linen_run, matcher, nnx_run
 from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
 Path = tuple[str, ...]
+
+
+# How activity perturbations are scored when the examples are coupled (BatchNorm in
+# training mode): "correct" by the batch's summed derivative (unbiased), "per_example" by
+# each example's own (biased: misses the other examples' losses through the statistics).
+BATCH_COUPLING = ("correct", "per_example")
 
 
 class LocalVariables(NamedTuple):
@@ -71,175 +75,6 @@ class LocalAux(NamedTuple):
     block_losses: Array
     loss: Array
     accuracy: Array
-
-
-def _path_str(path: Any) -> Path:
-    return tuple(str(getattr(p, "key", p)) for p in path)
-
-
-def _matcher(boundaries: Any) -> Callable[[Path, Any], bool]:
-    """``boundaries`` as a predicate on ``(path, module)``."""
-    if isinstance(boundaries, type):
-        boundaries = (boundaries,)
-    if (
-        isinstance(boundaries, tuple)
-        and boundaries
-        and all(isinstance(b, type) for b in boundaries)
-    ):
-        classes = boundaries
-        return lambda path, module: isinstance(module, classes)
-    if isinstance(boundaries, str):
-        boundaries = [boundaries]
-    if isinstance(boundaries, list) and boundaries and all(isinstance(b, str) for b in boundaries):
-        wanted = {tuple(b.strip("/").split("/")) for b in boundaries}
-        return lambda path, module: tuple(path) in wanted
-    if callable(boundaries):
-        return lambda path, module: bool(boundaries(path, module))
-    raise TypeError(
-        "boundaries must be a module class (e.g. boundaries=ResNetBlock), a tuple of "
-        "classes, a path 'Block_0' / list of paths such as ['layers/0', 'layers/2'], or a "
-        f"predicate (path, module) -> bool; got {boundaries!r}."
-    )
-
-
-class _Taps:
-    """The block outputs of one forward pass, recorded as the matched modules return."""
-
-    active: ClassVar[list[_Taps]] = []  # the recording passes, innermost last
-
-    def __init__(self) -> None:
-        self.outputs: list[Array] = []
-        self.paths: list[Path] = []
-        self.depth = 0
-
-    def around(self, path: Path, call: Callable[[], Any]) -> Any:
-        if self.depth:  # a boundary inside a boundary: the outer one ends the block
-            return call()
-        self.depth += 1
-        try:
-            out = call()
-        finally:
-            self.depth -= 1
-        if not isinstance(out, jax.Array | jax.core.Tracer):
-            raise TypeError(
-                f"The boundary module at {'/'.join(path) or '<root>'} returned "
-                f"{type(out).__name__}; a block must end in a module that returns one array. "
-                "Choose boundaries whose __call__ returns the block's features."
-            )
-        self.outputs.append(out)
-        self.paths.append(path)
-        return jax.lax.stop_gradient(out)
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[_Taps]:
-        _Taps.active.append(self)
-        try:
-            yield self
-        finally:
-            _Taps.active.pop()
-
-
-# ----------------------------------------------------------------------------- linen
-
-
-def _linen_run(model: nn.Module, match, variables, x, rngs, mutable, kwargs):
-    taps = _Taps()
-
-    def interceptor(next_fun, args, kw, context):
-        module = context.module
-        if context.method_name != "__call__" or module.scope is None:
-            return next_fun(*args, **kw)
-        path = tuple(module.scope.path)
-        if path == () or not match(path, module):
-            return next_fun(*args, **kw)
-        return taps.around(path, lambda: next_fun(*args, **kw))
-
-    with nn.intercept_methods(interceptor):
-        if mutable:
-            out, new_state = model.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
-        else:
-            out, new_state = model.apply(variables, x, rngs=rngs, **kwargs), {}
-    return out, dict(new_state), taps
-
-
-# ----------------------------------------------------------------------------- nnx
-
-
-@functools.cache
-def _tapping_class(cls: type) -> type:
-    def __call__(self, *args, **kwargs):
-        call = lambda: cls.__call__(self, *args, **kwargs)
-        taps = _Taps.active[-1] if _Taps.active else None
-        return call() if taps is None else taps.around(self._fgrad_tap_path, call)
-
-    return type(cls.__name__, (cls,), {"__call__": __call__})
-
-
-def _nnx_run(graphdef, params, state, match, x, kwargs):
-    model = nnx.merge(graphdef, params, state, copy=True)
-    swapped = []
-    for path, module in nnx.iter_modules(model):
-        path = _path_str(path)
-        if path and match(path, module):
-            swapped.append((module, type(module)))
-            object.__setattr__(module, "_fgrad_tap_path", path)
-            object.__setattr__(module, "__class__", _tapping_class(type(module)))
-    taps = _Taps()
-    try:
-        with taps.recording():
-            out = model(x, **kwargs)
-    finally:
-        for module, cls in swapped:
-            object.__setattr__(module, "__class__", cls)
-            object.__delattr__(module, "_fgrad_tap_path")
-    new_state = nnx.state(model, nnx.Not(nnx.Param))
-    return out, new_state, taps
-
-
-# ----------------------------------------------------------------------------- columns
-
-
-def _dependence(jaxpr: Any, in_masks: list[int]) -> list[int]:
-    """Per output of ``jaxpr``: the bitmask of the inputs it depends on, through every
-    equation but ``stop_gradient`` (inlined calls are followed; loops and other
-    higher-order primitives are taken as depending on all their inputs)."""
-    env: dict[Any, int] = dict(zip(jaxpr.invars, in_masks))
-
-    def read(v: Any) -> int:
-        return 0 if isinstance(v, jcore.Literal) else env.get(v, 0)
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if eqn.primitive.name == "stop_gradient":
-            outs = [0] * len(eqn.outvars)
-        else:
-            inner = _interpreter._inline_jaxpr(eqn)
-            body = getattr(inner, "jaxpr", inner)
-            if body is not None and len(body.invars) == len(ins):
-                outs = _dependence(body, ins)
-            else:
-                outs = [functools.reduce(lambda a, b: a | b, ins, 0)] * len(eqn.outvars)
-        for v, m in zip(eqn.outvars, outs):
-            env[v] = m
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _column_of_leaves(run: Callable[[list[Array]], list[Array]], leaves: list[Any]) -> list[int]:
-    """For every leaf, the one output of ``run`` (block outputs, then the model's) it feeds."""
-    closed = jax.make_jaxpr(run)(leaves)
-    masks = _dependence(closed.jaxpr, [1 << i for i in range(len(leaves))])
-    columns = []
-    for i in range(len(leaves)):
-        reached = [j for j, m in enumerate(masks) if m >> i & 1]
-        if len(reached) > 1:
-            raise ValueError(
-                f"A model parameter (leaf {i}) feeds the outputs of blocks {reached}: with "
-                "local losses each parameter must belong to one block. This happens when a "
-                "layer is shared between blocks or a connection skips over a boundary; "
-                "choose boundaries that contain both ends of such connections."
-            )
-        columns.append(reached[0] if reached else len(masks) - 1)
-    return columns
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -295,7 +130,19 @@ class ModelLocalLosses:
         ((3,), ['batch_stats'])
     """
 
-    def __init__(self, model: Any, num_classes: int, loss: Callable, boundaries: Any):
+    def __init__(
+        self,
+        model: Any,
+        num_classes: int,
+        loss: Callable,
+        boundaries: Any,
+        batch_coupling: str = "correct",
+    ):
+        if batch_coupling not in BATCH_COUPLING:
+            raise ValueError(
+                f"batch_coupling must be one of {BATCH_COUPLING}; got {batch_coupling!r}."
+            )
+        self.batch_coupling = batch_coupling
         if not isinstance(model, nn.Module | nnx.Module):
             raise TypeError(
                 "local_losses(model, ..., boundaries=...) needs a flax.linen or flax.nnx "
@@ -303,7 +150,7 @@ class ModelLocalLosses:
             )
         self.model: Any = model
         self.num_classes, self.loss = int(num_classes), loss
-        self.boundaries, self._match = boundaries, _matcher(boundaries)
+        self.boundaries, self._match = boundaries, matcher(boundaries)
         self._linen = isinstance(model, nn.Module)
         self._graphdef: Any = None
         self._layout: _Layout | None = None
@@ -314,13 +161,13 @@ class ModelLocalLosses:
         if self._linen:
             variables = {"params": model_params, **(state or {})}
             mutable = sorted(state) if state else False
-            return _linen_run(self.model, self._match, variables, x, rngs, mutable, kwargs)
+            return linen_run(self.model, self._match, variables, x, rngs, mutable, kwargs)
         if rngs is not None:
             raise TypeError(
                 "rngs= is for linen models; an nnx model draws from the nnx.Rngs it holds "
                 "(their counters travel in the state)."
             )
-        return _nnx_run(self._graphdef, model_params, state, self._match, x, kwargs)
+        return nnx_run(self._graphdef, model_params, state, self._match, x, kwargs)
 
     def init(self, key: Array, x: Array, **kwargs: Any) -> LocalVariables:
         """The model's parameters (linen: initialised from ``key``; nnx: the module's
@@ -336,7 +183,7 @@ class ModelLocalLosses:
         else:
             self._graphdef, model_params, state = split_wrt(self.model, nnx.Param)
         rngs = {"dropout": k_drop} if self._linen else None
-        found: list[_Taps] = []
+        found: list[Taps] = []
 
         def shapes(p):
             o, _, t = self._run(p, state, x, rngs, kwargs)
@@ -370,13 +217,13 @@ class ModelLocalLosses:
             o, _, t = self._run(p, state, x, rngs, kwargs)
             return [*t.outputs, o]
 
-        columns = tuple(_column_of_leaves(run_outputs, leaves))
+        columns = tuple(column_of_leaves(run_outputs, leaves))
         y = jnp.zeros(jnp.shape(x)[:1], jnp.int32)
         self._layout = _Layout(tuple(taps.paths), columns, None, False)
         with jax.ensure_compile_time_eval():  # concrete even when init is traced
             y4 = jnp.zeros((4,), jnp.int32)
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
-            coupled = _batch_coupled(
+            coupled = batch_coupled(
                 lambda ps, xs: self.losses(ps[0], xs, y4, ps[1], rngs=probe_rngs, **kwargs)[0],
                 (params, state),
                 x,
@@ -456,7 +303,7 @@ class ModelLocalLosses:
             raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
         if tangent not in HASHED:
             raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
-        coupled = self._checked_layout().coupled
+        coupled = self._checked_layout().coupled and self.batch_coupling == "correct"
         return ActivityPerturbation(
             HASHED[tangent], perturb == "activations", self.groups, batch_coupled=coupled
         )
@@ -493,28 +340,6 @@ def _accuracy(out: Array, y: Array) -> Array:
     if out.ndim != 2 or jnp.shape(y) != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         return jnp.float32(jnp.nan)
     return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))
-
-
-def _batch_coupled(losses: Callable[[Any, Array], Array], params: Any, x: Array) -> bool:
-    """Whether changing example 0 changes another example's losses, on a stand-in batch of
-    four examples (and stand-in parameters when they are traced, e.g. init under jit or
-    vmap): coupling is a property of the program, not of the values."""
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
-        keys = iter(jax.random.split(jax.random.key(7919), len(jax.tree.leaves(params))))
-
-        def stand_in(a):
-            k, dtype = next(keys), jnp.result_type(a)
-            if not jnp.issubdtype(dtype, jnp.floating):
-                return jnp.zeros(jnp.shape(a), dtype)
-            return 0.5 + jnp.abs(jax.random.normal(k, jnp.shape(a), dtype))  # > 0: variances
-
-        params = jax.tree.map(stand_in, params)
-    x = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), jnp.result_type(x))
-    run = jax.jit(losses)
-    before = run(params, x)
-    after = run(params, x.at[0].add(1.0))
-    change = jnp.max(jnp.abs(after[1:] - before[1:]))
-    return bool(change > 1e-6 * (1.0 + jnp.max(jnp.abs(before))))
 
 
 def _head(params: dict[str, Array], h: Array) -> Array:

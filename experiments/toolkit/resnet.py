@@ -10,7 +10,9 @@ BatchNorm and a 3x3/2 max pool, four stages of two basic residual blocks, widths
 * ``fg_<tangent>_k<K>``: the weight-perturbed forward gradient on the unchanged model, the
   recipe that runs on any model (new BatchNorm statistics come back as the aux);
 * ``local_a_k<K>`` / ``local_w_k<K>``: block-local losses with ``boundaries=ResidualBlock``
-  (:class:`fgrad_jax.ModelLocalLosses`), activities or weights perturbed.
+  (:class:`fgrad_jax.ModelLocalLosses`), activities or weights perturbed;
+* ``local_a_layer_k<K>``: a block per convolution (``boundaries=nn.BatchNorm``), activity
+  perturbations scored per example (``batch_coupling="per_example"``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,16 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family == "local":
-        local = fgrad_jax.local_losses(model, num_classes, boundaries=ResidualBlock)
+        # local_a_layer_k<K>: a block per convolution (boundaries at every BatchNorm's
+        # output), perturbations scored per example (biased under BatchNorm's coupling,
+        # lower variance); otherwise a block per residual block, scored unbiasedly.
+        layer = "_layer_" in spec.name
+        local = fgrad_jax.local_losses(
+            model,
+            num_classes,
+            boundaries=nn.BatchNorm if layer else ResidualBlock,
+            batch_coupling="per_example" if layer else "correct",
+        )
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         local.init(jax.random.key(0), jnp.zeros((8, *x1.shape[1:]), x1.dtype), train=True)
