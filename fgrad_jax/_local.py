@@ -25,10 +25,14 @@ import optax
 from flax import nnx
 
 from fgrad_jax import _local_split as _split
-from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
+from fgrad_jax._activity import ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
-from fgrad_jax._local_model import ModelLocalLosses, _default_head_init, _pool
-from fgrad_jax._tangents import HASHED
+from fgrad_jax._local_model import (
+    ModelLocalLosses,
+    _default_head_init,
+    _pool,
+    local_tangent_base,
+)
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
@@ -321,15 +325,12 @@ class LocalLosses:
         dense/conv ops; ``"weights"`` gives every leaf a weight tangent. Pass it as
         ``tangent=`` to :func:`fgrad_jax.forward_grad` or :func:`fgrad_jax.forward_gradient`.
         """
-        if perturb not in PERTURB:
-            raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
-        if tangent not in HASHED:
-            raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
+        base = local_tangent_base(perturb, tangent)
         if perturb == "weights":
-            return ActivityPerturbation(HASHED[tangent], False, self.groups)
+            return ActivityPerturbation(base, False, self.groups)
         if self._heads is not None:
             self._check_separable()
-        return ActivityPerturbation(HASHED[tangent], True, self._columns)
+        return ActivityPerturbation(base, True, self._columns)
 
     def forward_gradient(
         self,

@@ -299,13 +299,10 @@ class ModelLocalLosses:
         self, perturb: str = "activations", tangent: str = "rademacher"
     ) -> ActivityPerturbation:
         """The tangent strategy: every leaf estimated from its own block's loss column."""
-        if perturb not in PERTURB:
-            raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
-        if tangent not in HASHED:
-            raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
+        base = local_tangent_base(perturb, tangent)
         coupled = self._checked_layout().coupled and self.batch_coupling == "correct"
         return ActivityPerturbation(
-            HASHED[tangent], perturb == "activations", self.groups, batch_coupled=coupled
+            base, perturb == "activations", self.groups, batch_coupled=coupled
         )
 
     def forward_gradient(
@@ -340,6 +337,15 @@ def _accuracy(out: Array, y: Array) -> Array:
     if out.ndim != 2 or jnp.shape(y) != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         return jnp.float32(jnp.nan)
     return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))
+
+
+def local_tangent_base(perturb: str, tangent: str) -> Any:
+    """The elementwise tangent law of a local-loss strategy, after checking the arguments."""
+    if perturb not in PERTURB:
+        raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
+    if tangent not in HASHED:
+        raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
+    return HASHED[tangent]
 
 
 def _head(params: dict[str, Array], h: Array) -> Array:
