@@ -447,13 +447,17 @@ def local_losses(
             "scored per example (its blocks must not couple the examples)."
         )
     if boundaries is not None:
-        if head is not None or patches is not None or groups != 1:
+        if head is not None:
             raise ValueError(
                 "With boundaries=, every block gets the default head (mean over the spatial "
-                "axes, then a linear layer) and one loss column; head=, patches= and groups= "
-                "work with a block list for now: local_losses([[conv, relu], ...], ...)."
+                "axes, then a linear layer); head= works with a block list for now: "
+                "local_losses([[conv, relu], ...], ..., head=...)."
             )
-        return ModelLocalLosses(blocks, num_classes, loss, boundaries, batch_coupling)
+        for spec, name in ((patches, "patches"), (groups, "groups")):
+            _split.check_spec(spec, name, len(spec) if isinstance(spec, list) else 1)
+        return ModelLocalLosses(
+            blocks, num_classes, loss, boundaries, batch_coupling, patches, groups
+        )
     layers = _layers(blocks)
     nested = [isinstance(layer, (list, tuple)) for layer in layers]
     if layers and all(nested):

@@ -28,9 +28,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fgrad_jax._activity import PERTURB, ActivityPerturbation
+from fgrad_jax import _local_split as _split
+from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
-from fgrad_jax._local_taps import Taps, batch_coupled, column_of_leaves, linen_run, matcher, nnx_run
+from fgrad_jax._local_taps import (
+    Taps,
+    path_str,
+    batch_coupled,
+    column_of_leaves,
+    linen_run,
+    matcher,
+    nnx_run,
+    stand_ins,
+)
 from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
 
@@ -94,9 +104,26 @@ def _pool(h: Array) -> Array:
 
 class _Layout(NamedTuple):
     paths: tuple[Path, ...]  # the tapped modules, in call order
-    columns: tuple[int, ...]  # per leaf of params["model"]: its loss column
+    blocks: tuple[int, ...]  # per leaf of params["model"]: its block
+    splits: tuple[tuple[tuple[int, ...], int], ...]  # per tapped block: (patch grid, groups)
+    split_leaves: frozenset[int]  # leaves of split blocks scored per patch/group column
+    leaf_paths: tuple[str, ...]  # per leaf of params["model"]: "Block_0/Conv_0/kernel"
     aux: Any  # LocalAux of ShapeDtypeStructs (forward_gradient's aux_example)
     coupled: bool  # an example's losses depend on other examples (BatchNorm in training)
+
+    def starts(self) -> list[int]:
+        """Per block (the last: the model's own), its first loss column."""
+        sizes = [int(np.prod(grid, dtype=np.int64)) * g for grid, g in self.splits] + [1]
+        return [int(v) for v in np.cumsum([0, *sizes[:-1]])]
+
+    def spec(self, block: int, split: bool) -> int | Columns:
+        start = self.starts()[block]
+        if (
+            block == len(self.splits)
+            or int(np.prod(self.splits[block][0])) * self.splits[block][1] == 1
+        ):
+            return start
+        return Columns(start, *self.splits[block], split)
 
 
 class ModelLocalLosses:
@@ -137,6 +164,8 @@ class ModelLocalLosses:
         loss: Callable,
         boundaries: Any,
         batch_coupling: str = "correct",
+        patches: Any = None,
+        groups: Any = 1,
     ):
         if batch_coupling not in BATCH_COUPLING:
             raise ValueError(
@@ -151,6 +180,7 @@ class ModelLocalLosses:
         self.model: Any = model
         self.num_classes, self.loss = int(num_classes), loss
         self.boundaries, self._match = boundaries, matcher(boundaries)
+        self.patches, self.groups_per_block = patches, groups
         self._linen = isinstance(model, nn.Module)
         self._graphdef: Any = None
         self._layout: _Layout | None = None
@@ -217,12 +247,28 @@ class ModelLocalLosses:
             o, _, t = self._run(p, state, x, rngs, kwargs)
             return [*t.outputs, o]
 
-        columns = tuple(column_of_leaves(run_outputs, leaves))
+        blocks = tuple(column_of_leaves(run_outputs, leaves))
         y = jnp.zeros(jnp.shape(x)[:1], jnp.int32)
-        self._layout = _Layout(tuple(taps.paths), columns, None, False)
+        splits = self._splits([h.shape for h in outputs])
+        paths = tuple(
+            "/".join(path_str(p)) for p, _ in jax.tree_util.tree_flatten_with_path(model_params)[0]
+        )
+        self._layout = _Layout(tuple(taps.paths), blocks, splits, frozenset(), paths, None, False)
         with jax.ensure_compile_time_eval():  # concrete even when init is traced
             y4 = jnp.zeros((4,), jnp.int32)
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
+            if any(int(np.prod(grid)) * g > 1 for grid, g in splits):
+                probe_leaves, probe_state = stand_ins((leaves, state))
+                xs = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), x.dtype)
+
+                def tapped(flat):
+                    p = jax.tree_util.tree_unflatten(treedef, flat)
+                    return self._run(p, probe_state, xs, probe_rngs, kwargs)[2].outputs
+
+                split_leaves = _split.separable_leaves(
+                    tapped, probe_leaves, 4, blocks, splits, jax.random.key(7919)
+                )
+                self._layout = self._layout._replace(split_leaves=split_leaves)
             coupled = batch_coupled(
                 lambda ps, xs: self.losses(ps[0], xs, y4, ps[1], rngs=probe_rngs, **kwargs)[0],
                 (params, state),
@@ -232,6 +278,23 @@ class ModelLocalLosses:
         aux = jax.eval_shape(lambda p: self.losses(p, x, y, state, rngs=rngs, **kwargs)[1], params)
         self._layout = self._layout._replace(aux=aux)
         return LocalVariables(params, state)
+
+    def _splits(self, shapes: list[tuple[int, ...]]) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """(patch grid, groups) of every tapped block, from ``patches=`` / ``groups=``."""
+        what = "tapped blocks (one per module that boundaries selects)"
+        _split.check_spec(self.patches, "patches", len(shapes), what)
+        _split.check_spec(self.groups_per_block, "groups", len(shapes), what)
+        splits = tuple(
+            _split.block_layout(i, shape, self.patches, self.groups_per_block, "default")
+            for i, shape in enumerate(shapes)
+        )
+        scalar = self.patches is not None and not isinstance(self.patches, list)
+        if scalar and self.patches != 1 and all(int(np.prod(grid)) == 1 for grid, _ in splits):
+            raise ValueError(
+                f"patches={self.patches!r}: no block output has spatial axes (B, H, W, C) to "
+                "split into patches. Use patches=None, or boundaries inside the conv stages."
+            )
+        return splits
 
     def _checked_layout(self) -> _Layout:
         if self._layout is None:
@@ -245,6 +308,20 @@ class ModelLocalLosses:
         activity-perturbed estimate then scores every perturbation by the whole batch's
         derivative, which keeps it unbiased (see ``docs/local_losses.md``)."""
         return self._checked_layout().coupled
+
+    @property
+    def block_splits(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """Per tapped block, ``(patches per spatial axis, channel groups)`` (after :meth:`init`)."""
+        return self._checked_layout().splits
+
+    @property
+    def split_params(self) -> tuple[str, ...]:
+        """The model parameters (paths) whose dense/conv outputs are scored per patch/group
+        column. A split block's other parameters are scored by the block's whole loss:
+        unbiased too, without the variance reduction; e.g. a residual block's first conv,
+        whose output the second conv mixes across channels and positions."""
+        layout = self._checked_layout()
+        return tuple(p for i, p in enumerate(layout.leaf_paths) if i in layout.split_leaves)
 
     @property
     def block_paths(self) -> tuple[Path, ...]:
@@ -266,10 +343,23 @@ class ModelLocalLosses:
                 f"{len(params['heads'])} heads (init saw {list(layout.paths)}); call the "
                 "model with the arguments given to init."
             )
-        cols = [self.loss(_head(hp, h), y) for hp, h in zip(params["heads"], taps.outputs)]
-        cols.append(self.loss(out, y))
-        table = jnp.stack(cols, axis=1)
-        block = jnp.mean(table.astype(jnp.float32), axis=0)
+        cols = []
+        for hp, h, (grid, g) in zip(params["heads"], taps.outputs, layout.splits):
+            if int(np.prod(grid, dtype=np.int64)) * g == 1:
+                cols.append(self.loss(_head(hp, h), y)[:, None])
+            else:
+                cols.append(
+                    _split.split_columns(hp["kernel"], hp["bias"], h, y, self.loss, grid, g)
+                )
+        cols.append(self.loss(out, y)[:, None])
+        table = jnp.concatenate(cols, axis=1)
+        means = jnp.mean(table.astype(jnp.float32), axis=0)
+        block = jnp.stack(
+            [
+                jnp.sum(means[a:b])
+                for a, b in zip(layout.starts(), [*layout.starts()[1:], table.shape[1]])
+            ]
+        )
         return table, LocalAux(new_state, block, block[-1], _accuracy(out, y))
 
     def value_fn(
@@ -290,9 +380,13 @@ class ModelLocalLosses:
         """The loss column of every parameter leaf (tree like ``params``)."""
         layout = self._checked_layout()
         treedef = jax.tree_util.tree_structure(params["model"])
+        model = [layout.spec(b, i in layout.split_leaves) for i, b in enumerate(layout.blocks)]
         return {
-            "model": jax.tree_util.tree_unflatten(treedef, list(layout.columns)),
-            "heads": [jax.tree.map(lambda _, j=j: j, h) for j, h in enumerate(params["heads"])],
+            "model": jax.tree_util.tree_unflatten(treedef, model),
+            "heads": [
+                jax.tree.map(lambda _, j=j: layout.spec(j, False), h)
+                for j, h in enumerate(params["heads"])
+            ],
         }
 
     def tangent(

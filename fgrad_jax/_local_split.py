@@ -24,6 +24,7 @@ directional derivative holds the noise of its own patch and group only.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax import _interpreter
+from fgrad_jax import _activity, _interpreter
 
 Array = jax.Array
 _KERNEL_OPS = ("dot_general", "conv_general_dilated")
@@ -43,13 +44,15 @@ def _positive(value: Any, what: str) -> int:
     return int(value)
 
 
-def check_spec(spec: Any, name: str, num_blocks: int) -> None:
+def check_spec(
+    spec: Any, name: str, num_blocks: int, what: str = "blocks (one per module with parameters)"
+) -> None:
     """Validates ``patches`` / ``groups`` as given to ``local_losses`` (shapes come later)."""
     entries = spec if isinstance(spec, list) else [spec]
     if isinstance(spec, list) and len(spec) != num_blocks:
         raise ValueError(
-            f"{name} has {len(spec)} entries but the model has {num_blocks} blocks (one per "
-            f"module with parameters); give one entry per block, or one value for all."
+            f"{name} has {len(spec)} entries but the model has {num_blocks} {what}; give "
+            "one entry per block, or one value for all."
         )
     for entry in entries:
         if entry is None:
@@ -239,3 +242,97 @@ def _apply_all(fns: Sequence[Callable[[Array], Array]], h: Array) -> Array:
     for f in fns:
         h = f(h)
     return h
+
+
+class _Probe(_activity._Trace):
+    """An activity-perturbation trace whose site tangents are given (``pattern``) and whose
+    weight-perturbed leaves get none: it pushes chosen output perturbations forward."""
+
+    def __init__(self, primals, batch, uses, pattern):
+        super().__init__(None, None, primals, batch, uses, True)
+        self.pattern = pattern
+
+    def draw(self, shape, dtype):
+        return self.pattern(len(self.sites), shape, dtype)  # called once per site, in order
+
+    def weight_tangent(self, leaf):
+        return jnp.zeros(jnp.shape(self.primals[leaf]), jnp.result_type(self.primals[leaf]))
+
+
+def separable_leaves(
+    run: Callable[[list[Array]], list[Array]],
+    leaves: list[Array],
+    batch: int,
+    block_of_leaf: Sequence[int],
+    splits: Sequence[tuple[tuple[int, ...], int]],
+    key: Array,
+) -> frozenset[int]:
+    """The leaves whose every dense/conv output splits like its block's output.
+
+    ``run(leaves)`` returns the blocks' outputs (tapped before their ``stop_gradient``) on a
+    stand-in batch of ``batch`` examples; ``splits[b]`` is block ``b``'s (patch grid,
+    groups). For every dense/conv op on a leaf of a split block, a random perturbation of
+    one patch (one group) of the op's output is pushed forward through the rest of the
+    block, one pattern per patch and per group, all in one vmapped JVP: the op can be
+    scored per column only if every pattern stays inside its own patch (group) of the block
+    output. A residual block's last conv passes (BatchNorm and additions keep channels
+    apart); its first does not (the second conv mixes channels and positions), and a
+    BatchNorm in training mode mixes positions, so patches stop there while groups pass.
+    """
+    closed = jax.make_jaxpr(run)(leaves)
+    uses = _activity._use_counts(closed.jaxpr, collections.Counter())
+    views = lambda trace: [_activity._View(trace, i, lambda w: w) for i in range(len(leaves))]
+    finding = _Probe(leaves, batch, uses, lambda s, shape, dtype: jnp.zeros(shape, dtype))
+    jax.eval_shape(
+        lambda ls: _interpreter.jvp_jaxpr(closed, ls, views(finding), rules=finding.rules)[1],
+        leaves,
+    )
+    sites = [(s.leaf, tuple(s.u.shape)) for s in finding.sites]
+    out_shapes = [tuple(v.aval.shape) for v in closed.jaxpr.outvars]
+
+    rows: list[tuple[int, int, int]] = []  # (site, 0 patch / 1 group, column index)
+    fits: dict[int, bool] = {}
+    for s, (leaf, shape) in enumerate(sites):
+        b = block_of_leaf[leaf]
+        if b >= len(splits):
+            continue
+        grid, g = splits[b]
+        if int(np.prod(grid, dtype=np.int64)) * g == 1:
+            continue
+        tap = out_shapes[b]
+        fits[s] = (
+            len(shape) == len(tap)
+            and not any(n % q for n, q in zip(shape[1:-1], grid))
+            and shape[-1] % g == 0
+        )
+        if fits[s]:
+            num_p = int(np.prod(grid, dtype=np.int64))
+            rows += [(s, 0, j) for j in range(num_p if num_p > 1 else 0)]
+            rows += [(s, 1, j) for j in range(g if g > 1 else 0)]
+    leaky = {s for s, ok in fits.items() if not ok}
+    if rows:
+        site_ids = {s: _column_ids(sites[s][1], *splits[block_of_leaf[sites[s][0]]]) for s in fits}
+        tap_ids = [_column_ids(out_shapes[b], *splits[b]) for b in range(len(splits))]
+
+        def leak(row):
+            def pattern(s, shape, dtype):
+                if s not in site_ids:
+                    return jnp.zeros(shape, dtype)
+                noise = jax.random.normal(jax.random.fold_in(key, s), shape, dtype)
+                ids = jnp.where(row[1] == 0, site_ids[s][0], site_ids[s][1])
+                return jnp.where((row[0] == s) & (ids == row[2]), noise, 0)
+
+            probe = _Probe(leaves, batch, uses, pattern)
+            touts = _interpreter.jvp_jaxpr(closed, leaves, views(probe), rules=probe.rules)[1]
+            total = jnp.float32(0)
+            for b, t in enumerate(touts[: len(splits)]):
+                ids = jnp.where(row[1] == 0, tap_ids[b][0], tap_ids[b][1])
+                total = total + jnp.sum(jnp.where(ids != row[2], jnp.abs(t.astype(jnp.float32)), 0))
+            return total
+
+        table = np.asarray(rows, np.int32)
+        leaks = np.asarray(jax.jit(jax.vmap(leak))(jnp.asarray(table)))
+        leaky |= {int(s) for s, bad in zip(table[:, 0], leaks > 0) if bad}
+    blocked = {sites[s][0] for s in leaky}
+    checked = {sites[s][0] for s in fits}
+    return frozenset(checked - blocked)

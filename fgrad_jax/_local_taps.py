@@ -26,7 +26,7 @@ Array = jax.Array
 Path = tuple[str, ...]
 
 
-def _path_str(path: Any) -> Path:
+def path_str(path: Any) -> Path:
     return tuple(str(getattr(p, "key", p)) for p in path)
 
 
@@ -132,7 +132,7 @@ def nnx_run(graphdef, params, state, match, x, kwargs):
     model = nnx.merge(graphdef, params, state, copy=True)
     swapped = []
     for path, module in nnx.iter_modules(model):
-        path = _path_str(path)
+        path = path_str(path)
         if path and match(path, module):
             swapped.append((module, type(module)))
             object.__setattr__(module, "_fgrad_tap_path", path)
@@ -199,19 +199,26 @@ def batch_coupled(losses: Callable[[Any, Array], Array], params: Any, x: Array) 
     """Whether changing example 0 changes another example's losses, on a stand-in batch of
     four examples (and stand-in parameters when they are traced, e.g. init under jit or
     vmap): coupling is a property of the program, not of the values."""
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
-        keys = iter(jax.random.split(jax.random.key(7919), len(jax.tree.leaves(params))))
-
-        def stand_in(a):
-            k, dtype = next(keys), jnp.result_type(a)
-            if not jnp.issubdtype(dtype, jnp.floating):
-                return jnp.zeros(jnp.shape(a), dtype)
-            return 0.5 + jnp.abs(jax.random.normal(k, jnp.shape(a), dtype))  # > 0: variances
-
-        params = jax.tree.map(stand_in, params)
+    params = stand_ins(params)
     x = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), jnp.result_type(x))
     run = jax.jit(losses)
     before = run(params, x)
     after = run(params, x.at[0].add(1.0))
     change = jnp.max(jnp.abs(after[1:] - before[1:]))
     return bool(change > 1e-6 * (1.0 + jnp.max(jnp.abs(before))))
+
+
+def stand_ins(tree: Any) -> Any:
+    """``tree`` itself when it is concrete; else random stand-ins of its shapes (positive, so
+    that variances stay valid): for checks that read values while init is traced."""
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree)):
+        return tree
+    keys = iter(jax.random.split(jax.random.key(7919), len(jax.tree.leaves(tree))))
+
+    def stand_in(a):
+        k, dtype = next(keys), jnp.result_type(a)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return jnp.zeros(jnp.shape(a), dtype)
+        return 0.5 + jnp.abs(jax.random.normal(k, jnp.shape(a), dtype))
+
+    return jax.tree.map(stand_in, tree)

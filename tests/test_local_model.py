@@ -137,7 +137,7 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="num_classes"):
         fgrad_jax.local_losses(SmallResNet(), 7, boundaries=Residual).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="block list"):
-        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, patches=2)
+        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=nn.Dense(10))
     with pytest.raises(TypeError, match="boundaries must be"):
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=3)
     with pytest.raises(TypeError, match="boundaries=BlockClass"):
@@ -326,3 +326,75 @@ def test_attention_blocks_unbiased_and_uncoupled():
     keys = jax.random.split(jax.random.key(3), 4000)
     samples = jax.jit(jax.vmap(lambda k: jax.flatten_util.ravel_pytree(fn(k, v.params))[0]))(keys)
     assert _max_z(samples, truth) < 5.0
+
+
+# --- patch- and group-wise losses on model blocks -----------------------------------------
+
+
+def test_groups_split_through_batchnorm_unbiased_with_less_variance():
+    """Channel groups on Dense+BatchNorm blocks: BatchNorm keeps channels apart, so each
+    Dense output is scored per group column. Mean of 6,000 single-tangent estimates within
+    5 standard errors of the exact local gradient (with the coupling correction), and the
+    summed variance below 0.75x the unsplit estimate's (measured 0.49x)."""
+    import jax.flatten_util
+
+    x = jax.random.normal(jax.random.key(5), (8, 5))
+    y = jnp.arange(8) % 3
+    variances = []
+    for groups in (1, 3):
+        local = fgrad_jax.local_losses(TinyNet(), 3, boundaries=DenseBN, groups=groups)
+        v = local.init(jax.random.key(0), x, train=True)
+
+        def objective(p, local=local, v=v):
+            return jnp.sum(jnp.mean(local.losses(p, x, y, v.state, train=True)[0], axis=0))
+
+        truth = jax.flatten_util.ravel_pytree(jax.grad(objective)(v.params))[0]
+        samples = _samples(local, v.params, v.state, x, y, local.tangent(), 6000)
+        assert _max_z(samples, truth) < 5.0
+        variances.append(float(jnp.sum(samples.var(0))))
+    assert local.block_splits == (((), 3), ((), 3))
+    assert local.split_params == ("DenseBN_0/Dense_0/kernel", "DenseBN_1/Dense_0/kernel")
+    assert variances[1] < 0.75 * variances[0]
+
+
+def test_split_residual_blocks_score_only_separable_convs():
+    """In a residual block only the convs whose outputs reach the block output channel by
+    channel (the last conv, the projection shortcut) are scored per group; the first conv
+    (mixed by the second) is scored by the block's whole loss. Patches do not pass
+    training-mode BatchNorm (it mixes positions): nothing is split by patch there."""
+    images, labels = _images()
+    local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, groups=4)
+    v = local.init(jax.random.key(0), images, train=True)
+    assert local.split_params == (
+        "Residual_0/Conv_1/kernel",
+        "Residual_1/Conv_1/kernel",
+        "Residual_1/Conv_2/kernel",
+    )
+    losses, aux = local.losses(v.params, images, labels, v.state, train=True)
+    assert losses.shape == (16, 4 + 4 + 1)
+    np.testing.assert_allclose(
+        aux.block_losses[:2], [losses[:, :4].sum(1).mean(), losses[:, 4:8].sum(1).mean()], rtol=1e-5
+    )
+    cols = local.groups(v.params)
+    assert cols["model"]["Residual_0"]["Conv_1"]["kernel"].split
+    assert not cols["model"]["Residual_0"]["Conv_0"]["kernel"].split
+
+    patched = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, patches=2)
+    patched.init(jax.random.key(0), images, train=True)
+    assert patched.block_splits == (((2, 2), 1), ((2, 2), 1)) and patched.split_params == ()
+
+
+def test_split_errors_name_the_fix():
+    images, _ = _images()
+    with pytest.raises(ValueError, match="divisor of 8"):
+        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, groups=3).init(
+            jax.random.key(0), images, train=True
+        )
+    with pytest.raises(ValueError, match="2 tapped blocks"):
+        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, groups=[2, 2, 2]).init(
+            jax.random.key(0), images, train=True
+        )
+    with pytest.raises(ValueError, match="no block output has spatial axes"):
+        fgrad_jax.local_losses(TinyNet(), 3, boundaries=DenseBN, patches=2).init(
+            jax.random.key(0), jnp.ones((4, 5)), train=True
+        )
