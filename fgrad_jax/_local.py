@@ -28,9 +28,11 @@ from fgrad_jax import _local_split as _split
 from fgrad_jax._activity import ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
 from fgrad_jax._local_model import (
+    LocalAux,
     ModelLocalLosses,
     _default_head_init,
     _pool,
+    accuracy,
     local_tangent_base,
 )
 from fgrad_jax._transform import forward_gradient
@@ -249,29 +251,47 @@ class LocalLosses:
             raise ValueError("Call init(key, x) first: it creates the heads' parameters.")
         return self._heads
 
-    def losses(self, params: Any, x: Array, y: Array) -> Array:
+    def losses(
+        self, params: Any, x: Array, y: Array, *, with_aux: bool = False
+    ) -> Array | tuple[Array, LocalAux]:
         """Per-example local losses, shape ``(B, L)``: column ``l`` is block ``l``'s loss.
 
         A block split into ``P`` patches and ``G`` groups has ``P G`` columns instead
         (patch-major), each of value ``loss / (P G)`` with the derivative of its own
-        patch's and group's loss; ``local.layout`` lists the split per block."""
+        patch's and group's loss; ``local.layout`` lists the split per block. With
+        ``with_aux=True``: ``(losses, LocalAux)`` from the same pass (``state`` is ``{}``;
+        ``loss`` and ``accuracy`` are those of the last block's class scores, the model's
+        prediction)."""
         self._check_init()
-        cols, h = [], x
+        cols, h, scores = [], x, x
         for i, block in enumerate(self.blocks):
             h = block.apply(params["blocks"][i], jax.lax.stop_gradient(h))
             grid, g = self.layout[i]
+            last = i == len(self.blocks) - 1
             if int(np.prod(grid)) * g == 1:
-                cols.append(self.loss(self._head(i, params["heads"][i], h), y)[:, None])
-            else:
-                head = params["heads"][i]
-                cols.append(
-                    _split.split_columns(head["kernel"], head["bias"], h, y, self.loss, grid, g)
-                )
-        return jnp.concatenate(cols, axis=1)
+                scores = self._head(i, params["heads"][i], h)
+                cols.append(self.loss(scores, y)[:, None])
+                continue
+            head = params["heads"][i]
+            cols.append(
+                _split.split_columns(head["kernel"], head["bias"], h, y, self.loss, grid, g)
+            )
+            if last and with_aux:
+                scores = jax.lax.stop_gradient(self._head(i, head, h))
+        table = jnp.concatenate(cols, axis=1)
+        if not with_aux:
+            return table
+        means = jnp.mean(table.astype(jnp.float32), axis=0)
+        ends = np.cumsum([int(np.prod(grid)) * g for grid, g in self.layout])
+        block = jnp.stack([jnp.sum(means[a:b]) for a, b in zip([0, *ends[:-1]], ends)])
+        return table, LocalAux({}, block, block[-1], accuracy(scores, y))
 
-    def value_fn(self, x: Array, y: Array) -> Callable[[Any], Array]:
-        """``value_fn(params) -> (B, L)`` losses, for ``update(..., value_fn=...)``."""
-        return lambda params: self.losses(params, x, y)
+    def value_fn(
+        self, x: Array, y: Array, *, with_aux: bool = False
+    ) -> Callable[[Any], Array | tuple[Array, LocalAux]]:
+        """``value_fn(params) -> (B, L)`` losses (``with_aux``: and the
+        :class:`~fgrad_jax.LocalAux`), for ``update(..., value_fn=...)``."""
+        return lambda params: self.losses(params, x, y, with_aux=with_aux)
 
     def predict(self, params: Any, x: Array) -> Array:
         """Class scores of the last block's head (or of the last block itself)."""
@@ -340,16 +360,25 @@ class LocalLosses:
         perturb: str = "activations",
         tangent: str = "rademacher",
         tangent_chunk: int | None = None,
+        with_aux: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents; the state's
         ``value`` is the sum over blocks of the mean local losses. ``tangent_chunk`` is
         :func:`fgrad_jax.forward_gradient`'s (``None``: automatic; ``num_tangents``: all
-        tangents in one pass, for accelerators with memory to spare)."""
+        tangents in one pass, for accelerators with memory to spare). ``with_aux=True``
+        (with ``value_fn(x, y, with_aux=True)``): ``forward_gradient_state(opt_state).aux``
+        is the step's :class:`~fgrad_jax.LocalAux` (per-block losses, the model's loss and
+        accuracy)."""
+        self._check_init()
+        zero = jnp.float32(0)
+        aux = lambda: LocalAux({}, jnp.zeros((len(self.blocks),), jnp.float32), zero, zero)
         return forward_gradient(
             key,
             num_tangents=num_tangents,
             tangent=self.tangent(perturb, tangent),
             tangent_chunk=tangent_chunk,
+            has_aux=with_aux,
+            aux_example=jax.eval_shape(aux) if with_aux else None,
         )
 
     def update_model(self, params: Any) -> None:

@@ -33,12 +33,12 @@ from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
 from fgrad_jax._local_taps import (
     Taps,
-    path_str,
     batch_coupled,
     column_of_leaves,
     linen_run,
     matcher,
     nnx_run,
+    path_str,
     stand_ins,
 )
 from fgrad_jax._tangents import HASHED
@@ -184,6 +184,8 @@ class ModelLocalLosses:
         self._linen = isinstance(model, nn.Module)
         self._graphdef: Any = None
         self._layout: _Layout | None = None
+        self._analysed: Any = None  # the init signature the layout was found for
+        self._inits: dict[str, Any] = {}  # linen: the jitted model.init per call signature
 
     # -- running the model ------------------------------------------------------------
 
@@ -203,12 +205,15 @@ class ModelLocalLosses:
         """The model's parameters (linen: initialised from ``key``; nnx: the module's
         current values), its state, and fresh heads; records where the blocks end and
         which loss column each parameter feeds. ``kwargs`` go to the model's call (e.g.
-        ``train=True``)."""
+        ``train=True``). The analysis runs once per input shape and ``kwargs``: later calls
+        (new seeds) only initialise."""
         k_model, k_drop, k_heads = jax.random.split(key, 3)
         state: Any
         if self._linen:
-            init = jax.jit(functools.partial(self.model.init, **kwargs))  # one compile
-            variables = dict(init({"params": k_model, "dropout": k_drop}, x))
+            call = repr(sorted(kwargs.items()))
+            if call not in self._inits:  # one compile per call signature
+                self._inits[call] = jax.jit(functools.partial(self.model.init, **kwargs))
+            variables = dict(self._inits[call]({"params": k_model, "dropout": k_drop}, x))
             model_params, state = variables.pop("params"), variables
         else:
             self._graphdef, model_params, state = split_wrt(self.model, nnx.Param)
@@ -221,7 +226,6 @@ class ModelLocalLosses:
             return o, t.outputs
 
         out, outputs = jax.eval_shape(shapes, model_params)
-        taps = found[0]
         if not outputs:
             raise ValueError(
                 f"boundaries={self.boundaries!r} selects no submodule called by "
@@ -240,6 +244,22 @@ class ModelLocalLosses:
             for k, h in zip(keys, outputs)
         ]
         params = {"model": model_params, "heads": heads}
+        signature = (
+            tuple(jnp.shape(x)[1:]),
+            str(jnp.result_type(x)),
+            repr(sorted(kwargs.items())),
+            jax.tree_util.tree_structure((model_params, state)),
+            tuple(jnp.shape(a) for a in jax.tree.leaves((model_params, state))),
+        )
+        if self._layout is None or self._analysed != signature:
+            self._layout = None
+            self._layout = self._analyse(params, state, x, rngs, kwargs, found[0].paths, outputs)
+            self._analysed = signature
+        return LocalVariables(params, state)
+
+    def _analyse(self, params, state, x, rngs, kwargs, tapped_paths, outputs) -> _Layout:
+        """Where the blocks end, each parameter's block, the splits, the coupling."""
+        model_params = params["model"]
         leaves, treedef = jax.tree_util.tree_flatten(model_params)
 
         def run_outputs(flat):
@@ -248,14 +268,12 @@ class ModelLocalLosses:
             return [*t.outputs, o]
 
         blocks = tuple(column_of_leaves(run_outputs, leaves))
-        y = jnp.zeros(jnp.shape(x)[:1], jnp.int32)
         splits = self._splits([h.shape for h in outputs])
         paths = tuple(
             "/".join(path_str(p)) for p, _ in jax.tree_util.tree_flatten_with_path(model_params)[0]
         )
-        self._layout = _Layout(tuple(taps.paths), blocks, splits, frozenset(), paths, None, False)
+        layout = _Layout(tuple(tapped_paths), blocks, splits, frozenset(), paths, None, False)
         with jax.ensure_compile_time_eval():  # concrete even when init is traced
-            y4 = jnp.zeros((4,), jnp.int32)
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
             if any(int(np.prod(grid)) * g > 1 for grid, g in splits):
                 probe_leaves, probe_state = stand_ins((leaves, state))
@@ -268,16 +286,18 @@ class ModelLocalLosses:
                 split_leaves = _split.separable_leaves(
                     tapped, probe_leaves, 4, blocks, splits, jax.random.key(7919)
                 )
-                self._layout = self._layout._replace(split_leaves=split_leaves)
+                layout = layout._replace(split_leaves=split_leaves)
+            self._layout = layout  # losses() below reads the columns
+            y4 = jnp.zeros((4,), jnp.int32)
             coupled = batch_coupled(
                 lambda ps, xs: self.losses(ps[0], xs, y4, ps[1], rngs=probe_rngs, **kwargs)[0],
                 (params, state),
                 x,
             )
-        self._layout = self._layout._replace(coupled=coupled)
+        self._layout = layout = layout._replace(coupled=coupled)
+        y = jnp.zeros(jnp.shape(x)[:1], jnp.int32)
         aux = jax.eval_shape(lambda p: self.losses(p, x, y, state, rngs=rngs, **kwargs)[1], params)
-        self._layout = self._layout._replace(aux=aux)
-        return LocalVariables(params, state)
+        return layout._replace(aux=aux)
 
     def _splits(self, shapes: list[tuple[int, ...]]) -> tuple[tuple[tuple[int, ...], int], ...]:
         """(patch grid, groups) of every tapped block, from ``patches=`` / ``groups=``."""
@@ -360,7 +380,7 @@ class ModelLocalLosses:
                 for a, b in zip(layout.starts(), [*layout.starts()[1:], table.shape[1]])
             ]
         )
-        return table, LocalAux(new_state, block, block[-1], _accuracy(out, y))
+        return table, LocalAux(new_state, block, block[-1], accuracy(out, y))
 
     def value_fn(
         self, x: Array, y: Array, state: Any = None, *, rngs: Any = None, **kwargs
@@ -427,7 +447,7 @@ class ModelLocalLosses:
             nnx.update(self.model, params["model"], *([state] if state is not None else []))
 
 
-def _accuracy(out: Array, y: Array) -> Array:
+def accuracy(out: Array, y: Array) -> Array:
     if out.ndim != 2 or jnp.shape(y) != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         return jnp.float32(jnp.nan)
     return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))

@@ -17,7 +17,8 @@ SECTIONS = ("mlp", "wide", "depth_memory", "transformer", "gpt2_memory", "oom")
 
 
 def _run(*args, timeout=900):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+    # One device; LLVM level 0 as in conftest.py (compile-bound).
+    env = os.environ | {"XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         env=env,

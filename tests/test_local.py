@@ -213,3 +213,32 @@ def test_forward_gradient_passes_tangent_chunk_through(perturb):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="tangent_chunk"):
         updates(3)
+
+
+def test_sequence_form_reports_metrics_from_the_same_pass(standard_promotion):
+    """with_aux=True: per-block losses (a split block's columns summed), the model's own
+    loss and accuracy (the last block's class scores), in the functional form and in the
+    transformation's state."""
+    model = nnx.Sequential(
+        nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+    )
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    y = jnp.arange(16) % 3
+    local = fgrad_jax.local_losses(model, num_classes=3, groups=[2, 1])
+    params = local.init(jax.random.key(0), x)
+    table, aux = local.losses(params, x, y, with_aux=True)
+    np.testing.assert_allclose(table, local.losses(params, x, y), rtol=1e-6)
+    means = table.mean(0)
+    np.testing.assert_allclose(aux.block_losses, [means[0] + means[1], means[2]], rtol=1e-5)
+    scores = local.predict(params, x)
+    want = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
+    np.testing.assert_allclose(aux.loss, want, rtol=1e-5)
+    np.testing.assert_allclose(aux.accuracy, (scores.argmax(-1) == y).mean(), rtol=1e-6)
+
+    tx = optax.chain(local.forward_gradient(key=0, with_aux=True), optax.adam(1e-2))
+    opt_state = tx.init(params)
+    _, opt_state = jax.jit(
+        lambda p, s: tx.update(None, s, p, value_fn=local.value_fn(x, y, with_aux=True))
+    )(params, opt_state)
+    logged = fgrad_jax.forward_gradient_state(opt_state).aux
+    np.testing.assert_allclose(logged.block_losses, aux.block_losses, rtol=1e-5)

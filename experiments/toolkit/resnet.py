@@ -12,7 +12,10 @@ BatchNorm and a 3x3/2 max pool, four stages of two basic residual blocks, widths
 * ``local_a_k<K>`` / ``local_w_k<K>``: block-local losses with ``boundaries=ResidualBlock``
   (:class:`fgrad_jax.ModelLocalLosses`), activities or weights perturbed;
 * ``local_a_layer_k<K>``: a block per convolution (``boundaries=nn.BatchNorm``), activity
-  perturbations scored per example (``batch_coupling="per_example"``).
+  perturbations scored per example (``batch_coupling="per_example"``);
+* ``local_a_split_k<K>``: a block per convolution, each split into 4 channel-group loss
+  columns (``groups=4``; BatchNorm keeps channels apart), scored unbiasedly;
+* ``local_a_splitall_k<K>``: the same, scored per example.
 """
 
 from __future__ import annotations
@@ -70,6 +73,15 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
+# The local-loss variants on the resnet, by the method name's infix (see the docstring).
+RESNET_LOCAL: dict[str, dict[str, Any]] = {
+    "": {"boundaries": ResidualBlock},
+    "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
+    "_split_": {"boundaries": nn.BatchNorm, "groups": 4},
+    "_splitall_": {"boundaries": nn.BatchNorm, "groups": 4, "batch_coupling": "per_example"},
+}
+
+
 def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
@@ -85,16 +97,8 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family == "local":
-        # local_a_layer_k<K>: a block per convolution (boundaries at every BatchNorm's
-        # output), perturbations scored per example (biased under BatchNorm's coupling,
-        # lower variance); otherwise a block per residual block, scored unbiasedly.
-        layer = "_layer_" in spec.name
-        local = fgrad_jax.local_losses(
-            model,
-            num_classes,
-            boundaries=nn.BatchNorm if layer else ResidualBlock,
-            batch_coupling="per_example" if layer else "correct",
-        )
+        variant = next((v for v in RESNET_LOCAL if v in spec.name), "")
+        local = fgrad_jax.local_losses(model, num_classes, **RESNET_LOCAL[variant])
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         local.init(jax.random.key(0), jnp.zeros((8, *x1.shape[1:]), x1.dtype), train=True)
