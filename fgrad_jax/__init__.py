@@ -1,6 +1,7 @@
 """fgrad_jax: forward gradients (gradients without backpropagation) for JAX and optax."""
 
 from fgrad_jax import datasets, diagnostics
+from fgrad_jax._activity import activity_perturbation
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
@@ -31,6 +32,7 @@ __all__ = [
     "LocalVariables",
     "ModelLocalLosses",
     "Tangent",
+    "activity_perturbation",
     "apply_forward_gradient",
     "datasets",
     "diagnostics",

@@ -37,12 +37,16 @@ import numpy as np
 from jax.extend import core as jcore
 
 from fgrad_jax import _interpreter, _random
+from fgrad_jax._dataflow import weight_perturbed_kernels
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
+from fgrad_jax._tangents import HASHED
 
 Array = jax.Array
 
 PERTURB = ("weights", "activations")
+FALLBACK = ("error", "weights")
 _VIEW_PRIMITIVES = (
+    "sharding_constraint",
     "reshape",
     "broadcast_in_dim",
     "convert_element_type",
@@ -117,12 +121,14 @@ class _Trace:
         self.sites: list[_Site] = []
         self.by_var: dict[Any, _Site] = {}
         self.weights: dict[int, Array] = {}
+        self.site_eqns: set[int] = set()  # ids of the dot/conv equations turned into sites
         self.draws = 0
         self.rules = {
             "dot_general": [self._op_rule],
             "conv_general_dilated": [self._op_rule],
             "add": [self._bias_rule],
             "stop_gradient": [lambda eqn, ps, ts: ([eqn.primitive.bind(*ps)], [None])],
+            "optimization_barrier": [self._barrier_rule],
             **{p: [self._view_rule] for p in _VIEW_PRIMITIVES},
         }
 
@@ -150,6 +156,13 @@ class _Trace:
         fn = lambda w: eqn.primitive.bind(view.fn(w), *rest, **params)
         return [out], [_View(self, view.leaf, fn)]
 
+    def _barrier_rule(self, eqn, primals, tangents):
+        # The barrier orders the primal computation; leaves' views pass through as they are.
+        live = [t for t in tangents if t is not None]
+        if not live or not all(isinstance(t, _View) for t in live):
+            return None
+        return list(eqn.primitive.bind(*primals, **eqn.params)), list(tangents)
+
     def _op_rule(self, eqn, primals, tangents):
         lhs, rhs = primals
         tl, tr = tangents
@@ -174,6 +187,7 @@ class _Trace:
             t_out = t_out + eqn.primitive.bind(tl, rhs, **params).astype(out.dtype)
         site = _Site(tr.leaf, functools.partial(_bind, eqn.primitive, params), tr.fn, lhs, u, name)
         self.sites.append(site)
+        self.site_eqns.add(id(eqn))
         self.by_var[eqn.outvars[0]] = site
         return [out], [t_out]
 
@@ -313,6 +327,11 @@ class ActivityPerturbation(TangentStrategy):
             is estimated from column ``groups[i]`` only (block-local losses). An entry may
             be a :class:`Columns` instead: a block split into patch/group columns.
         schedule: Overrides the ``_interpreter.Schedule`` (never changes a value).
+        fallback: ``"error"`` (default): a dense/conv kernel that cannot be activity-
+            perturbed (it reaches its op through something the rules do not see through:
+            a scan, arithmetic on the weights, a custom wrapper) raises an error naming
+            it; ``"weights"``: such kernels are weight-perturbed (unbiased, the weight-
+            perturbed variance), as every non-kernel leaf is.
         batch_coupled: The per-example losses depend on other examples' activations
             (BatchNorm in training mode): each perturbation is then scored by the whole
             batch's directional derivative ``Σ_b d_b`` instead of its own example's
@@ -324,6 +343,11 @@ class ActivityPerturbation(TangentStrategy):
     groups: Callable[[Any], Any] | None = None
     schedule: _interpreter.Schedule | None = None
     batch_coupled: bool = False
+    fallback: str = "error"
+
+    def __post_init__(self):
+        if self.fallback not in FALLBACK:
+            raise ValueError(f"fallback must be one of {FALLBACK}; got {self.fallback!r}.")
 
     def check_value(self, out: Any, fn_name: str) -> Array:
         out = jnp.asarray(out)
@@ -353,10 +377,12 @@ class ActivityPerturbation(TangentStrategy):
         # output ``shared``).
         traces: list[_Trace] = []
         keys = _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32))
-        return keys, (groups, schedule, traces)
+        paths = jax.tree_util.tree_flatten_with_path(selection.tree)[0]
+        names = tuple(jax.tree_util.keystr(paths[i][0]) for i in selection.indices)
+        return keys, (groups, schedule, traces, names)
 
     def direction(self, fun, primals, context, key) -> Direction:
-        groups, schedule, traces = context
+        groups, schedule, traces, names = context
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
         losses_shape = out_shape[0].shape
         if groups is not None:
@@ -375,6 +401,8 @@ class ActivityPerturbation(TangentStrategy):
         losses, d = outs[0], touts[0]
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
+        if self.activations and self.fallback == "error":
+            _check_no_fallback(closed, len(primals), trace.site_eqns, names)
         traces.append(trace)
         shared = [site.lhs for site in trace.sites]
         kept = trace.cotangents(d, groups, self.batch_coupled)
@@ -389,6 +417,87 @@ class ActivityPerturbation(TangentStrategy):
     def combine(self, derivatives, primals, context, kept):
         k = np.float32(derivatives.shape[0])
         return [(s / k).astype(p.dtype) for s, p in zip(kept, primals)]
+
+
+def _check_no_fallback(closed, num_leaves, sites, names) -> None:
+    fallen = weight_perturbed_kernels(closed, num_leaves, sites)
+    if fallen:
+        listed = "; ".join(
+            f"{names[leaf] or '<root>'} (kernel of {op})" for leaf, op in sorted(fallen.items())
+        )
+        raise ValueError(
+            f"perturb='activations' cannot perturb the outputs of these kernels: {listed}. "
+            "Each reaches its dense/conv op through something other than reshapes, "
+            "transposes, casts and sharding constraints, so it would silently get the "
+            "weight-perturbed estimate. Fixes: apply the kernel directly in the layer (move "
+            "weight arithmetic, scans over layers or wrappers out of the differentiated "
+            "path), or accept weight perturbation for them explicitly: "
+            "tangent=fgrad_jax.activity_perturbation(fallback='weights'). "
+            "fgrad_jax.diagnostics.perturbation_report(fn, *args) lists every leaf."
+        )
+
+
+def perturbation_of_leaves(fun: Callable[..., Any], primals: list[Array]) -> list[str]:
+    """For every primal of ``fun`` (per-example losses first in its output): how
+    ``perturb="activations"`` perturbs it, and why (traced, nothing is computed)."""
+    found: list[list[str]] = []
+
+    def run(*ps):
+        closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*ps)
+        batch = jax.tree_util.tree_leaves(out_shape)[0].shape[0]
+        uses = _use_counts(closed.jaxpr, collections.Counter())
+        strategy = ActivityPerturbation(HASHED["rademacher"], fallback="weights")
+        trace = _Trace(strategy, jax.random.key(0), list(ps), batch, uses, True)
+        views = [_View(trace, i, lambda w: w) for i in range(len(ps))]
+        _, touts = _interpreter.jvp_jaxpr(closed, list(ps), views, rules=trace.rules)
+        fallen = weight_perturbed_kernels(closed, len(ps), trace.site_eqns)
+        for leaf in range(len(ps)):
+            ops = [site.name for site in trace.sites if site.leaf == leaf]
+            ops += [
+                f"{site.name} bias" for site in trace.sites if site.bias and site.bias[0] == leaf
+            ]
+            text = []
+            if ops:
+                text.append(
+                    f"activations: output of {len(ops)} op(s) ({', '.join(sorted(set(ops)))})"
+                )
+            if leaf in fallen:
+                text.append(f"weights: kernel of {fallen[leaf]}, not seen through (fallback)")
+            elif leaf in trace.weights:
+                text.append("weights: not a dense/conv kernel (elementwise, gather, ...)")
+            found.append(text or ["none: does not reach the losses"])
+        return touts[0]
+
+    jax.eval_shape(run, *primals)
+    return ["; ".join(t) for t in found]
+
+
+def activity_perturbation(
+    tangent: str = "rademacher", *, fallback: str = "error"
+) -> ActivityPerturbation:
+    """The ``perturb="activations"`` strategy, to pass as ``tangent=`` with options.
+
+    Args:
+        tangent: The elementwise law of the perturbations: ``"rademacher"`` or ``"normal"``.
+        fallback: ``"error"`` (what ``perturb="activations"`` does): a dense/conv kernel
+            that cannot be activity-perturbed raises an error naming it; ``"weights"``:
+            such kernels are weight-perturbed instead, explicitly.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> def losses(params, x):  # the kernel passes through a scan over layers
+        ...     body = lambda h, w: (jnp.tanh(h @ w), None)
+        ...     return jnp.sum(jax.lax.scan(body, x, params)[0] ** 2, axis=1)
+        >>> params, x = jnp.ones((2, 3, 3)) / 3, jnp.ones((4, 3))
+        >>> strategy = fgrad_jax.activity_perturbation(fallback="weights")
+        >>> g = fgrad_jax.forward_grad(losses, tangent=strategy)(jax.random.key(0), params, x)
+        >>> g.shape
+        (2, 3, 3)
+    """
+    if tangent not in HASHED:
+        raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
+    return ActivityPerturbation(HASHED[tangent], fallback=fallback)
 
 
 def with_perturbation(strategy: TangentStrategy, perturb: str) -> TangentStrategy:

@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.extend import core as jcore
 
-from fgrad_jax import _interpreter
+from fgrad_jax._dataflow import dependence
 
 Array = jax.Array
 Path = tuple[str, ...]
@@ -152,35 +151,10 @@ def nnx_run(graphdef, params, state, match, x, kwargs):
 # ----------------------------------------------------------------------------- columns
 
 
-def _dependence(jaxpr: Any, in_masks: list[int]) -> list[int]:
-    """Per output of ``jaxpr``: the bitmask of the inputs it depends on, through every
-    equation but ``stop_gradient`` (inlined calls are followed; loops and other
-    higher-order primitives are taken as depending on all their inputs)."""
-    env: dict[Any, int] = dict(zip(jaxpr.invars, in_masks))
-
-    def read(v: Any) -> int:
-        return 0 if isinstance(v, jcore.Literal) else env.get(v, 0)
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if eqn.primitive.name == "stop_gradient":
-            outs = [0] * len(eqn.outvars)
-        else:
-            inner = _interpreter._inline_jaxpr(eqn)
-            body = getattr(inner, "jaxpr", inner)
-            if body is not None and len(body.invars) == len(ins):
-                outs = _dependence(body, ins)
-            else:
-                outs = [functools.reduce(lambda a, b: a | b, ins, 0)] * len(eqn.outvars)
-        for v, m in zip(eqn.outvars, outs):
-            env[v] = m
-    return [read(v) for v in jaxpr.outvars]
-
-
 def column_of_leaves(run: Callable[[list[Array]], list[Array]], leaves: list[Any]) -> list[int]:
     """For every leaf, the one output of ``run`` (block outputs, then the model's) it feeds."""
     closed = jax.make_jaxpr(run)(leaves)
-    masks = _dependence(closed.jaxpr, [1 << i for i in range(len(leaves))])
+    masks = dependence(closed.jaxpr, [1 << i for i in range(len(leaves))])
     columns = []
     for i in range(len(leaves)):
         reached = [j for j, m in enumerate(masks) if m >> i & 1]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgrad_jax._activity import perturbation_of_leaves
 from fgrad_jax._estimator import as_key, is_differentiable
 
 Array = jax.Array
@@ -31,6 +32,7 @@ __all__ = [
     "VarianceReport",
     "cosine_similarity",
     "estimator_variance",
+    "perturbation_report",
     "snr_per_leaf",
     "true_gradient",
 ]
@@ -238,3 +240,45 @@ def estimator_variance(
         mean=jax.tree_util.tree_unflatten(treedef, mean),
         num_samples=int(count),
     )
+
+
+def perturbation_report(
+    fun: Callable[..., Any], *args: Any, argnums: int = 0, **kwargs: Any
+) -> dict[str, str]:
+    """How ``perturb="activations"`` perturbs each leaf of ``args[argnums]``, and why.
+
+    ``fun`` returns per-example losses (shape ``(B,)``, or ``(B, G)`` for local losses),
+    possibly with an aux as ``(losses, aux)``. Only traced: nothing runs.
+
+    Returns:
+        ``{leaf path: description}``: ``"activations: output of N op(s) (...)"`` for
+        kernels whose dense/conv outputs are perturbed (and biases added to them);
+        ``"weights: kernel of ... (fallback)"`` for a kernel the rules cannot see through
+        (the estimator raises for these unless ``fallback="weights"``); ``"weights: not a
+        dense/conv kernel"`` for the leaves that are weight-perturbed by design (norm
+        scales, embeddings); ``"none"`` for leaves that do not reach the losses.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from fgrad_jax import diagnostics
+        >>> def losses(p, x):
+        ...     h = jnp.tanh(x @ p["w"] + p["b"]) * p["scale"]
+        ...     return jnp.sum(h @ (2.0 * p["v"]), axis=1)
+        >>> p = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "scale": jnp.ones(4), "v": jnp.ones((4, 2))}
+        >>> for path, how in diagnostics.perturbation_report(losses, p, jnp.ones((5, 3))).items():
+        ...     print(path, "->", how)
+        ['b'] -> activations: output of 1 op(s) (dot_general bias)
+        ['scale'] -> weights: not a dense/conv kernel (elementwise, gather, ...)
+        ['v'] -> weights: kernel of `dot_general`, not seen through (fallback)
+        ['w'] -> activations: output of 1 op(s) (dot_general)
+    """
+    tree = args[argnums]
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+
+    def flat_fun(*leaves: Any) -> Any:
+        call = list(args)
+        call[argnums] = jax.tree_util.tree_unflatten(treedef, leaves)
+        return fun(*call, **kwargs)
+
+    how = perturbation_of_leaves(flat_fun, [leaf for _, leaf in paths])
+    return {jax.tree_util.keystr(path): text for (path, _), text in zip(paths, how)}

@@ -176,3 +176,66 @@ def test_errors():
 
     with pytest.raises(ValueError, match=r"`dot_general`.*batch axis first"):
         fgrad_jax.forward_grad(not_batch_first, perturb="activations")(jax.random.key(0), p)
+
+
+# --- no silent fallback to weight perturbation ---------------------------------------------
+
+
+def test_sharding_constraints_and_barriers_keep_activity_perturbation():
+    """The FSDP recipe constrains the parameters inside the loss: the kernels still reach
+    their ops as views, so the estimate is the activity-perturbed one, equal (same key) to
+    the estimate without the constraint."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    shardings = {
+        "w1": P(None, "fsdp"), "b1": P("fsdp"), "w2": P("fsdp", None), "b2": P(), "scale": P()
+    }  # fmt: skip
+
+    def constrained(p, x, y):
+        p = jax.lax.with_sharding_constraint(
+            p, {k: NamedSharding(mesh, s) for k, s in shardings.items()}
+        )
+        p = jax.lax.optimization_barrier(p)
+        return mlp_losses(p, x, y)
+
+    params, (x, y) = mlp_params(jax.random.key(0)), data(jax.random.key(1), batch=6)
+    report = fgrad_jax.diagnostics.perturbation_report(constrained, params, x, y)
+    assert report["['w1']"].startswith("activations") and report["['w2']"].startswith("activations")
+    assert report["['scale']"].startswith("weights: not a dense/conv kernel")
+    key = jax.random.key(3)
+    plain = fgrad_jax.forward_grad(mlp_losses, perturb="activations", num_tangents=4)
+    fsdp = fgrad_jax.forward_grad(constrained, perturb="activations", num_tangents=4)
+    want, got = plain(key, params, x, y), jax.jit(fsdp)(key, params, x, y)
+    for name in params:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_kernels_that_cannot_be_activity_perturbed_raise_or_fall_back_explicitly():
+    def scanned(stack, x, y):  # layers as a scan: the kernel is a slice of a scanned input
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, stack["w"])
+        return jnp.sum((h - y) ** 2, axis=1)
+
+    def rescaled(p, x, y):  # arithmetic on the weights before the op
+        return jnp.sum((jnp.tanh(x @ (2.0 * p["w"])) - y) ** 2, axis=1)
+
+    x, y = jax.random.normal(jax.random.key(0), (6, 3)), jnp.zeros((6, 3))
+    stack = {"w": jax.random.normal(jax.random.key(1), (2, 3, 3)) / 3}
+    with pytest.raises(ValueError, match=r"\['w'\] \(kernel of `dot_general` inside `scan`\)"):
+        fgrad_jax.forward_grad(scanned, perturb="activations")(jax.random.key(0), stack, x, y)
+    with pytest.raises(ValueError, match="fallback='weights'"):
+        fgrad_jax.forward_grad(rescaled, perturb="activations")(
+            jax.random.key(0), {"w": stack["w"][0]}, x, y
+        )
+    report = fgrad_jax.diagnostics.perturbation_report(scanned, stack, x, y)
+    assert "fallback" in report["['w']"]
+
+    # Explicitly accepted: the weight-perturbed estimate, unbiased (mean of 4,000 estimates).
+    strategy = fgrad_jax.activity_perturbation(fallback="weights")
+    est = fgrad_jax.forward_grad(scanned, tangent=strategy)
+    samples = sample(est, (stack, x, y), 4000)
+    true = jax.grad(lambda s: jnp.mean(scanned(s, x, y)))(stack)
+    assert_unbiased(samples, true)
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        fgrad_jax.activity_perturbation(fallback="warn")
