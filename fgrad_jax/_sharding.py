@@ -74,3 +74,27 @@ def replicated_like(x: Any, ref: Any) -> Any:
     if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
         return x
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P())), x)
+
+
+def check_same_key_on_every_process(key: Any, who: str) -> None:
+    """In a multi-process run, raises unless every process holds the same ``key``.
+
+    Processes that draw different tangents apply different updates to parameters that are
+    meant to be replicated: they drift apart while the all-reduced loss still agrees. One
+    small all-gather of the key's words, once, when the transformation is built.
+    """
+    if jax.process_count() == 1 or isinstance(key, jax.core.Tracer):
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    words = np.asarray(jax.random.key_data(key)).reshape(-1)
+    every = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), -1)
+    if not (every == every[0]).all():
+        raise ValueError(
+            f"{who}'s key differs between the {jax.process_count()} processes (process "
+            f"{jax.process_index()} holds {words.tolist()}): each process would draw other "
+            "tangents and the replicated parameters would drift apart. Seed it identically "
+            "on every process (e.g. key=0, not a key folded with jax.process_index()); keys "
+            "for dropout or data order may differ per process, this one may not."
+        )

@@ -21,6 +21,7 @@ from fgrad_jax._estimator import (
     estimate_forward_grad,
 )
 from fgrad_jax._placement import check_first_in_chain, check_init_placement
+from fgrad_jax._sharding import check_same_key_on_every_process
 from fgrad_jax._tangents import Tangent, resolve_tangent
 
 Array = jax.Array
@@ -280,6 +281,7 @@ def forward_gradient(
     num_tangents = check_num_tangents(num_tangents)
     tangent = with_perturbation(resolve_tangent(tangent), perturb)
     seed_key = _init_key(key)
+    check_same_key_on_every_process(seed_key, "forward_gradient")
     if on_nonfinite not in _ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}; got {on_nonfinite!r}.")
     if has_aux and aux_example is None:

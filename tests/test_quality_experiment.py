@@ -149,6 +149,16 @@ def test_resnet_local_step_updates_batch_stats_and_scores():
     assert acc.shape == (2,)
 
 
+def test_resnet_local_variants_by_name():
+    import flax.linen as nn
+    from toolkit.resnet import ResidualBlock, resnet_local_options
+
+    assert resnet_local_options("local_a_k16") == {"boundaries": ResidualBlock}
+    assert resnet_local_options("local_a_layer_k16")["batch_coupling"] == "per_example"
+    assert resnet_local_options("local_a_split_k16") == {"boundaries": nn.BatchNorm, "groups": 4}
+    assert resnet_local_options("local_a_splitall_k1")["batch_coupling"] == "per_example"
+
+
 def test_eval_batch_must_divide_the_splits(tmp_path):
     cfg = dataclasses.replace(quality.PRESETS["tiny"], out_dir=str(tmp_path), eval_batch=300)
     with pytest.raises(ValueError, match="eval_batch=300 must divide the val_size"):

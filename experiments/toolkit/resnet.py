@@ -82,6 +82,11 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
 }
 
 
+def resnet_local_options(name: str) -> dict[str, Any]:
+    """``local_losses`` keywords of the resnet's local method ``name`` (by its infix)."""
+    return RESNET_LOCAL[next((v for v in RESNET_LOCAL if v and v in name), "")]
+
+
 def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
@@ -97,8 +102,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family == "local":
-        variant = next((v for v in RESNET_LOCAL if v in spec.name), "")
-        local = fgrad_jax.local_losses(model, num_classes, **RESNET_LOCAL[variant])
+        local = fgrad_jax.local_losses(model, num_classes, **resnet_local_options(spec.name))
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         local.init(jax.random.key(0), jnp.zeros((8, *x1.shape[1:]), x1.dtype), train=True)
