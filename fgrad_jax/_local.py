@@ -222,8 +222,7 @@ class LocalLosses:
                     zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
                     stand_in = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params[i])
                     why = _split.check_separable(
-                        block.layer_apply, block.tail, stand_in, zeros, grid, g,
-                        jax.random.fold_in(jax.random.key(7919), i),
+                        block.layer_apply, block.tail, stand_in, zeros, grid, g, 7919 + i,
                     )  # fmt: skip
                 if why is not None:
                     problems[i] = why

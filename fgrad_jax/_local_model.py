@@ -39,6 +39,7 @@ from fgrad_jax._local_taps import (
     matcher,
     nnx_run,
     path_str,
+    stand_in_batch,
     stand_ins,
 )
 from fgrad_jax._tangents import HASHED
@@ -277,14 +278,14 @@ class ModelLocalLosses:
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
             if any(int(np.prod(grid)) * g > 1 for grid, g in splits):
                 probe_leaves, probe_state = stand_ins((leaves, state))
-                xs = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), x.dtype)
+                xs = jnp.asarray(stand_in_batch(x))
 
                 def tapped(flat):
                     p = jax.tree_util.tree_unflatten(treedef, flat)
                     return self._run(p, probe_state, xs, probe_rngs, kwargs)[2].outputs
 
                 split_leaves = _split.separable_leaves(
-                    tapped, probe_leaves, 4, blocks, splits, jax.random.key(7919)
+                    tapped, probe_leaves, 4, blocks, splits, seed=7919
                 )
                 layout = layout._replace(split_leaves=split_leaves)
             self._layout = layout  # losses() below reads the columns

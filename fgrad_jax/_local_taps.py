@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fgrad_jax._dataflow import dependence
@@ -174,7 +175,7 @@ def batch_coupled(losses: Callable[[Any, Array], Array], params: Any, x: Array) 
     four examples (and stand-in parameters when they are traced, e.g. init under jit or
     vmap): coupling is a property of the program, not of the values."""
     params = stand_ins(params)
-    x = jax.random.normal(jax.random.key(7), (4, *jnp.shape(x)[1:]), jnp.result_type(x))
+    x = jnp.asarray(stand_in_batch(x))
     run = jax.jit(losses)
     before = run(params, x)
     after = run(params, x.at[0].add(1.0))
@@ -187,12 +188,19 @@ def stand_ins(tree: Any) -> Any:
     that variances stay valid): for checks that read values while init is traced."""
     if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree)):
         return tree
-    keys = iter(jax.random.split(jax.random.key(7919), len(jax.tree.leaves(tree))))
+    rng = np.random.default_rng(7919)
 
     def stand_in(a):
-        k, dtype = next(keys), jnp.result_type(a)
+        dtype = jnp.result_type(a)
         if not jnp.issubdtype(dtype, jnp.floating):
             return jnp.zeros(jnp.shape(a), dtype)
-        return 0.5 + jnp.abs(jax.random.normal(k, jnp.shape(a), dtype))
+        return jnp.asarray(0.5 + np.abs(rng.standard_normal(jnp.shape(a))), dtype)
 
     return jax.tree.map(stand_in, tree)
+
+
+def stand_in_batch(x: Any, size: int = 4) -> np.ndarray:
+    """``size`` random examples shaped like ``x``'s, drawn by numpy: XLA:CPU spends seconds
+    compiling ``jax.random`` draws of small 4-D shapes (images), numpy none."""
+    shape = (size, *jnp.shape(x)[1:])
+    return np.random.default_rng(7).standard_normal(shape).astype(jnp.result_type(x))
