@@ -402,7 +402,7 @@ class ActivityPerturbation(TangentStrategy):
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
         if self.activations and self.fallback == "error":
-            _check_no_fallback(closed, len(primals), trace.site_eqns, names)
+            _check_no_fallback(closed, len(primals), trace.site_eqns, names, losses_shape[0])
         traces.append(trace)
         shared = [site.lhs for site in trace.sites]
         kept = trace.cotangents(d, groups, self.batch_coupled)
@@ -419,8 +419,8 @@ class ActivityPerturbation(TangentStrategy):
         return [(s / k).astype(p.dtype) for s, p in zip(kept, primals)]
 
 
-def _check_no_fallback(closed, num_leaves, sites, names) -> None:
-    fallen = weight_perturbed_kernels(closed, num_leaves, sites)
+def _check_no_fallback(closed, num_leaves, sites, names, batch) -> None:
+    fallen = weight_perturbed_kernels(closed, num_leaves, sites, batch)
     if fallen:
         listed = "; ".join(
             f"{names[leaf] or '<root>'} (kernel of {op})" for leaf, op in sorted(fallen.items())
@@ -450,7 +450,7 @@ def perturbation_of_leaves(fun: Callable[..., Any], primals: list[Array]) -> lis
         trace = _Trace(strategy, jax.random.key(0), list(ps), batch, uses, True)
         views = [_View(trace, i, lambda w: w) for i in range(len(ps))]
         _, touts = _interpreter.jvp_jaxpr(closed, list(ps), views, rules=trace.rules)
-        fallen = weight_perturbed_kernels(closed, len(ps), trace.site_eqns)
+        fallen = weight_perturbed_kernels(closed, len(ps), trace.site_eqns, batch)
         for leaf in range(len(ps)):
             ops = [site.name for site in trace.sites if site.leaf == leaf]
             ops += [

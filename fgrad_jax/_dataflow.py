@@ -40,12 +40,14 @@ def dependence(
     in_masks: list[int],
     visit: Visitor | None = None,
     where: tuple[str, ...] = (),
-    const_mask: int = 0,
+    const_masks: list[int] | None = None,
+    keep: int = 0,
 ) -> list[int]:
     """Per output of ``jaxpr``, the bitmask of the inputs it depends on; ``visit`` sees every
-    equation (inside inlined calls and other higher-order primitives too). ``const_mask``
-    is the mask of ``jaxpr``'s constants (closed-over values)."""
-    env: dict[Any, int] = {v: const_mask for v in jaxpr.constvars}
+    equation (inside inlined calls and other higher-order primitives too).
+    ``const_masks``: the masks of ``jaxpr``'s constants (default none); ``keep``: the bits
+    that ``stop_gradient`` does not cut (a stopped value still depends on the data)."""
+    env: dict[Any, int] = dict(zip(jaxpr.constvars, const_masks or []))
     env.update(zip(jaxpr.invars, in_masks))
 
     def read(v: Any) -> int:
@@ -58,16 +60,18 @@ def dependence(
         inner = _interpreter._inline_jaxpr(eqn)
         body = getattr(inner, "jaxpr", inner)
         if eqn.primitive.name == "stop_gradient":
-            outs = [0] * len(eqn.outvars)
+            outs = [m & keep for m in ins]
         elif body is not None and len(body.invars) == len(ins):
-            outs = dependence(body, ins, visit, where)
+            outs = dependence(body, ins, visit, where, keep=keep)
         else:
             everything = _union(ins)
             if visit is not None and everything:
                 for sub in _bodies(eqn):
                     # Per input where the body takes the primitive's inputs as they are (scan).
                     masks = ins if len(sub.invars) == len(ins) else [everything] * len(sub.invars)
-                    dependence(sub, masks, visit, (*where, eqn.primitive.name), everything)
+                    inside = (*where, eqn.primitive.name)
+                    consts = [everything] * len(sub.constvars)
+                    dependence(sub, masks, visit, inside, consts, keep)
             outs = [everything] * len(eqn.outvars)
         for v, m in zip(eqn.outvars, outs):
             env[v] = m
@@ -77,12 +81,16 @@ def dependence(
 KERNEL_OPS = ("dot_general", "conv_general_dilated")
 
 
-def weight_perturbed_kernels(closed: Any, num_leaves: int, sites: set[int]) -> dict[int, str]:
+def weight_perturbed_kernels(
+    closed: Any, num_leaves: int, sites: set[int], batch: int
+) -> dict[int, str]:
     """Leaves (indices into ``closed``'s inputs) used as the kernel of a dense/conv op that
     is not in ``sites`` (ids of the equations activity perturbation took), each with where
     that op is. A kernel is an operand computed from the leaves alone: operands that
-    depend on the closed-over data (the batch) are activations."""
+    depend on the batch (a closed-over value with ``batch`` rows) are activations."""
     data = 1 << num_leaves
+    rows = [getattr(v.aval, "shape", ()) for v in closed.jaxpr.constvars]
+    consts = [data if shape and shape[0] == batch else 0 for shape in rows]
     found: dict[int, str] = {}
 
     def visit(eqn: Any, ins: list[int], where: tuple[str, ...]) -> None:
@@ -96,5 +104,6 @@ def weight_perturbed_kernels(closed: Any, num_leaves: int, sites: set[int]) -> d
                     inside = f" inside `{'` in `'.join(reversed(where))}`" if where else ""
                     found[leaf] = f"`{eqn.primitive.name}`{inside}"
 
-    dependence(closed.jaxpr, [1 << i for i in range(num_leaves)], visit, const_mask=data)
+    leaves = [1 << i for i in range(num_leaves)]
+    dependence(closed.jaxpr, leaves, visit, const_masks=consts, keep=data)
     return found
