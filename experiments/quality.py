@@ -42,7 +42,8 @@ class QualityConfig:
         data_dir: Directory of the four Fashion-MNIST IDX files (default: the Debian package's).
         models: Models to train: ``mlp`` (784-256-256-10), ``cnn`` (Flax MNIST example) and/or
             ``resnet`` (ResNet-18 with BatchNorm, 16 filters, trained as an unchanged class;
-            ``toolkit/resnet.py``).
+            ``toolkit/resnet.py``) and ``vit`` (a small ViT, LayerNorm and attention, trained
+            unchanged; ``toolkit/vit.py``).
         methods: Method names trained on the MLP (see experiments/toolkit/quality.py).
         cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
         resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
@@ -53,6 +54,8 @@ class QualityConfig:
         train_size: Training images of the MLP (``None``: all but the held-out split).
         cnn_train_size: Training images of the CNN (``None``: as ``train_size``).
         resnet_train_size: Training images of the ResNet (``None``: as ``train_size``).
+        vit_methods: Method names trained on the ViT (as for the ResNet).
+        vit_train_size: Training images of the ViT (``None``: as ``resnet_train_size``).
         val_size: Held-out training images for the sweep (and the cosine batches).
         test_size: Test images (``None``: all 10,000).
         seeds: Seeds of the final runs (vmapped together).
@@ -84,6 +87,8 @@ class QualityConfig:
     train_size: int | None = None
     cnn_train_size: int | None = None
     resnet_train_size: int | None = None
+    vit_methods: tuple[str, ...] = ("backprop", "fg_normal_k4", "local_a_k16")
+    vit_train_size: int | None = None
     val_size: int = 5000
     test_size: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -153,7 +158,7 @@ PRESETS = {
 
 def run(cfg: QualityConfig) -> dict:
     """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
-    for name in (*cfg.methods, *(cfg.cnn_methods or ()), *cfg.resnet_methods):
+    for name in (*cfg.methods, *(cfg.cnn_methods or ()), *cfg.resnet_methods, *cfg.vit_methods):
         from toolkit.quality import parse_method
 
         parse_method(name)  # unknown names fail before any work
@@ -169,6 +174,9 @@ def run(cfg: QualityConfig) -> dict:
         size = cfg.cnn_train_size if model == "cnn" and cfg.cnn_train_size else cfg.train_size
         if model == "resnet":
             names, size = cfg.resnet_methods, cfg.resnet_train_size or cfg.train_size
+        if model == "vit":
+            size = cfg.vit_train_size or cfg.resnet_train_size or cfg.train_size
+            names = cfg.vit_methods
         splits[model] = make_split(ds, model, size, cfg.val_size, cfg.test_size,
                                    cfg.diag_batches, cfg.batch_size)  # fmt: skip
         todo += [(names.index(n), model, n) for n in names]

@@ -195,7 +195,7 @@ class Method:
             model_state) -> (out, aux)`` instead, its estimator ``has_aux``, and
             ``new_state(aux)`` the state after the step.
         predict: ``predict(params, x) -> logits`` (``predict(params, x, model_state)``).
-        model: The model's name (``"mlp"``, ``"cnn"``, ``"resnet"``).
+        model: The model's name (``"mlp"``, ``"cnn"``, ``"resnet"``, ``"vit"``).
         init_state: ``init_state(key) -> model_state`` (BatchNorm statistics); ``None`` for
             models without mutable state.
         new_state: ``new_state(aux) -> model_state`` (with ``init_state``).
@@ -240,10 +240,10 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     tangents in one pass, ``tangent_chunk=K``, for accelerators with memory to spare).
     """
     spec = parse_method(name)
-    if model == "resnet":
+    if model in ("resnet", "vit"):
         from .resnet import make_resnet_method
 
-        return make_resnet_method(spec, Method, x_example, num_classes, opts)
+        return make_resnet_method(spec, Method, x_example, num_classes, opts, model)
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family == "local":

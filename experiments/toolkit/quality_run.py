@@ -87,7 +87,7 @@ def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate
     """Trains runs ``(lrs[r], seeds[r])`` for ``epochs``; logs and returns the curves."""
     steps = x.shape[0] // cfg.batch_size
     per_epoch = cfg.diag_per_epoch
-    if method.model in ("cnn", "resnet") and cfg.cnn_diag_per_epoch:
+    if method.model in ("cnn", "resnet", "vit") and cfg.cnn_diag_per_epoch:
         per_epoch = cfg.cnn_diag_per_epoch
     chunk = max(1, steps // per_epoch)
     steps = chunk * (steps // chunk)
@@ -138,7 +138,7 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     together) plus curves, the sweep and the chosen learning rate."""
     split = ds_split
     method = make_method(name, model, split.x_train[:1], tangents_at_once=cfg.tangents_at_once)
-    scan = cfg.cnn_scan if model in ("cnn", "resnet") else True
+    scan = cfg.cnn_scan if model in ("cnn", "resnet", "vit") else True
     logger = JsonlLogger(Path(out_dir) / "runs" / f"{model}_{name}.jsonl")
     grid = tuple(cfg.lrs) if cfg.lrs else lr_grid(method.spec)
     logger.log({"header": True, "model": model, "method": name, "lr_grid": grid,

@@ -82,19 +82,31 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
 }
 
 
-def resnet_local_options(name: str) -> dict[str, Any]:
-    """``local_losses`` keywords of the resnet's local method ``name`` (by its infix)."""
-    return RESNET_LOCAL[next((v for v in RESNET_LOCAL if v and v in name), "")]
+def resnet_local_options(name: str, variants: dict | None = None) -> dict[str, Any]:
+    """``local_losses`` keywords of the local method ``name`` (by its infix) among
+    ``variants`` (default: the resnet's)."""
+    variants = RESNET_LOCAL if variants is None else variants
+    return variants[next((v for v in variants if v and v in name), "")]
 
 
 def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
+def class_model(name: str, num_classes: int) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """The benchmark's model class ``name`` (``resnet`` or ``vit``) and its local variants."""
+    if name == "vit":
+        from .vit import VIT_LOCAL, ViT
+
+        return ViT(num_classes), VIT_LOCAL
+    return ResNet18(num_classes), RESNET_LOCAL
+
+
 def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classes: int,
-                       opts: dict) -> Any:  # fmt: skip
-    """The :class:`toolkit.quality.Method` ``spec`` on :class:`ResNet18` (16 filters)."""
-    model = ResNet18(num_classes)
+                       opts: dict, name: str = "resnet") -> Any:  # fmt: skip
+    """The :class:`toolkit.quality.Method` ``spec`` on :class:`ResNet18` (16 filters), or on
+    another model class (``name="vit"``: :class:`toolkit.vit.ViT`), trained unchanged."""
+    model, variants = class_model(name, num_classes)
     x1 = x_example[:1]
     chunk = spec.k if opts.get("tangents_at_once", False) else None
 
@@ -102,7 +114,9 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family == "local":
-        local = fgrad_jax.local_losses(model, num_classes, **resnet_local_options(spec.name))
+        local = fgrad_jax.local_losses(
+            model, num_classes, **resnet_local_options(spec.name, variants)
+        )
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         local.init(jax.random.key(0), jnp.zeros((8, *x1.shape[1:]), x1.dtype), train=True)
@@ -118,7 +132,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
             ),
             objective=lambda p, x, y, s: local.losses(p, x, y, s, train=True),
             predict=lambda p, x, s: local.predict(p, x, s, train=False),
-            model="resnet",
+            model=name,
             init_state=lambda key: local.init(key, x1, train=True).state,
             new_state=lambda aux: aux.state,
         )
@@ -150,7 +164,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         estimator=estimator,
         objective=objective,
         predict=lambda p, x, s: model.apply({"params": p, **s}, x, train=False),
-        model="resnet",
+        model=name,
         init_state=lambda key: {k: v for k, v in init_variables(key).items() if k != "params"},
         new_state=lambda aux: aux,
     )
