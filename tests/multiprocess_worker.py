@@ -84,6 +84,7 @@ x, y = global_array(X, BY_ROW), global_array(Y, BY_ROW)
 runs = {
     "weights": (per_example, "weights", REPLICATED),
     "activations": (per_example, "activations", REPLICATED),
+    "fsdp_weights": (fsdp_per_example, "weights", None),
     "fsdp_activations": (fsdp_per_example, "activations", None),
 }
 for name, (loss, perturb, sharding) in runs.items():

@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
     return {name: np.load(out / f"{name}.npz") for name in ("single_0", "multi_0", "multi_1")}
 
 
-RUNS = ("weights", "activations", "fsdp_activations", "nnx")
+RUNS = ("weights", "activations", "fsdp_weights", "fsdp_activations", "nnx")
 LEAVES = ("w1", "b1", "w2")
 
 

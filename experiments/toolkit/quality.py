@@ -128,7 +128,7 @@ def model_blocks(name: str, num_classes: int = 10) -> list[Any]:
 _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
-    "local": re.compile(r"local_([wa])(_split|_splitall|_layer)?_k(\d+)$"),
+    "local": re.compile(r"local_([wa])(_split|_splitall|_layer|_channels)?_k(\d+)$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
 }
@@ -172,7 +172,8 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
-        "fg_act_k<K>, local_<w|a>[_split|_splitall|_layer]_k<K>, guided_k<K> or spsa_k<K>."
+        "fg_act_k<K>, local_<w|a>[_split|_splitall|_layer|_channels]_k<K>, guided_k<K> or "
+        "spsa_k<K>."
     )
 
 
@@ -247,8 +248,8 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family == "local":
-        if "_layer_" in name:
-            raise ValueError(f"{name}: the _layer_ variant is defined for the resnet only.")
+        if "_layer_" in name or "_channels_" in name:
+            raise ValueError(f"{name}: this variant is defined for the resnet only.")
         split = SPLITS[model] if "_split_" in name else {}
         if "_splitall_" in name:
             layers, split = model_blocks(model, num_classes), SPLITS_ALL[model]

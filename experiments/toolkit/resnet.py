@@ -15,7 +15,9 @@ BatchNorm and a 3x3/2 max pool, four stages of two basic residual blocks, widths
   perturbations scored per example (``batch_coupling="per_example"``);
 * ``local_a_split_k<K>``: a block per convolution, each split into 4 channel-group loss
   columns (``groups=4``; BatchNorm keeps channels apart), scored unbiasedly;
-* ``local_a_splitall_k<K>``: the same, scored per example.
+* ``local_a_splitall_k<K>``: the same, scored per example;
+* ``local_a_channels_k<K>``: 16 groups (one channel per column in the first stage), scored
+  per example.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
     "_split_": {"boundaries": nn.BatchNorm, "groups": 4},
     "_splitall_": {"boundaries": nn.BatchNorm, "groups": 4, "batch_coupling": "per_example"},
+    "_channels_": {"boundaries": nn.BatchNorm, "groups": 16, "batch_coupling": "per_example"},
 }
 
 
