@@ -30,9 +30,10 @@ from fgrad_jax._flax import split_wrt
 from fgrad_jax._local_model import (
     LocalAux,
     ModelLocalLosses,
-    _default_head_init,
-    _pool,
     accuracy,
+    apply_head,
+    head_kind,
+    init_head,
     local_tangent_base,
 )
 from fgrad_jax._transform import forward_gradient
@@ -179,23 +180,11 @@ class LocalLosses:
             params.append(p)
             h = jax.eval_shape(block.apply, p, h)
             last = i == len(self.blocks) - 1
-            spec = self.head[i] if isinstance(self.head, (list, tuple)) else self.head
-            if last and h.shape[1:] == (self.num_classes,) and spec is None:
-                kinds.append(None)
-                heads.append({})
-            elif spec is None:
-                kinds.append("default")
-                heads.append(
-                    _default_head_init(
-                        keys[2 * i + 1], h.shape[-1] if h.ndim > 1 else 1, self.num_classes
-                    )
-                )
-            elif isinstance(spec, nn.Module):
-                kinds.append(spec)
-                heads.append(spec.init(keys[2 * i + 1], jnp.zeros(h.shape, h.dtype))["params"])
-            else:
-                kinds.append(spec)
-                heads.append(nnx.state(spec, nnx.Param))
+            kind = head_kind(self.head, i)
+            if last and h.shape[1:] == (self.num_classes,) and kind == "default":
+                kind = None  # the last block's output is already the class scores
+            kinds.append(kind)
+            heads.append(init_head(kind, keys[2 * i + 1], h, self.num_classes))
         self._heads = kinds
         self._split_layout(x, params)
         return {"blocks": params, "heads": heads}
@@ -235,15 +224,7 @@ class LocalLosses:
         self.layout, self._starts, self._not_separable = layout, starts, problems
 
     def _head(self, i: int, params: Any, h: Array) -> Array:
-        kind = self._check_init()[i]
-        if kind is None:
-            return h
-        if kind == "default":
-            return _pool(h) @ params["kernel"] + params["bias"]
-        if isinstance(kind, nn.Module):
-            return cast(Array, kind.apply({"params": params}, h))
-        graphdef, _, rest = split_wrt(kind, nnx.Param)
-        return nnx.merge(graphdef, params, rest, copy=True)(h)
+        return apply_head(self._check_init()[i], params, h)
 
     def _check_init(self) -> list[Any]:
         if self._heads is None:
@@ -475,16 +456,10 @@ def local_losses(
             "scored per example (its blocks must not couple the examples)."
         )
     if boundaries is not None:
-        if head is not None:
-            raise ValueError(
-                "With boundaries=, every block gets the default head (mean over the spatial "
-                "axes, then a linear layer); head= works with a block list for now: "
-                "local_losses([[conv, relu], ...], ..., head=...)."
-            )
         for spec, name in ((patches, "patches"), (groups, "groups")):
             _split.check_spec(spec, name, len(spec) if isinstance(spec, list) else 1)
         return ModelLocalLosses(
-            blocks, num_classes, loss, boundaries, batch_coupling, patches, groups
+            blocks, num_classes, loss, boundaries, batch_coupling, patches, groups, head
         )
     layers = _layers(blocks)
     nested = [isinstance(layer, (list, tuple)) for layer in layers]

@@ -167,6 +167,7 @@ class ModelLocalLosses:
         batch_coupling: str = "correct",
         patches: Any = None,
         groups: Any = 1,
+        head: Any = None,
     ):
         if batch_coupling not in BATCH_COUPLING:
             raise ValueError(
@@ -181,7 +182,7 @@ class ModelLocalLosses:
         self.model: Any = model
         self.num_classes, self.loss = int(num_classes), loss
         self.boundaries, self._match = boundaries, matcher(boundaries)
-        self.patches, self.groups_per_block = patches, groups
+        self.patches, self.groups_per_block, self.head = patches, groups, head
         self._linen = isinstance(model, nn.Module)
         self._graphdef: Any = None
         self._layout: _Layout | None = None
@@ -240,9 +241,14 @@ class ModelLocalLosses:
                 f"({jnp.shape(x)[0]}, {self.num_classes})."
             )
         keys = jax.random.split(k_heads, len(outputs))
+        if isinstance(self.head, (list, tuple)) and len(self.head) != len(outputs):
+            raise ValueError(
+                f"head has {len(self.head)} entries but boundaries selects {len(outputs)} "
+                "blocks; give one head (or None) per tapped block."
+            )
         heads = [
-            _default_head_init(k, h.shape[-1] if h.ndim > 1 else 1, self.num_classes)
-            for k, h in zip(keys, outputs)
+            init_head(head_kind(self.head, i), k, h, self.num_classes)
+            for i, (k, h) in enumerate(zip(keys, outputs))
         ]
         params = {"model": model_params, "heads": heads}
         signature = (
@@ -306,7 +312,13 @@ class ModelLocalLosses:
         _split.check_spec(self.patches, "patches", len(shapes), what)
         _split.check_spec(self.groups_per_block, "groups", len(shapes), what)
         splits = tuple(
-            _split.block_layout(i, shape, self.patches, self.groups_per_block, "default")
+            _split.block_layout(
+                i,
+                shape,
+                self.patches,
+                self.groups_per_block,
+                "default" if head_kind(self.head, i) == "default" else "custom",
+            )
             for i, shape in enumerate(shapes)
         )
         scalar = self.patches is not None and not isinstance(self.patches, list)
@@ -365,9 +377,9 @@ class ModelLocalLosses:
                 "model with the arguments given to init."
             )
         cols = []
-        for hp, h, (grid, g) in zip(params["heads"], taps.outputs, layout.splits):
+        for i, (hp, h, (grid, g)) in enumerate(zip(params["heads"], taps.outputs, layout.splits)):
             if int(np.prod(grid, dtype=np.int64)) * g == 1:
-                cols.append(self.loss(_head(hp, h), y)[:, None])
+                cols.append(self.loss(apply_head(head_kind(self.head, i), hp, h), y)[:, None])
             else:
                 cols.append(
                     _split.split_columns(hp["kernel"], hp["bias"], h, y, self.loss, grid, g)
@@ -463,5 +475,32 @@ def local_tangent_base(perturb: str, tangent: str) -> Any:
     return HASHED[tangent]
 
 
-def _head(params: dict[str, Array], h: Array) -> Array:
-    return _pool(h) @ params["kernel"] + params["bias"]
+def init_head(kind: Any, key: Array, h: Any, num_classes: int) -> Any:
+    """Parameters of a head: ``kind`` is ``None`` (no head: ``{}``), ``"default"``
+    (average pool + linear), a linen module (initialised on ``h``'s shape) or an nnx
+    module (its current values)."""
+    if kind is None:
+        return {}
+    if kind == "default":
+        return _default_head_init(key, h.shape[-1] if len(h.shape) > 1 else 1, num_classes)
+    if isinstance(kind, nn.Module):
+        return kind.init(key, jnp.zeros(h.shape, h.dtype))["params"]
+    return nnx.state(kind, nnx.Param)
+
+
+def apply_head(kind: Any, params: Any, h: Array) -> Array:
+    """Class scores of the head ``kind`` (as in :func:`init_head`) on the block output."""
+    if kind is None:
+        return h
+    if kind == "default":
+        return _pool(h) @ params["kernel"] + params["bias"]
+    if isinstance(kind, nn.Module):
+        return cast(Array, kind.apply({"params": params}, h))
+    graphdef, _, rest = split_wrt(kind, nnx.Param)
+    return nnx.merge(graphdef, params, rest, copy=True)(h)
+
+
+def head_kind(head: Any, i: int) -> Any:
+    """Block ``i``'s entry of ``head=`` (one head for all, or a list): ``"default"`` for None."""
+    spec = head[i] if isinstance(head, (list, tuple)) else head
+    return "default" if spec is None else spec

@@ -136,8 +136,6 @@ def test_errors_name_the_fix():
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=nn.Dropout).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="num_classes"):
         fgrad_jax.local_losses(SmallResNet(), 7, boundaries=Residual).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="block list"):
-        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=nn.Dense(10))
     with pytest.raises(TypeError, match="boundaries must be"):
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=3)
     with pytest.raises(TypeError, match="boundaries=BlockClass"):
@@ -397,4 +395,34 @@ def test_split_errors_name_the_fix():
     with pytest.raises(ValueError, match="no block output has spatial axes"):
         fgrad_jax.local_losses(TinyNet(), 3, boundaries=DenseBN, patches=2).init(
             jax.random.key(0), jnp.ones((4, 5)), train=True
+        )
+
+
+def test_custom_heads_on_model_blocks():
+    """head= with boundaries: a linen module used as every tapped block's head (its own
+    parameters per block), or a per-block list; splits need the default head."""
+
+    class PoolDense(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return nn.Dense(10)(jnp.max(h, axis=(1, 2)))
+
+    images, labels = _images()
+    local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=PoolDense())
+    v = local.init(jax.random.key(0), images, train=True)
+    assert [sorted(h) for h in v.params["heads"]] == [["Dense_0"], ["Dense_0"]]
+    want = PoolDense().apply({"params": v.params["heads"][0]}, jnp.zeros((16, 8, 8, 8)))
+    assert want.shape == (16, 10)
+    losses = local.losses(v.params, images, labels, v.state, train=True)[0]
+    assert losses.shape == (16, 3) and np.isfinite(np.asarray(losses)).all()
+    mixed = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=[None, PoolDense()])
+    v = mixed.init(jax.random.key(0), images, train=True)
+    assert sorted(v.params["heads"][0]) == ["bias", "kernel"]
+    with pytest.raises(ValueError, match="custom head"):
+        fgrad_jax.local_losses(
+            SmallResNet(), 10, boundaries=Residual, head=PoolDense(), groups=[2, 2]
+        ).init(jax.random.key(0), images, train=True)
+    with pytest.raises(ValueError, match="one head"):
+        fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=[None]).init(
+            jax.random.key(0), images, train=True
         )
