@@ -37,7 +37,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from fgrad_jax import _interpreter, _random
-from fgrad_jax._dataflow import weight_perturbed_kernels
+from fgrad_jax._dataflow import check_no_fallback, weight_perturbed_kernels
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
 from fgrad_jax._tangents import HASHED
 
@@ -402,7 +402,7 @@ class ActivityPerturbation(TangentStrategy):
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
         if self.activations and self.fallback == "error":
-            _check_no_fallback(closed, len(primals), trace.site_eqns, names, losses_shape[0])
+            check_no_fallback(closed, len(primals), trace.site_eqns, names, losses_shape[0])
         traces.append(trace)
         shared = [site.lhs for site in trace.sites]
         kept = trace.cotangents(d, groups, self.batch_coupled)
@@ -417,24 +417,6 @@ class ActivityPerturbation(TangentStrategy):
     def combine(self, derivatives, primals, context, kept):
         k = np.float32(derivatives.shape[0])
         return [(s / k).astype(p.dtype) for s, p in zip(kept, primals)]
-
-
-def _check_no_fallback(closed, num_leaves, sites, names, batch) -> None:
-    fallen = weight_perturbed_kernels(closed, num_leaves, sites, batch)
-    if fallen:
-        listed = "; ".join(
-            f"{names[leaf] or '<root>'} (kernel of {op})" for leaf, op in sorted(fallen.items())
-        )
-        raise ValueError(
-            f"perturb='activations' cannot perturb the outputs of these kernels: {listed}. "
-            "Each reaches its dense/conv op through something other than reshapes, "
-            "transposes, casts and sharding constraints, so it would silently get the "
-            "weight-perturbed estimate. Fixes: apply the kernel directly in the layer (move "
-            "weight arithmetic, scans over layers or wrappers out of the differentiated "
-            "path), or accept weight perturbation for them explicitly: "
-            "tangent=fgrad_jax.activity_perturbation(fallback='weights'). "
-            "fgrad_jax.diagnostics.perturbation_report(fn, *args) lists every leaf."
-        )
 
 
 def perturbation_of_leaves(fun: Callable[..., Any], primals: list[Array]) -> list[str]:

@@ -107,3 +107,24 @@ def weight_perturbed_kernels(
     leaves = [1 << i for i in range(num_leaves)]
     dependence(closed.jaxpr, leaves, visit, const_masks=consts, keep=data)
     return found
+
+
+def check_no_fallback(
+    closed: Any, num_leaves: int, sites: set[int], names: tuple[str, ...], batch: int
+) -> None:
+    """Raises, naming them, if kernels would silently be weight-perturbed."""
+    fallen = weight_perturbed_kernels(closed, num_leaves, sites, batch)
+    if fallen:
+        listed = "; ".join(
+            f"{names[leaf] or '<root>'} (kernel of {op})" for leaf, op in sorted(fallen.items())
+        )
+        raise ValueError(
+            f"perturb='activations' cannot perturb the outputs of these kernels: {listed}. "
+            "Each reaches its dense/conv op through something other than reshapes, "
+            "transposes, casts and sharding constraints, so it would silently get the "
+            "weight-perturbed estimate. Fixes: apply the kernel directly in the layer (move "
+            "weight arithmetic, scans over layers or wrappers out of the differentiated "
+            "path), or accept weight perturbation for them explicitly: "
+            "tangent=fgrad_jax.activity_perturbation(fallback='weights'). "
+            "fgrad_jax.diagnostics.perturbation_report(fn, *args) lists every leaf."
+        )

@@ -27,15 +27,8 @@ from flax import nnx
 from fgrad_jax import _local_split as _split
 from fgrad_jax._activity import ActivityPerturbation, Columns
 from fgrad_jax._flax import split_wrt
-from fgrad_jax._local_model import (
-    LocalAux,
-    ModelLocalLosses,
-    accuracy,
-    apply_head,
-    head_kind,
-    init_head,
-    local_tangent_base,
-)
+from fgrad_jax._local_heads import apply_head, head_kind, init_head
+from fgrad_jax._local_model import LocalAux, ModelLocalLosses, accuracy, local_tangent_base
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
