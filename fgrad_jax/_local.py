@@ -254,9 +254,7 @@ class LocalLosses:
         table = jnp.concatenate(cols, axis=1)
         if not with_aux:
             return table
-        means = jnp.mean(table.astype(jnp.float32), axis=0)
-        ends = np.cumsum([int(np.prod(grid)) * g for grid, g in self.layout])
-        block = jnp.stack([jnp.sum(means[a:b]) for a, b in zip([0, *ends[:-1]], ends)])
+        block = _split.block_means(table, [int(np.prod(grid)) * g for grid, g in self.layout])
         return table, LocalAux({}, block, block[-1], accuracy(scores, y))
 
     def value_fn(

@@ -375,13 +375,8 @@ class ModelLocalLosses:
                 )
         cols.append(self.loss(out, y)[:, None])
         table = jnp.concatenate(cols, axis=1)
-        means = jnp.mean(table.astype(jnp.float32), axis=0)
-        block = jnp.stack(
-            [
-                jnp.sum(means[a:b])
-                for a, b in zip(layout.starts(), [*layout.starts()[1:], table.shape[1]])
-            ]
-        )
+        sizes = [int(np.prod(grid, dtype=np.int64)) * g for grid, g in layout.splits] + [1]
+        block = _split.block_means(table, sizes)
         return table, LocalAux(new_state, block, block[-1], accuracy(out, y))
 
     def value_fn(

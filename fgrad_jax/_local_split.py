@@ -123,6 +123,14 @@ def block_layout(
     return grid, g
 
 
+def block_means(table: Array, sizes: Sequence[int]) -> Array:
+    """``(L,)`` mean loss of every block from the ``(B, C)`` loss columns, block ``l``
+    owning the next ``sizes[l]`` columns (its patch/group columns sum to its loss)."""
+    means = jnp.mean(table.astype(jnp.float32), axis=0)
+    ends = np.cumsum(sizes)
+    return jnp.stack([jnp.sum(means[a:b]) for a, b in zip([0, *ends[:-1]], ends)])
+
+
 def split_columns(
     kernel: Array,
     bias: Array,
