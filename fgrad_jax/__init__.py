@@ -9,15 +9,11 @@ from fgrad_jax._local import LocalLosses, local_losses
 from fgrad_jax._local_model import LocalAux, LocalVariables, ModelLocalLosses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._spsa import spsa, spsa_gradient
+from fgrad_jax._state import ForwardGradientState, forward_gradient_state, step_key
+from fgrad_jax._strategy import Direction, Selection, TangentStrategy, mean_of_products
 from fgrad_jax._tangents import STRATEGIES as _STRATEGIES
 from fgrad_jax._tangents import Tangent
-from fgrad_jax._transform import (
-    ForwardGradientState,
-    fgd,
-    forward_gradient,
-    forward_gradient_state,
-    step_key,
-)
+from fgrad_jax._transform import fgd, forward_gradient
 
 __version__ = "0.1.0"
 
@@ -25,13 +21,16 @@ TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_STRATEGIES))
 
 __all__ = [
     "TANGENT_NAMES",
+    "Direction",
     "ForwardGradientState",
     "GuidedForwardGradientState",
     "LocalAux",
     "LocalLosses",
     "LocalVariables",
     "ModelLocalLosses",
+    "Selection",
     "Tangent",
+    "TangentStrategy",
     "activity_perturbation",
     "apply_forward_gradient",
     "datasets",
@@ -44,6 +43,7 @@ __all__ = [
     "guided_forward_gradient",
     "local_losses",
     "lowrank",
+    "mean_of_products",
     "nnx_value_and_forward_grad",
     "nnx_value_fn",
     "spsa",

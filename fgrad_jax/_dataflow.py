@@ -57,7 +57,7 @@ def dependence(
         ins = [read(v) for v in eqn.invars]
         if visit is not None:
             visit(eqn, ins, where)
-        inner = _interpreter._inline_jaxpr(eqn)
+        inner = _interpreter.inline_jaxpr(eqn)
         body = getattr(inner, "jaxpr", inner)
         if eqn.primitive.name == "stop_gradient":
             outs = [m & keep for m in ins]

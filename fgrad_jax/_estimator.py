@@ -1,7 +1,13 @@
-"""Forward-gradient estimators built on :func:`jax.jvp`."""
+"""The estimator pipeline: flatten, prepare, vmap the JVPs, combine, unflatten.
+
+``estimate_forward_grad(spec, fun, key, args, kwargs)`` runs the four steps of every
+estimate (see ``_strategy.py``) for an :class:`~fgrad_jax._spec.EstimatorSpec`; the public
+functions here and in ``_transform.py`` / ``_flax.py`` build the spec once and call it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Sequence
@@ -13,55 +19,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from fgrad_jax import _interpreter
-from fgrad_jax._activity import with_perturbation
-from fgrad_jax._strategy import Selection, TangentStrategy
-from fgrad_jax._tangents import Tangent, resolve_tangent
+from fgrad_jax._spec import ArgNums, EstimatorSpec, as_key, is_differentiable
+from fgrad_jax._strategy import Selection
+from fgrad_jax._tangents import Tangent
 
 Array = jax.Array
-ArgNums = int | Sequence[int]
-
-
-def check_num_tangents(
-    num_tangents: Any,
-    name: str = "num_tangents",
-    meaning: str = "the number of random directions averaged per estimate",
-) -> int:
-    """``num_tangents`` (or another static count called ``name``) as a positive int."""
-    if isinstance(num_tangents, jax.core.Tracer):
-        raise TypeError(
-            f"{name} must be a static Python int, not a traced value. With "
-            f"optax.inject_hyperparams pass static_args=('{name}',)."
-        )
-    if (
-        isinstance(num_tangents, jax.Array | np.ndarray)
-        and num_tangents.shape == ()
-        and (jnp.issubdtype(num_tangents.dtype, jnp.integer))
-    ):
-        num_tangents = int(num_tangents)
-    if isinstance(num_tangents, bool) or not isinstance(num_tangents, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int; got {num_tangents!r}.")
-    if num_tangents < 1:
-        raise ValueError(f"{name} must be >= 1 ({meaning}); got {num_tangents}.")
-    return int(num_tangents)
-
-
-def as_key(key: Any, name: str = "key") -> Array:
-    """Returns a typed PRNG key; accepts typed keys and legacy ``uint32[2]`` keys."""
-    if isinstance(key, jax.Array | np.ndarray) or hasattr(key, "dtype"):
-        dtype = key.dtype
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            return key
-        if dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
-            return jax.random.wrap_key_data(key)
-    raise TypeError(
-        f"{name} must be a JAX PRNG key such as jax.random.key(0) (legacy "
-        f"jax.random.PRNGKey(0) also works); got {type(key).__name__}"
-        f"{getattr(key, 'shape', '')}{getattr(key, 'dtype', '')}."
-    )
-
-
-def is_differentiable(leaf: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
 class Estimate(NamedTuple):
@@ -69,55 +31,6 @@ class Estimate(NamedTuple):
     aux: Any
     directional_derivatives: Array  # (K,) float32; (K, B) or (K, B, L) per example
     grad: Any
-
-
-def _normalise_argnums(argnums: ArgNums) -> tuple[tuple[int, ...], bool]:
-    if isinstance(argnums, int):
-        return (argnums,), False
-    argnums = tuple(argnums)
-    if not argnums or not all(isinstance(a, int) for a in argnums):
-        raise TypeError(f"argnums must be an int or a non-empty tuple of ints; got {argnums!r}.")
-    return argnums, True
-
-
-def _check_scalar(out: Any, fn_name: str) -> Array:
-    out = jnp.asarray(out) if not isinstance(out, jax.Array) else out
-    if out.shape != ():
-        raise ValueError(
-            f"{fn_name} must return a scalar loss (shape ()), got shape {out.shape}. "
-            "Reduce it, e.g. with .mean() or .sum(); with has_aux=True return (scalar, aux)."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"{fn_name} must return a floating-point scalar; got dtype {out.dtype}.")
-    return out
-
-
-def _mask_leaves(mask: Any, diff: Any, leaves: list[Any], argnums: ArgNums) -> list[bool]:
-    """One bool per leaf of ``diff`` from ``mask`` (a pytree of bools with its structure)."""
-    if mask is None:
-        return [True] * len(leaves)
-    try:
-        per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, diff)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"mask must be a pytree of bools with the structure of the parameters (the "
-            f"differentiated argument(s), argnums={argnums!r}), or a prefix of it: {err}"
-        ) from None
-    flags = jax.tree_util.tree_leaves(per_leaf)
-    if len(flags) != len(leaves):
-        raise ValueError(
-            f"mask selects {len(flags)} leaves but the differentiated argument(s) have "
-            f"{len(leaves)}; give one bool per parameter leaf (or per subtree)."
-        )
-    out = []
-    for flag in flags:
-        if isinstance(flag, jax.core.Tracer) or not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(
-                f"mask leaves must be Python or NumPy bools (static), one per parameter "
-                f"leaf; got {flag!r}."
-            )
-        out.append(bool(flag))
-    return out
 
 
 # With tangent_chunk=None, the K tangents go through the JVP at once while K copies of the
@@ -145,55 +58,65 @@ def auto_chunk(num_tangents: int, largest_bytes: int) -> int:
     return max(c for c in range(1, num_tangents + 1) if num_tangents % c == 0 and c <= fits)
 
 
-def _check_chunk(tangent_chunk: int | None, num_tangents: int) -> int | None:
-    if tangent_chunk is None:
-        return None
-    if isinstance(tangent_chunk, bool) or not isinstance(tangent_chunk, (int, np.integer)):
-        raise TypeError(f"tangent_chunk must be a positive int or None; got {tangent_chunk!r}.")
-    if tangent_chunk < 1 or num_tangents % tangent_chunk:
+def _mask_leaves(spec: EstimatorSpec, tree: Any, num_leaves: int) -> list[bool]:
+    """One bool per leaf of ``tree`` from ``spec.mask`` (bools with its structure)."""
+    mask = spec.mask(tree) if callable(spec.mask) else spec.mask
+    if mask is None:
+        return [True] * num_leaves
+    try:
+        per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, tree)
+    except (ValueError, TypeError) as err:
         raise ValueError(
-            f"tangent_chunk={tangent_chunk} must divide num_tangents={num_tangents} (the K "
-            "tangents are processed in equal chunks); pick a divisor, e.g. 1."
+            f"mask must be a pytree of bools with the structure of the parameters (the "
+            f"differentiated argument(s), argnums={spec.argnums_given!r}), or a prefix of "
+            f"it: {err}"
+        ) from None
+    flags = jax.tree_util.tree_leaves(per_leaf)
+    if len(flags) != num_leaves:
+        raise ValueError(
+            f"mask selects {len(flags)} leaves but the differentiated argument(s) have "
+            f"{num_leaves}; give one bool per parameter leaf (or per subtree)."
         )
-    return int(tangent_chunk)
+    for flag in flags:
+        if isinstance(flag, jax.core.Tracer) or not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(
+                f"mask leaves must be Python or NumPy bools (static), one per parameter "
+                f"leaf; got {flag!r}."
+            )
+    return [bool(flag) for flag in flags]
 
 
-def estimate_forward_grad(
-    fun: Callable,
-    key: Array,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    *,
-    argnums: ArgNums = 0,
-    num_tangents: int = 1,
-    tangent: Tangent = "normal",
-    has_aux: bool = False,
-    mask: Any = None,
-    tangent_chunk: int | None = None,
-    fn_name: str = "fun",
-    perturb: str = "weights",
-) -> Estimate:
-    """Shared core of the public estimators and the optax transformation.
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """The differentiated argument(s) of one call, flattened: ``primals`` are the leaves
+    at ``selection.indices`` (floating point and selected by the mask)."""
 
-    Flattens the selected floating leaves, lets the tangent strategy prepare its draws,
-    vmaps its single-direction JVP over the K tangents and combines the K directional
-    derivatives into the estimate (see ``_strategy.py``).
-    """
-    key = as_key(key)
-    strategy = with_perturbation(resolve_tangent(tangent), perturb)
-    check_value = getattr(strategy, "check_value", _check_scalar)
-    argnum_tuple, is_tuple = _normalise_argnums(argnums)
-    for a in argnum_tuple:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    leaves: list[Any]
+    treedef: Any
+    selection: Selection
+    primals: list[Array]
+
+    def unflatten(self, spec: EstimatorSpec, estimates: list[Array]) -> Any:
+        """The estimate in the structure of the argument(s); zeros for the other leaves."""
+        out = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in self.leaves]
+        for i, g in zip(self.selection.indices, estimates):
+            out[i] = g
+        grad = jax.tree_util.tree_unflatten(self.treedef, out)
+        return grad if spec.argnums_is_tuple else grad[0]
+
+
+def _flatten(spec: EstimatorSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> _Flat:
+    for a in spec.argnums:
         if not -len(args) <= a < len(args):
             raise ValueError(
-                f"argnums={argnums!r} is out of range for {len(args)} positional args."
+                f"argnums={spec.argnums_given!r} is out of range for {len(args)} positional args."
             )
-    diff = tuple(args[a] for a in argnum_tuple)
+    diff = tuple(args[a] for a in spec.argnums)
     leaves, treedef = jax.tree_util.tree_flatten(diff)
-    tree = diff if is_tuple else diff[0]
-    if callable(mask):
-        mask = mask(tree)
-    selected = _mask_leaves(mask, tree, leaves, argnums)
+    tree = diff if spec.argnums_is_tuple else diff[0]
+    selected = _mask_leaves(spec, tree, len(leaves))
     index = tuple(i for i, leaf in enumerate(leaves) if is_differentiable(leaf) and selected[i])
     if not index and any(is_differentiable(leaf) for leaf in leaves):
         raise ValueError(
@@ -202,36 +125,58 @@ def estimate_forward_grad(
         )
     if not index:
         raise TypeError(
-            f"The differentiated argument(s) (argnums={argnums!r}) have no floating-point "
-            "leaves, so there is nothing to estimate a gradient for. Pass float "
-            "parameters (e.g. jnp.float32 arrays) or choose other argnums."
+            f"The differentiated argument(s) (argnums={spec.argnums_given!r}) have no "
+            "floating-point leaves, so there is nothing to estimate a gradient for. Pass "
+            "float parameters (e.g. jnp.float32 arrays) or choose other argnums."
         )
     primals = [jnp.asarray(leaves[i]) for i in index]
+    return _Flat(tuple(args), kwargs, leaves, treedef, Selection(tree, index), primals)
+
+
+def _flat_function(spec: EstimatorSpec, fun: Callable, flat: _Flat) -> Callable:
+    """``fun`` as a function of the selected leaves only, returning ``(value, aux)``."""
+    check_value, name = spec.strategy.check_value, spec.fn_name
 
     def flat_fun(*float_leaves):
-        new_leaves = list(leaves)
-        for i, leaf in zip(index, float_leaves):
+        new_leaves = list(flat.leaves)
+        for i, leaf in zip(flat.selection.indices, float_leaves):
             new_leaves[i] = leaf
-        new_diff = jax.tree_util.tree_unflatten(treedef, new_leaves)
-        call_args = list(args)
-        for a, d in zip(argnum_tuple, new_diff):
+        new_diff = jax.tree_util.tree_unflatten(flat.treedef, new_leaves)
+        call_args = list(flat.args)
+        for a, d in zip(spec.argnums, new_diff):
             call_args[a] = d
-        out = fun(*call_args, **kwargs)
-        if has_aux:
+        out = fun(*call_args, **flat.kwargs)
+        if spec.has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(
-                    f"With has_aux=True, {fn_name} must return a pair (scalar_loss, aux); "
+                    f"With has_aux=True, {name} must return a pair (scalar_loss, aux); "
                     f"got {type(out).__name__}."
                 )
-            return check_value(out[0], fn_name), out[1]
+            return check_value(out[0], name), out[1]
         if isinstance(out, tuple):
             raise TypeError(
-                f"{fn_name} returned a tuple of {len(out)}; it must return a scalar loss. "
+                f"{name} returned a tuple of {len(out)}; it must return a scalar loss. "
                 "If it returns (loss, aux), pass has_aux=True."
             )
-        return check_value(out, fn_name), None
+        return check_value(out, name), None
 
-    inputs, context = strategy.prepare(key, primals, num_tangents, Selection(tree, index))
+    return flat_fun
+
+
+def _chunk_size(spec: EstimatorSpec, flat_fun: Callable, primals: list[Array]) -> int:
+    if spec.tangent_chunk is not None:
+        return spec.tangent_chunk
+    if spec.num_tangents == 1 or not spec.strategy.chunks_tangents:
+        return spec.num_tangents
+    traced = jax.make_jaxpr(flat_fun)(*primals)
+    return auto_chunk(spec.num_tangents, largest_intermediate_bytes(traced.jaxpr))
+
+
+def _run_tangents(
+    spec: EstimatorSpec, flat_fun: Callable, primals: list[Array], inputs: Any, context: Any
+) -> tuple[Array, Array, Any, Any]:
+    """``(value, derivatives, aux, kept)`` over the K tangents, in chunks if asked."""
+    strategy, k = spec.strategy, spec.num_tangents
 
     def directions(x):
         value, derivs, aux, kept, shared = jax.vmap(
@@ -240,37 +185,36 @@ def estimate_forward_grad(
         )(x)
         return value, derivs, aux, strategy.sum_tangents(kept, shared, context)
 
-    chunk = _check_chunk(tangent_chunk, num_tangents)
-    if chunk is None:
-        chunk = num_tangents
-        if num_tangents > 1:
-            traced = jax.make_jaxpr(flat_fun)(*primals)
-            chunk = auto_chunk(num_tangents, largest_intermediate_bytes(traced.jaxpr))
-    if chunk == num_tangents:
-        value, derivs, aux, kept = directions(inputs)
-    else:
-        # One chunk of tangents at a time, each with its own primal: the primal is computed
-        # K / chunk times, but only one chunk's tangent activations are alive at once.
-        n = num_tangents // chunk
-        split = lambda a: a.reshape(n, chunk, *a.shape[1:])
-        value, derivs, aux, kept = jax.lax.map(directions, jax.tree.map(split, inputs))
-        value, aux = value[0], jax.tree.map(lambda a: a[0], aux)
-        merge = lambda a: a.reshape(num_tangents, *a.shape[2:])
-        derivs = merge(derivs)
-        kept = jax.tree.map(
-            (lambda a: jnp.sum(a, axis=0)) if strategy.sums_tangents else merge, kept
-        )
+    chunk = _chunk_size(spec, flat_fun, primals)
+    if chunk == k:
+        return directions(inputs)
+    # One chunk of tangents at a time, each with its own primal: the primal is computed
+    # K / chunk times, but only one chunk's tangent activations are alive at once.
+    n = k // chunk
+    split = lambda a: a.reshape(n, chunk, *a.shape[1:])
+    value, derivs, aux, kept = jax.lax.map(directions, jax.tree.map(split, inputs))
+    value, aux = value[0], jax.tree.map(lambda a: a[0], aux)
+    merge = lambda a: a.reshape(k, *a.shape[2:])
+    kept = jax.tree.map((lambda a: jnp.sum(a, axis=0)) if strategy.sums_tangents else merge, kept)
+    return value, merge(derivs), aux, kept
+
+
+def estimate_forward_grad(
+    spec: EstimatorSpec, fun: Callable, key: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Estimate:
+    """The estimate of ``∇ fun`` at ``args`` for ``spec``: the pipeline of ``_strategy.py``.
+
+    Shared core of the public estimators and the optax transformation.
+    """
+    key = as_key(key)
+    flat = _flatten(spec, args, kwargs)
+    flat_fun = _flat_function(spec, fun, flat)
+    strategy, primals = spec.strategy, flat.primals
+    inputs, context = strategy.prepare(key, primals, spec.num_tangents, flat.selection)
+    value, derivs, aux, kept = _run_tangents(spec, flat_fun, primals, inputs, context)
     derivs = derivs.astype(jnp.float32)
     grads = strategy.combine(derivs, primals, context, kept)
-    grad_leaves = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
-    for i, g in zip(index, grads):
-        grad_leaves[i] = g
-    grad = jax.tree_util.tree_unflatten(treedef, grad_leaves)
-    return Estimate(value, aux, derivs, grad if is_tuple else grad[0])
-
-
-def _check_common(num_tangents: int, tangent: Tangent) -> tuple[int, TangentStrategy]:
-    return check_num_tangents(num_tangents), resolve_tangent(tangent)
+    return Estimate(value, aux, derivs, flat.unflatten(spec, grads))
 
 
 def value_and_forward_grad(
@@ -336,24 +280,19 @@ def value_and_forward_grad(
         >>> float(value), g.shape
         (3.0, (3,))
     """
-    num_tangents, tangent = _check_common(num_tangents, tangent)
-    with_perturbation(tangent, perturb)  # fails at construction on a bad combination
+    spec = EstimatorSpec.create(
+        tangent=tangent,
+        perturb=perturb,
+        num_tangents=num_tangents,
+        argnums=argnums,
+        has_aux=has_aux,
+        mask=mask,
+        tangent_chunk=tangent_chunk,
+    )
 
     @functools.wraps(fun)
     def estimate(key, *args, **kwargs):
-        est = estimate_forward_grad(
-            fun,
-            key,
-            args,
-            kwargs,
-            argnums=argnums,
-            num_tangents=num_tangents,
-            tangent=tangent,
-            has_aux=has_aux,
-            mask=mask,
-            tangent_chunk=tangent_chunk,
-            perturb=perturb,
-        )
+        est = estimate_forward_grad(spec, fun, key, args, kwargs)
         if has_aux:
             return (est.value, est.aux), est.grad
         return est.value, est.grad

@@ -10,9 +10,9 @@ import optax
 from flax import nnx
 from flax.nnx import graph
 
-from fgrad_jax._activity import with_perturbation
-from fgrad_jax._estimator import check_num_tangents, estimate_forward_grad
-from fgrad_jax._tangents import Tangent, resolve_tangent
+from fgrad_jax._estimator import estimate_forward_grad
+from fgrad_jax._spec import EstimatorSpec
+from fgrad_jax._tangents import Tangent
 
 Array = jax.Array
 
@@ -224,9 +224,15 @@ def nnx_value_and_forward_grad(
         >>> loss, grads = grad_fn(jax.random.key(0), model, jnp.ones((8, 3)))
         >>> _ = optimizer.update(model, grads)
     """
-    num_tangents = check_num_tangents(num_tangents)
-    tangent = resolve_tangent(tangent)
-    with_perturbation(tangent, perturb)  # fails at construction on a bad combination
+    spec = EstimatorSpec.create(
+        tangent=tangent,
+        perturb=perturb,
+        num_tangents=num_tangents,
+        has_aux=True,
+        mask=mask,
+        tangent_chunk=tangent_chunk,
+        fn_name="loss_fn",
+    )
 
     def fn(key: Array, model: nnx.Module, *args: Any, **kwargs: Any):
         graphdef, params, rest = split_wrt(model, wrt)
@@ -239,19 +245,7 @@ def nnx_value_and_forward_grad(
             _, _, new_rest = split_wrt(copy, wrt)
             return loss, (aux, new_rest, [nnx.state(c) for _, c in copies])
 
-        est = estimate_forward_grad(
-            value_fn,
-            key,
-            (params,),
-            {},
-            mask=mask,
-            num_tangents=num_tangents,
-            tangent=tangent,
-            has_aux=True,
-            fn_name="loss_fn",
-            tangent_chunk=tangent_chunk,
-            perturb=perturb,
-        )
+        est = estimate_forward_grad(spec, value_fn, key, (params,), {})
         aux, new_rest, new_arg_states = est.aux
         nnx.update(model, new_rest)
         detached = [x for x in (*d_args, *d_kwargs.values()) if isinstance(x, _Detached)]

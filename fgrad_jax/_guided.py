@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,11 @@ import numpy as np
 import optax
 
 from fgrad_jax import _interpreter, _random
-from fgrad_jax._estimator import check_num_tangents, is_differentiable
+from fgrad_jax._spec import EstimatorSpec, is_differentiable
+from fgrad_jax._state import ForwardGradientState
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
 from fgrad_jax._tangents import HashedTangents, hashed_distribution
-from fgrad_jax._transform import ForwardGradientState, forward_gradient
+from fgrad_jax._transform import check_updates, estimate_update, forward_gradient
 
 Array = jax.Array
 
@@ -44,8 +45,20 @@ def _check_unit_interval(value: Any, name: str, fix: str) -> float:
     return float(value)
 
 
+class GuidedContext(NamedTuple):
+    """What :class:`Guided` prepares (``c_k = ĝ·u_k``, ``scale = λ`` or 1 without a guess)."""
+
+    seeds: Array
+    draws: list[Callable[[Array, Array], Array]]
+    unit: list[Array]
+    c: Any  # (K,) float32
+    scale: Array
+    schedule: _interpreter.Schedule
+    num_tangents: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class Guided(TangentStrategy):
+class Guided(TangentStrategy[GuidedContext]):
     """Tangents around a guess; see :func:`fgrad_jax.guided`.
 
     Attributes:
@@ -58,6 +71,8 @@ class Guided(TangentStrategy):
     guess: Any
     residual_scale: float
     base: HashedTangents
+    # The guess's tangent is the (K+1)-th of one vmap: the K + 1 go through together.
+    chunks_tangents: ClassVar[bool] = False
 
     def _unit_guess(self, primals: list[Array], selection: Selection) -> tuple[list[Array], Array]:
         leaves = jax.tree_util.tree_leaves(self.guess)
@@ -98,29 +113,29 @@ class Guided(TangentStrategy):
         )
         scale = jnp.where(has_guess, jnp.float32(self.residual_scale), jnp.float32(1.0))
         schedule = _interpreter.schedule_for(primals)
-        draws = [self.base._lazy_draw(p, keep=False) for p in primals]
-        context = (seeds, draws, unit, c, scale, schedule, num_tangents)
+        draws = [self.base.lazy_draw(p, keep=False) for p in primals]
+        context = GuidedContext(seeds, draws, unit, c, scale, schedule, num_tangents)
         return jnp.arange(num_tangents + 1, dtype=jnp.uint32), context
 
-    def direction(self, fun, primals, context, k) -> Direction:
-        seeds, draws, unit, _, _, schedule, num_tangents = context
+    def direction(self, fun, primals, context: GuidedContext, k) -> Direction:
+        seeds, draws, unit = context.seeds, context.draws, context.unit
 
         def tangent(zero, i):
             u = draws[i](seeds[i] ^ zero, k)
-            return jnp.where(k == num_tangents, unit[i].astype(u.dtype), u)
+            return jnp.where(k == context.num_tangents, unit[i].astype(u.dtype), u)
 
         lazy = [
             _interpreter.LazyTangent(functools.partial(tangent, i=i)) for i in range(len(primals))
         ]
-        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
+        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, context.schedule)
         return Direction(value, deriv, aux, None)
 
-    def combine(self, derivatives, primals, context, kept):
-        seeds, _, unit, c, scale, _, num_tangents = context
-        gamma = derivatives[num_tangents]
-        projected = derivatives[:num_tangents] - c * gamma  # ∇f·P u_k
+    def combine(self, derivatives, primals, context: GuidedContext, kept):
+        unit, c, scale = context.unit, context.c, context.scale
+        gamma = derivatives[context.num_tangents]
+        projected = derivatives[: context.num_tangents] - c * gamma  # ∇f·P u_k
         # (1/K) Σ d_k u_k, the u_k drawn again from their seeds.
-        residual = self.base.combine(projected, primals, (seeds, None, False, None), None)
+        residual = self.base.estimate_from_seeds(projected, primals, context.seeds)
         coef = gamma - scale * jnp.mean(projected * c)  # the ĝ part of γĝ + λ(1/K)Σ d_k P u_k
         return [
             (scale * r.astype(jnp.float32) + coef * g).astype(p.dtype)
@@ -234,7 +249,6 @@ def guided_forward_gradient(
         >>> bool(loss(params) < 1e-2)
         True
     """
-    num_tangents = check_num_tangents(num_tangents)
     scale = _check_unit_interval(
         residual_scale, "residual_scale", "1 is unbiased, 0 is the projection on the guess"
     )
@@ -247,6 +261,10 @@ def guided_forward_gradient(
     beta = float(beta)
     base = hashed_distribution(distribution, "the law of the isotropic part")
     seeded = forward_gradient(key, num_tangents=num_tangents, tangent=base)
+    # The guess changes every step: each update puts the state's guess into this spec.
+    spec = EstimatorSpec.create(
+        tangent=Guided(None, scale, base), num_tangents=num_tangents, fn_name="value_fn"
+    )
 
     def init_fn(params: optax.Params) -> GuidedForwardGradientState:
         guess = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
@@ -265,12 +283,10 @@ def guided_forward_gradient(
                 "guided_forward_gradient needs the loss: call update(updates, state, params, "
                 "value_fn=loss_fn), where value_fn(params) returns a scalar loss."
             )
-        step = forward_gradient(
-            num_tangents=num_tangents, tangent=Guided(state.guess, scale, base)
-        )  # the key comes from state.inner, not from here
-        new_updates, inner = step.update(
-            updates, state.inner, params, value_fn=value_fn, **extra_args
-        )
+        del extra_args
+        check_updates(updates)
+        guided_now = dataclasses.replace(spec, strategy=Guided(state.guess, scale, base))
+        new_updates, inner = estimate_update(guided_now, state.inner, params, value_fn)
         finite = inner.num_nonfinite == state.inner.num_nonfinite
 
         def average(g, u, p):

@@ -33,7 +33,6 @@ import collections
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
@@ -41,113 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+# The schedule is part of the interpreter's API: strategies read it from here.
+from fgrad_jax._schedule import (  # noqa: F401
+    MULTI_DEVICE,
+    SINGLE_DEVICE,
+    Schedule,
+    fake_zero,
+    schedule_for,
+    store_once,
+    tie_to_tangent,
+)
+
 Array = jax.Array
-
-_ONE = np.uint32(1)
-
-
-# ----------------------------------------------------------------------------- scheduling
-
-
-def fake_zero(anchor: Array | None) -> Array:
-    """A uint32 zero that XLA cannot prove is zero, computed from ``anchor``'s first element.
-
-    Adding it to a seed makes a draw depend on ``anchor``: XLA then neither merges the draw
-    with an identical one elsewhere (CSE) nor schedules it before ``anchor`` exists.
-    (XLA:CPU drops ``optimization_barrier`` before fusion, so a barrier cannot do this.)
-    """
-    if anchor is None or anchor.size == 0:
-        return np.uint32(0)  # type: ignore[return-value]
-    a = jnp.ravel(anchor)[0].astype(jnp.float32)
-    bit = jax.lax.bitcast_convert_type(a, jnp.uint32) >> np.uint32(31)
-    return bit & (bit ^ _ONE)
-
-
-def materialize(x: Array, seed: Array) -> Array:
-    """Returns ``x`` unchanged, through one floating divide so that XLA stores it.
-
-    XLA:CPU duplicates cheap elementwise producers into every consumer; for an expensive
-    draw (the Gaussian) that means recomputing it per use, and for low-rank factors
-    recomputing each factor entry for every kernel element. A divide is an op XLA does not
-    duplicate into a broadcasting consumer, so the draw is computed once into a buffer.
-    Scaling by a power of two and back is exact: the values are bitwise unchanged.
-    """
-    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(jnp.float32)  # 1.0 or 2.0
-    return (x * two) / two
-
-
-@jax.custom_jvp
-@jax.custom_batching.custom_vmap
-def tie_to_tangent(primal: Array, tangent: Array) -> Array:
-    """``primal``, unchanged, but computed only once ``tangent`` exists (for the scheduler).
-
-    Adds a float zero computed from one element of ``tangent`` (:func:`fake_zero`). Under
-    :func:`jax.vmap` over the K tangents only the primal's batching is kept (the zero is
-    read from the whole batched tangent), so the primal is still computed once; its
-    derivative is the identity in ``primal``.
-    """
-    return primal + fake_zero(tangent).astype(primal.dtype)
-
-
-@tie_to_tangent.def_vmap  # type: ignore[attr-defined]  # custom_jvp forwards to custom_vmap
-def _tie_vmap(axis_size, in_batched, primal, tangent):
-    del axis_size
-    return tie_to_tangent(primal, tangent), in_batched[0]
-
-
-@tie_to_tangent.defjvp
-def _tie_jvp(primals, tangents):
-    return tie_to_tangent(*primals), tangents[0]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How the JVP's work is ordered for XLA; never changes a value.
-
-    Attributes:
-        anchor_draws: Lazy draws wait for their consuming operation's other input.
-        tie_primal: Primal outputs of dense/conv operations wait for their tangents.
-
-    Both read one element of an activation. Under data parallelism (batch-sharded
-    activations) that read is a small collective per layer, which would break the forward
-    gradient's "K+1 scalars per step" communication, so :func:`schedule_for` turns both off
-    when the computation is spread over several devices.
-    """
-
-    anchor_draws: bool = True
-    tie_primal: bool = True
-
-
-SINGLE_DEVICE = Schedule(anchor_draws=True, tie_primal=True)
-MULTI_DEVICE = Schedule(anchor_draws=False, tie_primal=False)
-
-
-def _mesh_size(x: Any) -> int | None:
-    """Devices ``x`` is laid out over, if its own sharding says so (else ``None``)."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return len(x.sharding.device_set)
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-    except (AttributeError, TypeError):
-        return None
-    return mesh.size if getattr(mesh, "axis_names", ()) else None
-
-
-def schedule_for(primals: Sequence[Any]) -> Schedule:
-    """The :class:`Schedule` for a computation over ``primals``.
-
-    Decided from the primals' own sharding: concrete arrays and arrays traced under an
-    explicit mesh say how many devices they live on; so does the mesh set with
-    :func:`jax.set_mesh`. Under a plain :func:`jax.jit` of arrays sharded in auto mode the
-    trace carries no sharding, and the number of visible devices decides.
-    """
-    sizes = [s for s in map(_mesh_size, primals) if s is not None]
-    ambient = jax.sharding.get_abstract_mesh()
-    if getattr(ambient, "axis_names", ()):
-        sizes.append(ambient.size)
-    n = max(sizes) if sizes else jax.device_count()
-    return SINGLE_DEVICE if n == 1 else MULTI_DEVICE
-
 
 # ----------------------------------------------------------------------------- tangents
 
@@ -234,7 +138,7 @@ def _is_anchor(p: Any) -> bool:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _bind_params(eqn: Any) -> tuple[list[Any], dict[str, Any]]:
+def bind_params(eqn: Any) -> tuple[list[Any], dict[str, Any]]:
     res = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict):  # older jax
         return list(res[0]), res[1]
@@ -242,7 +146,7 @@ def _bind_params(eqn: Any) -> tuple[list[Any], dict[str, Any]]:
 
 
 def _fallback(eqn: Any, primals: list[Any], tangents: list[Any]) -> tuple[list[Any], list[Any]]:
-    subfuns, bind_params = _bind_params(eqn)
+    subfuns, bound = bind_params(eqn)
     idx = [i for i, t in enumerate(tangents) if t is not None]
     if any(_is_structured(tangents[i]) for i in idx):
         _count("densified")
@@ -251,7 +155,7 @@ def _fallback(eqn: Any, primals: list[Any], tangents: list[Any]) -> tuple[list[A
         full = list(primals)
         for i, x in zip(idx, xs):
             full[i] = x
-        out = eqn.primitive.bind(*subfuns, *full, **bind_params)
+        out = eqn.primitive.bind(*subfuns, *full, **bound)
         return list(out) if eqn.primitive.multiple_results else [out]
 
     try:
@@ -269,7 +173,7 @@ def _fallback(eqn: Any, primals: list[Any], tangents: list[Any]) -> tuple[list[A
     return outs, touts
 
 
-def _inline_jaxpr(eqn: Any) -> Any | None:
+def inline_jaxpr(eqn: Any) -> Any | None:
     name = eqn.primitive.name
     param = _INLINE.get(name) or _INLINE_CUSTOM.get(name)
     return eqn.params.get(param) if param else None
@@ -328,13 +232,13 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
         ins = [read(v) for v in eqn.invars]
         ps = [a for a, _ in ins]
         ts = [b for _, b in ins]
-        inner = _inline_jaxpr(eqn)
+        inner = inline_jaxpr(eqn)
         if inner is None and any(isinstance(t, LazyTangent) for t in ts):
             anchor = _anchor_for(ps, ts) if schedule.anchor_draws else None
             ts = [t.materialize(anchor) if isinstance(t, LazyTangent) else t for t in ts]
         if all(t is None for t in ts):
-            subfuns, bind_params = _bind_params(eqn)
-            out = eqn.primitive.bind(*subfuns, *ps, **bind_params)
+            subfuns, bound = bind_params(eqn)
+            out = eqn.primitive.bind(*subfuns, *ps, **bound)
             outs = list(out) if eqn.primitive.multiple_results else [out]
             touts = [None] * len(outs)
         elif inner is not None:
@@ -384,7 +288,7 @@ def _dot_concat_rule(eqn: Any, primals: list[Any], tangents: list[Any]) -> Any:
     (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
     if not lhs_contract or not _outgrows_inputs(eqn):
         return None
-    subfuns, params = _bind_params(eqn)
+    subfuns, params = bind_params(eqn)
     joined_x = jnp.concatenate([tx.astype(x.dtype), x], axis=lhs_contract[0])
     joined_y = jnp.concatenate([y, ty.astype(y.dtype)], axis=rhs_contract[0])
     primal_out = eqn.primitive.bind(*subfuns, x, y, **params)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrad_jax import _activity, _interpreter
+from fgrad_jax import _activity_trace, _interpreter
 
 Array = jax.Array
 _KERNEL_OPS = ("dot_general", "conv_general_dilated")
@@ -253,7 +253,7 @@ def _apply_all(fns: Sequence[Callable[[Array], Array]], h: Array) -> Array:
     return h
 
 
-class _Probe(_activity._Trace):
+class _Probe(_activity_trace.Trace):
     """An activity-perturbation trace whose site tangents are given (``pattern``) and whose
     weight-perturbed leaves get none: it pushes chosen output perturbations forward."""
 
@@ -289,8 +289,8 @@ def separable_leaves(
     BatchNorm in training mode mixes positions, so patches stop there while groups pass.
     """
     closed = jax.make_jaxpr(run)(leaves)
-    uses = _activity._use_counts(closed.jaxpr, collections.Counter())
-    views = lambda trace: [_activity._View(trace, i, lambda w: w) for i in range(len(leaves))]
+    uses = _activity_trace.use_counts(closed.jaxpr, collections.Counter())
+    views = lambda trace: [_activity_trace.View(trace, i, lambda w: w) for i in range(len(leaves))]
     finding = _Probe(leaves, batch, uses, lambda s, shape, dtype: jnp.zeros(shape, dtype))
     jax.eval_shape(
         lambda ls: _interpreter.jvp_jaxpr(closed, ls, views(finding), rules=finding.rules)[1],

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,15 @@ from fgrad_jax._strategy import Direction, Selection, TangentStrategy, mean_of_p
 Array = jax.Array
 
 
+class LowRankContext(NamedTuple):
+    """Per leaf ``(kind, *factors)`` from :func:`draw_lowrank`, and the schedule."""
+
+    drawn: list[Any]
+    schedule: _interpreter.Schedule
+
+
 @dataclass(frozen=True)
-class LowRank(TangentStrategy):
+class LowRank(TangentStrategy[LowRankContext]):
     """Rank-``rank`` kernel tangents, kept factored through the JVP; pass as ``tangent=``.
 
     Hashable and static. ``schedule`` (an ``_interpreter.Schedule``) overrides the one
@@ -71,9 +78,9 @@ class LowRank(TangentStrategy):
         seeds = _random.seed_words(key, len(primals))
         drawn = draw_lowrank(seeds, primals, num_tangents, self.rank)
         schedule = self.schedule or _interpreter.schedule_for(primals)
-        return [tuple(factors) for _, *factors in drawn], (drawn, schedule)
+        return [tuple(factors) for _, *factors in drawn], LowRankContext(drawn, schedule)
 
-    def direction(self, fun, primals, context, inputs) -> Direction:
+    def direction(self, fun, primals, context: LowRankContext, inputs) -> Direction:
         drawn, schedule = context
         tangents = [
             LowRankTangent(f[0], f[1], p.shape, p.dtype)
@@ -84,9 +91,10 @@ class LowRank(TangentStrategy):
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, tangents, schedule)
         return Direction(value, deriv, aux, None)
 
-    def combine(self, derivatives, primals, context, kept):
-        drawn, _ = context
-        return [combine_lowrank(derivatives, d, p, self.rank) for d, p in zip(drawn, primals)]
+    def combine(self, derivatives, primals, context: LowRankContext, kept):
+        return [
+            combine_lowrank(derivatives, d, p, self.rank) for d, p in zip(context.drawn, primals)
+        ]
 
 
 def lowrank(rank: int = 1) -> LowRank:
@@ -203,7 +211,7 @@ def draw_lowrank(seeds: Array, primals: Sequence[Array], num_tangents: int, rank
     # into the (m, n) update loop and recomputes it for every kernel element.
     # Replicated: every device draws them (no collective for FSDP-sharded parameters).
     return [
-        (d[0], *(replicated_like(_interpreter.materialize(a, seeds[i]), primals[i]) for a in d[1:]))
+        (d[0], *(replicated_like(_interpreter.store_once(a, seeds[i]), primals[i]) for a in d[1:]))
         for i, d in enumerate(out)
     ]
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from fgrad_jax import _interpreter, _random
-from fgrad_jax._estimator import check_num_tangents
+from fgrad_jax._spec import check_num_tangents
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy
 from fgrad_jax._tangents import HashedTangents, hashed_distribution
 from fgrad_jax._transform import forward_gradient
@@ -66,7 +66,7 @@ def _sample_counters(shape: tuple[int, ...], zero: Array, k: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SPSA(TangentStrategy):
+class SPSA(TangentStrategy[Array]):
     """Central-difference (SPSA) estimates in place of JVPs; see :func:`fgrad_jax.spsa`.
 
     ``direction`` evaluates ``f(θ ± ε z_k)`` and returns ``(f₊ − f₋) / (2ε)`` as the
@@ -138,7 +138,7 @@ class SPSA(TangentStrategy):
 
     def combine(self, derivatives, primals, context, kept):
         # The hashed tangents' own redraw-from-seed update: the same z, drawn a second time.
-        return self.perturbation.combine(derivatives, primals, (context, None, False, None), None)
+        return self.perturbation.estimate_from_seeds(derivatives, primals, context)
 
 
 def spsa(epsilon: float = 1e-3, *, distribution: str = "rademacher") -> SPSA:

@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +70,18 @@ def _k_axis(leaf: Array) -> int:
     return leaf.ndim - 1 if leaf.ndim >= 2 else 0
 
 
+class HashedContext(NamedTuple):
+    """What :class:`HashedTangents` prepares: two seed words per leaf, each leaf's lazy
+    draw, whether the draws are kept for the update, and the interpreter's schedule."""
+
+    seeds: Array
+    draws: list[Callable[[Array, Array], Array]]
+    keep: bool
+    schedule: _interpreter.Schedule
+
+
 @dataclasses.dataclass(frozen=True)
-class HashedTangents(TangentStrategy):
+class HashedTangents(TangentStrategy[HashedContext]):
     """Elementwise tangents drawn by the counter-based hash of ``_random`` (normal, rademacher).
 
     A draw is a pure function of two uint32 seed words per leaf and a counter per element,
@@ -110,7 +120,7 @@ class HashedTangents(TangentStrategy):
         seeds = _random.seed_words(key, len(leaves))
         return [self.draw(seeds[i], (num_tangents, *leaf.shape)) for i, leaf in enumerate(leaves)]
 
-    def _lazy_draw(self, leaf: Array, keep: bool) -> Callable[[Array, Array], Array]:
+    def lazy_draw(self, leaf: Array, keep: bool) -> Callable[[Array, Array], Array]:
         """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
 
         Its batching rule draws the K tangents in one array with the K axis where the
@@ -123,7 +133,7 @@ class HashedTangents(TangentStrategy):
         def finish(t, seed):
             # A kept draw is computed once into a buffer (otherwise XLA duplicates the
             # elementwise draw into each consumer).
-            t = _interpreter.materialize(t, seed) if keep else t
+            t = _interpreter.store_once(t, seed) if keep else t
             return t.astype(leaf.dtype)
 
         @jax.custom_batching.custom_vmap
@@ -150,32 +160,42 @@ class HashedTangents(TangentStrategy):
             _random.check_counter_range((num_tangents, *p.shape))
         schedule = self.schedule or _interpreter.schedule_for(primals)
         keep = self.keeps(primals, schedule)
-        draws = [self._lazy_draw(p, keep) for p in primals]
-        return jnp.arange(num_tangents, dtype=jnp.uint32), (seeds, draws, keep, schedule)
+        draws = [self.lazy_draw(p, keep) for p in primals]
+        context = HashedContext(seeds, draws, keep, schedule)
+        return jnp.arange(num_tangents, dtype=jnp.uint32), context
 
-    def direction(self, fun, primals, context, k) -> Direction:
-        seeds, draws, keep, schedule = context
+    def direction(self, fun, primals, context: HashedContext, k) -> Direction:
         lazy = [
             _interpreter.LazyTangent(functools.partial(_draw_at, draw, seed, k))
-            for draw, seed in zip(draws, seeds)
+            for draw, seed in zip(context.draws, context.seeds)
         ]
-        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, schedule)
-        return Direction(value, deriv, aux, [t.materialize() for t in lazy] if keep else None)
+        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, context.schedule)
+        kept = [t.materialize() for t in lazy] if context.keep else None
+        return Direction(value, deriv, aux, kept)
 
-    def combine(self, derivatives, primals, context, kept):
-        seeds, _, keep, _ = context
-        if not keep:
-            # Drawn again where the estimate is consumed (under jit the draw fuses into the
-            # optimizer's update) instead of kept alive through the JVP. The fake zero from
-            # the derivatives stops CSE from merging the two draws into one stored buffer
-            # and orders the second draw after the JVP.
-            seeds_again = seeds ^ _interpreter.fake_zero(derivatives)
-            k = derivatives.shape[0]
-            kept = [
-                self.draw(seeds_again[i], (k, *p.shape)).astype(p.dtype)
-                for i, p in enumerate(primals)
-            ]
+    def combine(self, derivatives, primals, context: HashedContext, kept):
+        if not context.keep:
+            return self.estimate_from_seeds(derivatives, primals, context.seeds)
         return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(kept, primals)]
+
+    def estimate_from_seeds(
+        self, derivatives: Array, primals: list[Array], seeds: Array
+    ) -> list[Array]:
+        """``(1/K) Σ_k d_k v_k`` per leaf, the ``v_k`` drawn again from their ``seeds``.
+
+        Drawn where the estimate is consumed (under jit the draw fuses into the optimizer's
+        update) instead of kept alive through the JVP. The fake zero from the derivatives
+        stops CSE from merging the two draws into one stored buffer and orders the second
+        draw after the JVP.
+        """
+        seeds_again = seeds ^ _interpreter.fake_zero(derivatives)
+        k = derivatives.shape[0]
+        return [
+            mean_of_products(
+                derivatives, self.draw(seeds_again[i], (k, *p.shape)).astype(p.dtype)
+            ).astype(p.dtype)
+            for i, p in enumerate(primals)
+        ]
 
 
 def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero: Array) -> Array:
@@ -280,7 +300,7 @@ def _user_sampler(fn: TangentFn, tree: Any, float_index: Sequence[int]) -> Sampl
     return sampler
 
 
-class _DrawnFirst(TangentStrategy):
+class _DrawnFirst(TangentStrategy[list[Array]]):
     """Tangents drawn in full before the JVP by a sampler, then plain :func:`jax.jvp`.
 
     The float32 draws are cast to each leaf's dtype for the JVP, and the rounded values are

@@ -2,143 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from fgrad_jax import _random
-from fgrad_jax._activity import with_perturbation
-from fgrad_jax._estimator import (
-    all_finite,
-    as_key,
-    check_num_tangents,
-    estimate_forward_grad,
-)
+from fgrad_jax._estimator import all_finite, estimate_forward_grad
 from fgrad_jax._placement import check_first_in_chain, check_init_placement
 from fgrad_jax._sharding import check_same_key_on_every_process
-from fgrad_jax._tangents import Tangent, resolve_tangent
+from fgrad_jax._spec import EstimatorSpec
+from fgrad_jax._state import ForwardGradientState, init_key, step_key
+from fgrad_jax._tangents import Tangent
 
 Array = jax.Array
 
 
-_I32, _U32 = jnp.int32, jnp.uint32
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["words", "aux"], meta_fields=["key_impl"]
-)
-@dataclasses.dataclass(frozen=True)
-class ForwardGradientState:
-    """State of :func:`forward_gradient`: one uint32 array (and the aux, if any).
-
-    A jitted step pays for every array of its state it reads and writes (host dispatch,
-    one buffer per output without donation), so the key, the counters and the logged loss
-    travel packed in ``words``; read them through the properties. Build one with
-    :meth:`create`.
-
-    Attributes:
-        words: uint32 vector: the key's data, then ``count``, ``num_nonfinite`` and the
-            bits of ``value`` (a leading batch axis when states are stacked, e.g. vmapped
-            over seeds).
-        aux: With ``has_aux=True``, the ``aux`` that ``value_fn`` returned in the last
-            update's JVP pass (zeros shaped like ``aux_example`` before the first update);
-            ``None`` otherwise.
-        key_impl: Name of the key's PRNG implementation (static), e.g. ``"threefry2x32"``.
-    """
-
-    words: Array
-    aux: Any = None
-    key_impl: str = "threefry2x32"
-
-    @classmethod
-    def create(
-        cls,
-        key: Array,
-        count: Array,
-        value: Array,
-        num_nonfinite: Array,
-        aux: Any = None,
-    ) -> ForwardGradientState:
-        """Packs a typed PRNG key, the int32 counters and the float32 value."""
-        data = jax.random.key_data(key)
-        scalars = [
-            jax.lax.bitcast_convert_type(jnp.asarray(count, _I32), _U32),
-            jax.lax.bitcast_convert_type(jnp.asarray(num_nonfinite, _I32), _U32),
-            jax.lax.bitcast_convert_type(jnp.asarray(value, jnp.float32), _U32),
-        ]
-        words = jnp.concatenate([data, jnp.stack(scalars, axis=-1)], axis=-1)
-        return cls(words, aux, str(jax.random.key_impl(key)))
-
-    @property
-    def key(self) -> Array:
-        """The PRNG key given at construction; it never changes. Step ``count``'s tangents
-        come from :func:`fgrad_jax.step_key` ``(key, count)``."""
-        return jax.random.wrap_key_data(self.words[..., :-3], impl=self.key_impl)
-
-    @property
-    def count(self) -> Array:
-        """Number of updates made so far (int32)."""
-        return jax.lax.bitcast_convert_type(self.words[..., -3], _I32)
-
-    @property
-    def num_nonfinite(self) -> Array:
-        """Number of steps whose directional derivative or loss was not finite (int32);
-        see ``on_nonfinite`` in :func:`forward_gradient`."""
-        return jax.lax.bitcast_convert_type(self.words[..., -2], _I32)
-
-    @property
-    def value(self) -> Array:
-        """Loss at the parameters of the last update, from the same JVP pass (float32;
-        NaN before the first update)."""
-        return jax.lax.bitcast_convert_type(self.words[..., -1], jnp.float32)
-
-
 _ON_NONFINITE = ("zero", "nan")
-
-
-def _init_key(key: int | Array) -> Array:
-    if isinstance(key, bool):
-        raise TypeError("key must be an int seed or a JAX PRNG key, not a bool.")
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    # optax.inject_hyperparams turns an int seed into an int array hyperparameter.
-    if isinstance(key, jax.Array) and key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
-        return jax.random.key(key)
-    return as_key(key)
-
-
-def step_key(key: int | Array, count: int | Array) -> Array:
-    """The key from which :func:`forward_gradient` draws the tangents of step ``count``.
-
-    Step ``count`` of ``forward_gradient(key, ...)`` returns exactly
-    ``forward_grad(value_fn, ...)(step_key(key, count), params)``. The key is hashed from
-    ``key`` and ``count`` by integer arithmetic, not split by ``jax.random`` (a threefry
-    call per step cost more than a small model's whole step on a CPU).
-
-    Args:
-        key: The key (or int seed) given to :func:`forward_gradient`.
-        count: The step, from 0 (``state.count`` before the update).
-
-    Returns:
-        A typed PRNG key of ``key``'s implementation.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> import fgrad_jax
-        >>> f = lambda w: jnp.sum(w**2)
-        >>> tx = fgrad_jax.forward_gradient(key=3)
-        >>> w = jnp.ones(4)
-        >>> g, _ = tx.update(None, tx.init(w), w, value_fn=f)
-        >>> bool(jnp.array_equal(g, fgrad_jax.forward_grad(f)(fgrad_jax.step_key(3, 0), w)))
-        True
-    """
-    return _random.fold_in(_init_key(key), jnp.asarray(count))
 
 
 def _aux_placeholder(aux_example: Any) -> Any:
@@ -188,7 +69,7 @@ def _check_no_tuple(fn_name: str, owner: str) -> Callable[[Any], Any]:
     return check
 
 
-def _check_updates(updates: Any) -> None:
+def check_updates(updates: Any) -> None:
     if updates is not None and jax.tree_util.tree_leaves(updates):
         raise ValueError(
             "forward_gradient received non-empty updates, which it would discard: it "
@@ -278,9 +159,16 @@ def forward_gradient(
         >>> bool(loss(params) < 1e-2)
         True
     """
-    num_tangents = check_num_tangents(num_tangents)
-    tangent = with_perturbation(resolve_tangent(tangent), perturb)
-    seed_key = _init_key(key)
+    spec = EstimatorSpec.create(
+        tangent=tangent,
+        perturb=perturb,
+        num_tangents=num_tangents,
+        has_aux=has_aux,
+        mask=mask,
+        tangent_chunk=tangent_chunk,
+        fn_name="value_fn",
+    )
+    seed_key = init_key(key)
     check_same_key_on_every_process(seed_key, "forward_gradient")
     if on_nonfinite not in _ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}; got {on_nonfinite!r}.")
@@ -315,7 +203,7 @@ def forward_gradient(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ForwardGradientState]:
         del extra_args
-        _check_updates(updates)
+        check_updates(updates)
         check_first_in_chain()
         if value_fn is None:
             raise ValueError(
@@ -325,45 +213,7 @@ def forward_gradient(
                 "value_fn=fgrad_jax.nnx_value_fn(loss_fn, model, x, y)); with a linen "
                 "TrainState: fgrad_jax.apply_forward_gradient(state, value_fn=...)."
             )
-        if not callable(value_fn):
-            raise TypeError(
-                f"value_fn must be callable params -> scalar; got {type(value_fn).__name__}."
-            )
-        if params is None:
-            raise ValueError(
-                "forward_gradient needs params: call update(None, state, params, value_fn=...)."
-            )
-        fun = (
-            value_fn
-            if has_aux
-            else _compose(_check_no_tuple("value_fn", "forward_gradient"), value_fn)
-        )
-        key_of_step = step_key(state.key, state.count)
-        est = estimate_forward_grad(
-            fun,
-            key_of_step,
-            (params,),
-            {},
-            mask=mask,
-            tangent_chunk=tangent_chunk,
-            num_tangents=num_tangents,
-            tangent=tangent,
-            has_aux=has_aux,
-            fn_name="value_fn",
-        )
-        finite = all_finite(est.value, est.directional_derivatives)
-        fill = jnp.nan if on_nonfinite == "nan" else 0
-        new_updates = jax.tree_util.tree_map(
-            lambda g: jnp.where(finite, g, jnp.full_like(g, fill)), est.grad
-        )
-        new_state = ForwardGradientState.create(
-            key=state.key,
-            count=optax.safe_increment(state.count),
-            value=est.value.astype(jnp.float32),
-            num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
-            aux=_store_aux(est.aux, placeholder) if has_aux else None,
-        )
-        return new_updates, new_state
+        return estimate_update(spec, state, params, value_fn, on_nonfinite, placeholder)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -372,53 +222,43 @@ def _compose(check: Callable[[Any], Any], fn: Callable[..., Any]) -> Callable[..
     return lambda *args, **kwargs: check(fn(*args, **kwargs))
 
 
-def _unwrap_variable(x: Any) -> Any:
-    # flax.nnx.Optimizer wraps every optimizer-state array in an OptArray variable.
-    return x.get_value() if hasattr(x, "get_value") and not isinstance(x, jax.Array) else x
-
-
-def forward_gradient_state(opt_state: Any) -> ForwardGradientState:
-    """Finds the :class:`ForwardGradientState` inside any optimizer state.
-
-    Works on the state of :func:`fgd`, of an :func:`optax.chain` or
-    :func:`optax.inject_hyperparams` around :func:`forward_gradient`, and on
-    ``nnx.Optimizer.opt_state`` (whose variables it unwraps to arrays), so a training loop can
-    log ``forward_gradient_state(opt_state).value`` (the loss from the step's own JVP pass)
-    without depending on the chain's layout.
-
-    Args:
-        opt_state: An optimizer state containing exactly one :class:`ForwardGradientState`.
-
-    Returns:
-        That state, with plain arrays as fields.
-
-    Raises:
-        ValueError: If ``opt_state`` holds no :class:`ForwardGradientState`, or several.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> import fgrad_jax
-        >>> tx = fgrad_jax.fgd(0.1)
-        >>> params = jnp.zeros(3)
-        >>> _, state = tx.update(None, tx.init(params), params, value_fn=lambda p: jnp.sum((p - 1) ** 2))
-        >>> float(fgrad_jax.forward_gradient_state(state).value)
-        3.0
-    """
-    found = [
-        leaf
-        for leaf in jax.tree_util.tree_leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, ForwardGradientState)
+def estimate_update(
+    spec: EstimatorSpec,
+    state: ForwardGradientState,
+    params: Any,
+    value_fn: Any,
+    on_nonfinite: str = "zero",
+    placeholder: Any = None,
+) -> tuple[Any, ForwardGradientState]:
+    """The body of ``forward_gradient(...).update`` after its placement checks: the step's
+    estimate of ``∇ value_fn(params)`` (zeros or NaN if not finite) and the next state."""
+    if not callable(value_fn):
+        raise TypeError(
+            f"value_fn must be callable params -> scalar; got {type(value_fn).__name__}."
         )
-        if isinstance(leaf, ForwardGradientState)
-    ]
-    if len(found) != 1:
+    if params is None:
         raise ValueError(
-            f"Expected exactly one ForwardGradientState in the optimizer state, found "
-            f"{len(found)}. Pass the state of a transformation built with forward_gradient or fgd."
+            "forward_gradient needs params: call update(None, state, params, value_fn=...)."
         )
-    return jax.tree_util.tree_map(
-        _unwrap_variable, found[0], is_leaf=lambda v: hasattr(v, "get_value")
+    fun = (
+        value_fn
+        if spec.has_aux
+        else _compose(_check_no_tuple("value_fn", "forward_gradient"), value_fn)
     )
+    est = estimate_forward_grad(spec, fun, step_key(state.key, state.count), (params,), {})
+    finite = all_finite(est.value, est.directional_derivatives)
+    fill = jnp.nan if on_nonfinite == "nan" else 0
+    new_updates = jax.tree_util.tree_map(
+        lambda g: jnp.where(finite, g, jnp.full_like(g, fill)), est.grad
+    )
+    new_state = ForwardGradientState.create(
+        key=state.key,
+        count=optax.safe_increment(state.count),
+        value=est.value.astype(jnp.float32),
+        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
+        aux=_store_aux(est.aux, placeholder) if spec.has_aux else None,
+    )
+    return new_updates, new_state
 
 
 def fgd(
