@@ -5,8 +5,7 @@ from fgrad_jax._activity import activity_perturbation
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
-from fgrad_jax._local import LocalLosses, local_losses
-from fgrad_jax._local_model import LocalAux, LocalVariables, ModelLocalLosses
+from fgrad_jax._local import LocalAux, LocalLosses, LocalVariables, ModelLocalLosses, local_losses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._spsa import spsa, spsa_gradient
 from fgrad_jax._state import ForwardGradientState, forward_gradient_state, step_key

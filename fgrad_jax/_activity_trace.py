@@ -38,7 +38,7 @@ _VIEW_PRIMITIVES = (
 )
 
 
-class View:
+class View(_interpreter.StructuredTangent):
     """A differentiated leaf seen through a structural linear map: ``fn(leaf)``."""
 
     def __init__(self, trace: Trace, leaf: int, fn: Callable[[Array], Array]):
@@ -47,9 +47,6 @@ class View:
     def dense(self) -> Array:
         # Any use that no rule handles is weight-perturbed with the leaf's own tangent.
         return self.fn(self.trace.weight_tangent(self.leaf))
-
-
-_interpreter.register_structured_type(View)
 
 
 @dataclasses.dataclass

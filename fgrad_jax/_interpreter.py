@@ -5,17 +5,18 @@
 * dense arrays (``None`` where an input has no tangent),
 * :class:`LazyTangent` s: dense tangents drawn right before the first operation that uses
   them (the counter-hash tangents are drawn this way), or
-* any structured tangent type that a rule knows, such as the factored low-rank tangents of
-  ``_lowrank.py``, which registers its rules for ``dot_general`` and
-  ``conv_general_dilated`` with :func:`register_rule`.
+* any :class:`StructuredTangent` that a rule knows, such as the factored low-rank tangents
+  of ``_lowrank.py``, whose strategy passes its rules for ``dot_general`` and
+  ``conv_general_dilated`` with each call (``rules=``).
 
 An equation with no tangent input is evaluated as is. ``jit``/``pjit``, ``closed_call`` and
 ``custom_vjp_call`` equations are interpreted inline (a ``custom_vjp`` function is
 differentiated through its primal definition: ``jax.jvp`` refuses them, but the forward
-gradient never needs the custom backward rule). For every other equation the registered
-rules are tried in order; a rule returns ``None`` when it does not handle the layout, and
-then the fallback densifies structured tangents and runs the primitive's own JVP rule
-(always correct, only slower; :func:`recording` counts both outcomes for tests).
+gradient never needs the custom backward rule). For every other equation the caller's
+rules, then :data:`CORE_RULES`, are tried in order; a rule returns ``None`` when it does
+not handle the layout, and then the fallback densifies structured tangents and runs the
+primitive's own JVP rule (always correct, only slower; :func:`recording` counts both
+outcomes for tests).
 
 The interpreter is also where XLA's scheduling is steered, by data dependences that do not
 change any value (the :class:`Schedule`):
@@ -29,6 +30,7 @@ change any value (the :class:`Schedule`):
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import math
@@ -44,6 +46,7 @@ from jax.extend import core as jcore
 from fgrad_jax._schedule import (  # noqa: F401
     MULTI_DEVICE,
     SINGLE_DEVICE,
+    TIED_PRIMITIVES,
     Schedule,
     fake_zero,
     schedule_for,
@@ -70,9 +73,14 @@ class LazyTangent:
         return self.value
 
 
-class StructuredTangent(Protocol):
-    """A tangent kept in a form cheaper than a dense array; ``dense()`` forms it."""
+class StructuredTangent(abc.ABC):
+    """A tangent kept in a form cheaper than a dense array; ``dense()`` forms it.
 
+    Subclass it: rules (passed to :func:`structured_jvp`) handle the form, and every
+    operation no rule handles gets ``dense()`` and the primitive's own JVP.
+    """
+
+    @abc.abstractmethod
     def dense(self) -> Array: ...
 
 
@@ -84,25 +92,13 @@ class Rule(Protocol):
     ) -> tuple[list[Any], list[Any]] | None: ...
 
 
-_RULES: dict[str, list[Rule]] = collections.defaultdict(list)
-_STRUCTURED_TYPES: list[type] = []
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "jaxpr"}
 _INLINE_CUSTOM = {"custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 _counters: list[collections.Counter] = []
 
 
-def register_rule(primitive: str, rule: Rule) -> None:
-    """Adds ``rule`` for equations of ``primitive`` (tried in registration order)."""
-    _RULES[primitive].append(rule)
-
-
-def register_structured_type(cls: type) -> None:
-    """Declares a structured tangent type (rules handle it; the fallback densifies it)."""
-    _STRUCTURED_TYPES.append(cls)
-
-
 def _is_structured(t: Any) -> bool:
-    return isinstance(t, tuple(_STRUCTURED_TYPES))
+    return isinstance(t, StructuredTangent)
 
 
 @contextlib.contextmanager
@@ -247,8 +243,8 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
         else:
             name = eqn.primitive.name
             res = None
-            local = rules.get(name, ()) if rules else ()
-            for rule in (*local, *_RULES.get(name, ())):
+            given = rules.get(name, ()) if rules else ()
+            for rule in (*given, *CORE_RULES.get(name, ())):
                 res = rule(eqn, ps, ts)
                 if res is not None:
                     _count("rule")
@@ -256,7 +252,7 @@ def _eval(jaxpr, consts, primals, tangents, schedule: Schedule, rules=None):
             if res is None:
                 res = _fallback(eqn, ps, ts)
             outs, touts = res
-            if name in _RULES and schedule.tie_primal and not _outgrows_inputs(eqn):
+            if schedule.tie_primal and name in TIED_PRIMITIVES and not _outgrows_inputs(eqn):
                 outs = [
                     tie_to_tangent(o, t)
                     if t is not None
@@ -295,7 +291,8 @@ def _dot_concat_rule(eqn: Any, primals: list[Any], tangents: list[Any]) -> Any:
     return [primal_out], [eqn.primitive.bind(*subfuns, joined_x, joined_y, **params)]
 
 
-register_rule("dot_general", _dot_concat_rule)
+#: Rules every evaluation tries after the caller's own (``rules=``).
+CORE_RULES: dict[str, tuple[Rule, ...]] = {"dot_general": (_dot_concat_rule,)}
 
 
 def jvp_jaxpr(
@@ -307,8 +304,8 @@ def jvp_jaxpr(
 ) -> tuple[list[Any], list[Any]]:
     """The JVP of a closed jaxpr: flat lists ``(outs, tangent_outs)``, tangents dense.
 
-    ``rules`` adds rules for this evaluation only, tried before the registered ones (a
-    strategy whose rules carry per-call state, such as activity perturbation, uses it).
+    ``rules`` are the caller's rules by primitive name, tried before :data:`CORE_RULES`
+    (the low-rank tangents' rules; activity perturbation's, which carry per-call state).
     """
     outs, touts = _eval(closed.jaxpr, closed.consts, list(primals), list(tangents), schedule, rules)
     touts = [
@@ -323,13 +320,15 @@ def structured_jvp(
     primals: Sequence[Array],
     tangents: Sequence[Any],
     schedule: Schedule = SINGLE_DEVICE,
+    rules: Mapping[str, Sequence[Rule]] | None = None,
 ) -> tuple[Any, Any]:
     """``jax.jvp(fn, primals, tangents)`` where tangents may be lazy or structured.
 
     ``fn`` returns a pytree; returns ``(out, tangent_out)`` with dense output tangents
-    (zeros where an output does not depend on the inputs).
+    (zeros where an output does not depend on the inputs). ``rules``: as in
+    :func:`jvp_jaxpr`.
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*primals)
-    outs, touts = jvp_jaxpr(closed, primals, tangents, schedule)
+    outs, touts = jvp_jaxpr(closed, primals, tangents, schedule, rules)
     treedef = jax.tree_util.tree_structure(out_shape)
     return jax.tree_util.tree_unflatten(treedef, outs), jax.tree_util.tree_unflatten(treedef, touts)

@@ -88,7 +88,9 @@ class LowRank(TangentStrategy[LowRankContext]):
             else f[0].astype(p.dtype)
             for (kind, *_), f, p in zip(drawn, inputs, primals)
         ]
-        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, tangents, schedule)
+        (value, aux), (deriv, _) = _interpreter.structured_jvp(
+            fun, primals, tangents, schedule, RULES
+        )
         return Direction(value, deriv, aux, None)
 
     def combine(self, derivatives, primals, context: LowRankContext, kept):
@@ -111,7 +113,7 @@ def lowrank(rank: int = 1) -> LowRank:
 
 
 @dataclass
-class LowRankTangent:
+class LowRankTangent(_interpreter.StructuredTangent):
     """The tangent ``(u @ w.T / sqrt(r)).reshape(shape)`` of a kernel, kept factored."""
 
     u: Array  # (m, r)
@@ -190,9 +192,8 @@ def _conv_rule(eqn, primals, tangents):
     return [out], [t_out]
 
 
-_interpreter.register_structured_type(LowRankTangent)
-_interpreter.register_rule("dot_general", _dot_rule)
-_interpreter.register_rule("conv_general_dilated", _conv_rule)
+#: The rules that keep low-rank tangents factored, passed with each of LowRank's JVPs.
+RULES = {"dot_general": (_dot_rule,), "conv_general_dilated": (_conv_rule,)}
 
 
 def draw_lowrank(seeds: Array, primals: Sequence[Array], num_tangents: int, rank: int):

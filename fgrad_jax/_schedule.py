@@ -96,6 +96,9 @@ class Schedule:
 
 
 SINGLE_DEVICE = Schedule(anchor_draws=True, tie_primal=True)
+# The operations whose primal output waits for its tangent (tie_primal): the contractions,
+# where activations are made and where the primal chain would otherwise run ahead.
+TIED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 MULTI_DEVICE = Schedule(anchor_draws=False, tie_primal=False)
 
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgrad_jax._activity import perturbation_of_leaves
-from fgrad_jax._estimator import as_key, is_differentiable
 from fgrad_jax._sharding import collective_bytes as _hlo_collective_bytes
+from fgrad_jax._spec import as_key, is_differentiable
 
 Array = jax.Array
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -28,11 +28,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fgrad_jax import _local_split as _split
-from fgrad_jax._activity import PERTURB, ActivityPerturbation, Columns
+from fgrad_jax._activity import ActivityPerturbation
 from fgrad_jax._flax import split_wrt
-from fgrad_jax._local_heads import apply_head, head_kind, init_head
-from fgrad_jax._local_taps import (
+from fgrad_jax._local import split as _split
+from fgrad_jax._local.common import (
+    BATCH_COUPLING,
+    Layout,
+    LocalAux,
+    LocalVariables,
+    accuracy,
+    local_tangent_base,
+)
+from fgrad_jax._local.heads import apply_head, head_kind, init_head
+from fgrad_jax._local.taps import (
     Taps,
     batch_coupled,
     column_of_leaves,
@@ -43,77 +51,10 @@ from fgrad_jax._local_taps import (
     stand_in_batch,
     stand_ins,
 )
-from fgrad_jax._tangents import HASHED
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
 Path = tuple[str, ...]
-
-
-# How activity perturbations are scored when the examples are coupled (BatchNorm in
-# training mode): "correct" by the batch's summed derivative (unbiased), "per_example" by
-# each example's own (biased: misses the other examples' losses through the statistics).
-BATCH_COUPLING = ("correct", "per_example")
-
-
-class LocalVariables(NamedTuple):
-    """What :meth:`ModelLocalLosses.init` returns.
-
-    Attributes:
-        params: ``{"model": <the model's parameters>, "heads": [one dict per tapped block]}``:
-            what the optimizer trains.
-        state: The model's other variables (linen: every collection but ``params``, e.g.
-            ``{"batch_stats": ...}``; nnx: every variable but ``nnx.Param``), updated by
-            each step; ``{}`` when there are none.
-    """
-
-    params: dict[str, Any]
-    state: Any
-
-
-class LocalAux(NamedTuple):
-    """What one local-loss pass reports besides the per-example losses.
-
-    Attributes:
-        state: The model state after this forward pass (new BatchNorm statistics, RNG
-            counters): pass it to the next step.
-        block_losses: ``(L,)`` mean loss of every block (the last is the model's own).
-        loss: The model's own mean loss on the batch (its output under ``loss``).
-        accuracy: Fraction of the batch whose largest output is the label (NaN when the
-            labels are not integer class indices of shape ``(B,)``).
-    """
-
-    state: Any
-    block_losses: Array
-    loss: Array
-    accuracy: Array
-
-
-# ----------------------------------------------------------------------------- the losses
-
-
-class _Layout(NamedTuple):
-    paths: tuple[Path, ...]  # the tapped modules, in call order
-    blocks: tuple[int, ...]  # per leaf of params["model"]: its block
-    splits: tuple[tuple[tuple[int, ...], int], ...]  # per tapped block: (patch grid, groups)
-    split_leaves: frozenset[int]  # leaves of split blocks scored per patch/group column
-    leaf_paths: tuple[str, ...]  # per leaf of params["model"]: "Block_0/Conv_0/kernel"
-    aux: Any  # LocalAux of ShapeDtypeStructs (forward_gradient's aux_example)
-    coupled: bool  # an example's losses depend on other examples (BatchNorm in training)
-
-    def starts(self) -> list[int]:
-        """Per block (the last: the model's own), its first loss column."""
-        sizes = [int(np.prod(grid, dtype=np.int64)) * g for grid, g in self.splits] + [1]
-        return [int(v) for v in np.cumsum([0, *sizes[:-1]])]
-
-    def spec(self, block: int, split: bool) -> int | Columns:
-        start = self.starts()[block]
-        if (
-            block == len(self.splits)
-            or int(np.prod(self.splits[block][0])) * self.splits[block][1] == 1
-        ):
-            return start
-        return Columns(start, *self.splits[block], split)
 
 
 class ModelLocalLosses:
@@ -174,7 +115,7 @@ class ModelLocalLosses:
         self.patches, self.groups_per_block, self.head = patches, groups, head
         self._linen = isinstance(model, nn.Module)
         self._graphdef: Any = None
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self._analysed: Any = None  # the init signature the layout was found for
         self._inits: dict[str, Any] = {}  # linen: the jitted model.init per call signature
 
@@ -253,7 +194,7 @@ class ModelLocalLosses:
             self._analysed = signature
         return LocalVariables(params, state)
 
-    def _analyse(self, params, state, x, rngs, kwargs, tapped_paths, outputs) -> _Layout:
+    def _analyse(self, params, state, x, rngs, kwargs, tapped_paths, outputs) -> Layout:
         """Where the blocks end, each parameter's block, the splits, the coupling."""
         model_params = params["model"]
         leaves, treedef = jax.tree_util.tree_flatten(model_params)
@@ -268,7 +209,7 @@ class ModelLocalLosses:
         paths = tuple(
             "/".join(path_str(p)) for p, _ in jax.tree_util.tree_flatten_with_path(model_params)[0]
         )
-        layout = _Layout(tuple(tapped_paths), blocks, splits, frozenset(), paths, None, False)
+        layout = Layout(tuple(tapped_paths), blocks, splits, frozenset(), paths, None, False)
         with jax.ensure_compile_time_eval():  # concrete even when init is traced
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
             if any(int(np.prod(grid)) * g > 1 for grid, g in splits):
@@ -318,7 +259,7 @@ class ModelLocalLosses:
             )
         return splits
 
-    def _checked_layout(self) -> _Layout:
+    def _checked_layout(self) -> Layout:
         if self._layout is None:
             raise ValueError("Call init(key, x) first: it creates the heads' parameters.")
         return self._layout
@@ -442,18 +383,3 @@ class ModelLocalLosses:
         """nnx: writes the parameters (and state) into the user's module; linen: no-op."""
         if not self._linen:
             nnx.update(self.model, params["model"], *([state] if state is not None else []))
-
-
-def accuracy(out: Array, y: Array) -> Array:
-    if out.ndim != 2 or jnp.shape(y) != out.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
-        return jnp.float32(jnp.nan)
-    return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))
-
-
-def local_tangent_base(perturb: str, tangent: str) -> Any:
-    """The elementwise tangent law of a local-loss strategy, after checking the arguments."""
-    if perturb not in PERTURB:
-        raise ValueError(f"perturb must be one of {PERTURB}; got {perturb!r}.")
-    if tangent not in HASHED:
-        raise ValueError(f"tangent must be one of {sorted(HASHED)}; got {tangent!r}.")
-    return HASHED[tangent]
