@@ -105,7 +105,7 @@ def _attribute_docs() -> dict[str, tuple[object, list[str]]]:
         module = importlib.import_module(info.name)
         try:
             docs = ModuleAnalyzer.for_module(info.name).find_attr_docs()
-        except Exception:  # noqa: BLE001  (no source: nothing to read)
+        except Exception:  # no source to read
             continue
         for (scope, name), lines in docs.items():
             if not scope and hasattr(module, name):
