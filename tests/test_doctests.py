@@ -30,14 +30,16 @@ MODULES = ["fgrad_jax"] + [
 KNOWN_FAILURES: dict[str, str] = {}
 
 # Public functions with no example in their docstring, each with the reason. Keep it short:
-# a public function shows how it is called.
+# a public function shows how it is called. The five loaders are waiting for the examples
+# proposed with the docs-autodoc branch; once they are in, the last test below says to
+# remove their entries.
 WITHOUT_EXAMPLE: dict[str, str] = {
-    "fgrad_jax.datasets.cache_dir": "no example yet",
-    "fgrad_jax.datasets.load_digits": "no example yet (the module docstring has one)",
-    "fgrad_jax.datasets.load_fashion_mnist": "no example yet",
-    "fgrad_jax.datasets.load_idx": "no example yet",
-    "fgrad_jax.datasets.load_idx_dataset": "no example yet",
-    "fgrad_jax.datasets.load_mnist": "no example yet (it needs the network: +SKIP)",
+    "fgrad_jax.datasets.cache_dir": "its value depends on $FGRAD_JAX_DATA and the home directory",
+    "fgrad_jax.datasets.load_digits": "pending (the module docstring has one)",
+    "fgrad_jax.datasets.load_fashion_mnist": "pending",
+    "fgrad_jax.datasets.load_idx": "pending",
+    "fgrad_jax.datasets.load_idx_dataset": "pending",
+    "fgrad_jax.datasets.load_mnist": "pending",
 }
 
 
