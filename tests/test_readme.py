@@ -25,3 +25,9 @@ def test_readme_quickstart_runs_and_lowers_the_loss():
         logged = namespace["train_step"](model, optimizer, x, y)
     assert np.isfinite(float(logged))
     assert float(namespace["loss_fn"](model, x, y)) < 0.8 * first
+
+
+def test_readme_is_short():
+    """A newcomer's page (issue 18): what it is, install, commands, example, results, citation."""
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 90, f"README.md has {len(lines)} lines; the limit is 90"
