@@ -16,6 +16,7 @@ from fgrad_jax._transform import fgd, forward_gradient
 
 __version__ = "0.1.0"
 
+#: The names of the built-in tangent distributions (sorted), each accepted as ``tangent=``.
 TANGENT_NAMES: tuple[str, ...] = tuple(sorted(_STRATEGIES))
 
 __all__ = [

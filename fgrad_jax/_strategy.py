@@ -137,6 +137,22 @@ def mean_of_products(derivatives: Array, tangents: Array, divide: bool = False) 
     which XLA fuses with the tangent draw and the optimizer's update. ``divide`` divides by
     K instead of multiplying by ``1/K`` (the low-rank estimator's dense leaves always have;
     the two differ in the last bit, and estimates are kept bit for bit).
+
+    Args:
+        derivatives: The K directional derivatives, float32 of shape ``(K,)``.
+        tangents: The K tangents of one leaf, shape ``(K, *leaf.shape)``, any floating dtype.
+        divide: Divide by K rather than multiply by ``1/K``.
+
+    Returns:
+        A float32 array of the leaf's shape.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import fgrad_jax
+        >>> d = jnp.array([2.0, -1.0])
+        >>> v = jnp.array([[1.0, 1.0], [1.0, -1.0]])
+        >>> fgrad_jax.mean_of_products(d, v)  # (2 v_1 - v_2) / 2
+        Array([0.5, 1.5], dtype=float32)
     """
     k = tangents.shape[0]
     if k > 16:

@@ -30,11 +30,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from fgrad_jax._idx import load_idx
+from fgrad_jax import _idx
+from fgrad_jax._idx import (
+    Dataset,
+    DataUnavailableError,
+    _channels_last,
+    _find_file,
+    load_idx,
+    load_idx_dataset,
+)
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -55,12 +62,7 @@ __all__ = [
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 #: The four IDX files of an MNIST-style data set, by role.
-MNIST_FILES: dict[str, str] = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
+MNIST_FILES: dict[str, str] = _idx.MNIST_FILES
 
 #: Mirrors tried in order (the files' original home, yann.lecun.com, now often refuses
 #: downloads; these two are the mirrors torchvision and TensorFlow use).
@@ -86,39 +88,6 @@ MNIST_SHA256: dict[str, str] = {
 _DOWNLOAD_TIMEOUT_S = 30.0
 
 
-class DataUnavailableError(FileNotFoundError):
-    """A data set is neither on disk nor downloadable; the message says how to get it."""
-
-
-class Dataset(NamedTuple):
-    """A classification data set with a train and a test split.
-
-    Attributes:
-        train_images: ``float32`` array in ``[0, 1]``, shape ``(N, H, W)`` or ``(N, D)``.
-        train_labels: ``int32`` array of shape ``(N,)``.
-        test_images: ``float32`` array in ``[0, 1]``, shape ``(M, H, W)`` or ``(M, D)``.
-        test_labels: ``int32`` array of shape ``(M,)``.
-        name: A short name, e.g. ``"mnist"``.
-        num_classes: Number of classes (labels are ``0 .. num_classes - 1``).
-    """
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    name: str
-    num_classes: int
-
-
-def _channels_last(ds: Dataset, channel_axis: bool) -> Dataset:
-    """Adds a trailing channel axis, ``(N, H, W) -> (N, H, W, 1)``, as convolutions expect."""
-    if not channel_axis:
-        return ds
-    return ds._replace(
-        train_images=ds.train_images[..., None], test_images=ds.test_images[..., None]
-    )
-
-
 def cache_dir() -> Path:
     """Returns the data cache directory: ``$FGRAD_JAX_DATA`` or ``~/.cache/fgrad_jax``.
 
@@ -127,93 +96,6 @@ def cache_dir() -> Path:
     """
     env = os.environ.get("FGRAD_JAX_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fgrad_jax"
-
-
-def _find_file(data_dir: Path, gz_name: str) -> Path | None:
-    """Finds ``gz_name`` or its common uncompressed spellings in ``data_dir``."""
-    stem = gz_name[: -len(".gz")]
-    # LeCun's unpacked files are sometimes called e.g. "train-images.idx3-ubyte".
-    dotted = stem.replace("-idx", ".idx")
-    for name in (gz_name, stem, dotted, dotted + ".gz"):
-        candidate = data_dir / name
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _to_split(images: np.ndarray, labels: np.ndarray, path_i: Path, path_l: Path):
-    if images.ndim < 2:
-        raise ValueError(
-            f"{path_i}: expected images with >= 2 dimensions, got shape {images.shape}."
-        )
-    if labels.ndim != 1:
-        raise ValueError(f"{path_l}: expected a 1-D label array, got shape {labels.shape}.")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{path_i} has {images.shape[0]} images but {path_l} has {labels.shape[0]} labels; "
-            "the files do not belong together (re-download them)."
-        )
-    if images.dtype == np.uint8:
-        x = images.astype(np.float32) / np.float32(255.0)
-    else:
-        x = images.astype(np.float32)
-    return x, labels.astype(np.int32)
-
-
-def load_idx_dataset(
-    data_dir: str | os.PathLike,
-    name: str | None = None,
-    num_classes: int | None = None,
-    *,
-    channel_axis: bool = False,
-) -> Dataset:
-    """Loads the four MNIST-style IDX files from a directory.
-
-    The files are ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each optionally ``.gz``
-    (the dotted spelling ``train-images.idx3-ubyte`` is accepted too). ``uint8`` images are
-    scaled to ``[0, 1]``.
-
-    Args:
-        data_dir: The directory.
-        name: Name stored in the result (default: the directory's name).
-        num_classes: Number of classes (default: ``max(label) + 1``).
-        channel_axis: Add a trailing channel axis to the images (``(N, H, W, 1)``, the
-            layout of ``flax`` convolutions).
-
-    Returns:
-        A :class:`Dataset`.
-
-    Raises:
-        DataUnavailableError: If a file is missing (the message lists what was looked for).
-        ValueError: If a file is corrupt (see :func:`load_idx`).
-    """
-    data_dir = Path(data_dir).expanduser()
-    paths: dict[str, Path] = {}
-    missing: list[str] = []
-    for role, gz_name in MNIST_FILES.items():
-        found = _find_file(data_dir, gz_name)
-        if found is None:
-            missing.append(gz_name)
-        else:
-            paths[role] = found
-    if missing:
-        raise DataUnavailableError(
-            f"{data_dir}: missing IDX file(s) {', '.join(missing)} (with or without .gz). "
-            "A data directory must hold the four files train-images-idx3-ubyte, "
-            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte."
-        )
-    arrays = {role: load_idx(p) for role, p in paths.items()}
-    xtr, ytr = _to_split(
-        arrays["train_images"], arrays["train_labels"], paths["train_images"], paths["train_labels"]
-    )
-    xte, yte = _to_split(
-        arrays["test_images"], arrays["test_labels"], paths["test_images"], paths["test_labels"]
-    )
-    if num_classes is None:
-        num_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-    ds = Dataset(xtr, ytr, xte, yte, name or data_dir.name, int(num_classes))
-    return _channels_last(ds, channel_axis)
 
 
 def _sha256(path: Path) -> str:
@@ -308,6 +190,23 @@ def load_mnist(
         DataUnavailableError: If files are missing and cannot be downloaded; the message
             says where to get them and where to put them.
         ValueError: On a checksum mismatch or a corrupt file.
+
+    Example:
+        The first call downloads about 11 MB, so it is not run here (it needs the internet):
+
+        >>> from fgrad_jax import datasets
+        >>> ds = datasets.load_mnist(channel_axis=True)  # doctest: +SKIP
+        >>> ds.train_images.shape, ds.test_images.shape  # doctest: +SKIP
+        ((60000, 28, 28, 1), (10000, 28, 28, 1))
+
+        Without the files and without downloading, the error says how to get them:
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as empty:
+        ...     datasets.load_mnist(empty, download=False)
+        Traceback (most recent call last):
+        ...
+        fgrad_jax.datasets.DataUnavailableError: MNIST file ... not found in ...
     """
     data_dir = Path(data_dir).expanduser() if data_dir is not None else cache_dir() / "mnist"
     mirrors = list(MNIST_MIRRORS)
@@ -346,6 +245,24 @@ def load_fashion_mnist(
     Raises:
         DataUnavailableError: If the files are missing (the message says to run
             ``apt-get install dataset-fashion-mnist`` or pass ``data_dir``).
+
+    Example:
+        With Debian's ``dataset-fashion-mnist`` package installed (not run here: the
+        example must pass where the package is missing):
+
+        >>> from fgrad_jax import datasets
+        >>> ds = datasets.load_fashion_mnist()  # doctest: +SKIP
+        >>> ds.train_images.shape, ds.test_images.shape, ds.num_classes  # doctest: +SKIP
+        ((60000, 28, 28), (10000, 28, 28), 10)
+
+        Without the files, the error says how to get them:
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as empty:
+        ...     datasets.load_fashion_mnist(empty)
+        Traceback (most recent call last):
+        ...
+        fgrad_jax.datasets.DataUnavailableError: Fashion-MNIST not found: ...
     """
     path = Path(data_dir).expanduser() if data_dir is not None else Path(DEFAULT_FASHION_MNIST_DIR)
     try:
@@ -376,6 +293,12 @@ def load_digits(test_size: int = 360, seed: int = 0, *, channel_axis: bool = Fal
 
     Raises:
         ImportError: If scikit-learn is not installed (``pip install scikit-learn``).
+
+    Example:
+        >>> from fgrad_jax import datasets
+        >>> ds = datasets.load_digits(channel_axis=True)
+        >>> ds.train_images.shape, ds.test_images.shape, ds.train_labels.dtype.name
+        ((1437, 8, 8, 1), (360, 8, 8, 1), 'int32')
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits

@@ -35,12 +35,6 @@ KNOWN_FAILURES: dict[str, str] = {}
 # remove their entries.
 WITHOUT_EXAMPLE: dict[str, str] = {
     "fgrad_jax.datasets.cache_dir": "its value depends on $FGRAD_JAX_DATA and the home directory",
-    "fgrad_jax.datasets.load_digits": "pending (the module docstring has one)",
-    "fgrad_jax.datasets.load_fashion_mnist": "pending",
-    "fgrad_jax.datasets.load_idx": "pending",
-    "fgrad_jax.datasets.load_idx_dataset": "pending",
-    "fgrad_jax.datasets.load_mnist": "pending",
-    "fgrad_jax.mean_of_products": "pending",
 }
 
 
