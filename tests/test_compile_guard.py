@@ -1,0 +1,82 @@
+"""A guard on the size of the compiled forward-gradient step (issue 20): deterministic.
+
+Compile time follows the optimised program's size, and the forward-gradient step's size is
+where regressions hide (a draw copied into every kernel that reads it made the step 1.4-1.7x
+slower to compile without changing a value). This counts the instructions of the optimised
+HLO of the Rademacher step of a 2-block nnx transformer and fails if they grow by more than
+20 % over the recorded count; no time is measured. The ratio to ``jax.grad``'s program is
+recorded beside it, for the reader.
+
+Recorded on the 2-core AMD EPYC VM (jax 0.10.2, the test suite's 8 host devices), 2026-12-04:
+the step 5,809 instructions, ``jax.grad`` 1,547. Counts differ slightly between CPUs
+(XLA:CPU's fusion decisions); the 20 % margin is for that, and for XLA updates. A change
+that moves the count on purpose records the new value here, with the reason.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import fgrad_jax
+
+RECORDED_INSTRUCTIONS = 5_809
+MARGIN = 0.20
+
+
+class _Block(nnx.Module):
+    def __init__(self, width: int, rngs: nnx.Rngs):
+        self.ln = nnx.LayerNorm(width, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=width, decode=False, rngs=rngs
+        )
+        self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+        self.down = nnx.Linear(2 * width, width, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln(x))
+        return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+class _Transformer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.blocks = nnx.List([_Block(32, rngs) for _ in range(2)])
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(axis=1))
+
+
+def instructions(compiled) -> int:
+    """Instructions in the optimised HLO text (every ``name = type op(...)`` line)."""
+    return len(re.findall(r"^\s*(?:ROOT )?%?[\w.\-]+ = ", compiled.as_text(), re.M))
+
+
+def _programs():
+    graphdef, params = nnx.split(_Transformer(nnx.Rngs(0)), nnx.Param)
+    x = jnp.ones((4, 8, 32), jnp.float32)
+    y = jnp.zeros(4, jnp.int32)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    step = fgrad_jax.forward_grad(loss, tangent="rademacher")
+    fg = jax.jit(step).lower(jax.random.key(0), params).compile()
+    bp = jax.jit(jax.grad(loss)).lower(params).compile()
+    return fg, bp
+
+
+def test_rademacher_step_does_not_grow():
+    fg, bp = _programs()
+    n, n_grad = instructions(fg), instructions(bp)
+    assert n <= (1 + MARGIN) * RECORDED_INSTRUCTIONS, (
+        f"the Rademacher step has {n} HLO instructions, more than {MARGIN:.0%} over the "
+        f"recorded {RECORDED_INSTRUCTIONS} (jax.grad's program: {n_grad}). Find what is "
+        "copied into more kernels (tests/test_compile_guard.py says how it was counted)."
+    )
+    assert n > n_grad  # the count reads a real program (draws and JVP on top of a forward)
