@@ -29,9 +29,7 @@ MARGIN = 0.20
 class _Block(nnx.Module):
     def __init__(self, width: int, rngs: nnx.Rngs):
         self.ln = nnx.LayerNorm(width, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=2, in_features=width, decode=False, rngs=rngs
-        )
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=width, decode=False, rngs=rngs)
         self.up = nnx.Linear(width, 2 * width, rngs=rngs)
         self.down = nnx.Linear(2 * width, width, rngs=rngs)
 
