@@ -175,6 +175,18 @@ def inline_jaxpr(eqn: Any) -> Any | None:
     return eqn.params.get(param) if param else None
 
 
+def has_custom_vjp(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or a sub-jaxpr the interpreter inlines) calls a ``custom_vjp``
+    function, which :func:`jax.jvp` refuses and :func:`structured_jvp` differentiates."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _INLINE_CUSTOM:
+            return True
+        inner = inline_jaxpr(eqn)
+        if inner is not None and has_custom_vjp(getattr(inner, "jaxpr", inner)):
+            return True
+    return False
+
+
 def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
     # Prefer another input's dense tangent: the draws then follow the tangent chain that
     # consumes them, not the primal chain, which XLA may run far ahead.

@@ -320,11 +320,12 @@ class _DrawnFirst(TangentStrategy[list[Array]]):
     def direction(self, fun, primals, context, inputs) -> Direction:
         try:
             value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
-        except TypeError as err:
-            if "custom_vjp" not in str(err):
-                raise
+        except TypeError:
             # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
-            # primal definition instead.
+            # primal definition instead. Any other error is the user's to see.
+            closed = jax.make_jaxpr(fun)(*primals)
+            if not _interpreter.has_custom_vjp(closed.jaxpr):
+                raise
             schedule = _interpreter.schedule_for(primals)
             (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, inputs, schedule)
         return Direction(value, deriv, aux, None)
