@@ -3,8 +3,6 @@ benchmark (``experiments.finetune``) writes its JSON schema at its ``test`` pres
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +35,42 @@ def test_recipes_run_and_fine_tune(tmp_path, monkeypatch):
         curve = np.asarray(curve)
         assert np.all(np.isfinite(curve)), name
         assert curve[-10:].mean() < curve[:10].mean(), (name, curve)
+
+
+REQUIRED = {"test_acc", "peak_bytes", "inference_bytes", "forward_passes", "seconds"}
+
+
+@pytest.mark.usefixtures("standard_promotion", "fashion_mnist")
+def test_benchmark_test_preset_writes_the_schema(tmp_path):
+    """``--preset test`` (tiny CNN, a few steps, every method) writes ``finetune.json`` with
+    the schema of issue 19, the report and its figures, and reuses its checkpoint."""
+    from experiments.finetune import main
+
+    out = tmp_path / "out"
+    main.main(["--preset", "test", "--out", str(out)])
+    results = json.loads((out / "finetune.json").read_text())
+    methods = results["methods"]
+    assert {"backprop", "backprop_lora", "fg_full", "fg_lora", "fg_head"} <= set(methods)
+    assert {n for n in methods if n.startswith("spsa")} == {"spsa_full", "spsa_lora"}
+    for name, per_setting in methods.items():
+        assert set(per_setting) == {"cnn_fewshot", "cnn_full"}, name
+        for rec in per_setting.values():
+            assert REQUIRED <= set(rec), (name, set(rec))
+            assert 0.0 <= rec["test_acc"] <= 1.0
+            assert rec["peak_bytes"] > 0 and rec["inference_bytes"] > 0
+            assert rec["forward_passes"] > 0 and rec["seconds"] >= 0
+            assert len(rec["curve"]["forward_passes"]) == len(rec["curve"]["test_acc"])
+    # Every method sees the same pretrained model; LoRA and head train fewer parameters.
+    rec = {n: methods[n]["cnn_fewshot"] for n in methods}
+    assert rec["fg_lora"]["trained_parameters"] < rec["fg_full"]["trained_parameters"]
+    assert rec["fg_head"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
+    assert rec["spsa_full"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]
+    assert not results["pretrain"]["cnn"]["restored"]
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and (out / "accuracy_vs_forward_passes.png").exists()
+    # A second run restores the orbax checkpoint instead of pretraining again.
+    from experiments.finetune import train
+    from experiments.finetune.configs import PRESETS
+
+    _, info = train.pretrain(PRESETS["test"].models[0], PRESETS["test"], str(out / "checkpoints"))
+    assert info["restored"]

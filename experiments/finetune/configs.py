@@ -139,19 +139,21 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         models=(
-            ModelConfig("cnn", features=(16, 32), dense=128),
-            ModelConfig("vit", width=32, depth=2, heads=4, mlp=64),
+            ModelConfig("cnn", features=(8, 16), dense=64),
+            ModelConfig("vit", width=32, depth=2, heads=4, mlp=64, patch=7),
         ),
         methods=_methods(_QUICK_LRS, fg_k=4, spsa_n=2),
-        pretrain_steps=600,
-        steps=200,
+        pretrain_steps=300,
+        pretrain_batch=64,
+        steps=150,
+        batch=16,
         eval_every=25,
     ),
     "full": Preset(
         name="full",
         models=(ModelConfig("cnn"), ModelConfig("vit")),
         methods=_methods(
-            {k: (v[0] / 3,) + v + (v[-1] * 3,) for k, v in _QUICK_LRS.items()}, fg_k=16, spsa_n=8
+            {k: (v[0] / 3, *v, v[-1] * 3) for k, v in _QUICK_LRS.items()}, fg_k=16, spsa_n=8
         ),
         pretrain_steps=5000,
         steps=2000,

@@ -1,7 +1,8 @@
 """Fine-tuning benchmark entry point.
 
-``python -m experiments.finetune.main --preset quick|full|test --out DIR`` (from the
-repository root) writes ``DIR/finetune.json`` (``{"methods": {NAME: {SETTING: {"test_acc",
+``python -m experiments.finetune.main --preset quick|full|test --out DIR`` from the
+repository root (the module form: run as a file, ``experiments/finetune/main.py`` would
+need the repository root on ``sys.path``, e.g. ``PYTHONPATH=.``) writes ``DIR/finetune.json`` (``{"methods": {NAME: {SETTING: {"test_acc",
 "peak_bytes", "inference_bytes", "forward_passes", "seconds", ...}}}}``), ``DIR/report.md``
 and figures. Pretrained checkpoints go to ``--ckpt-dir`` (default ``DIR/checkpoints``) and
 are reused when present.
@@ -13,16 +14,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a file: python experiments/finetune/main.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
 
-import jax  # noqa: E402
-
-from experiments.finetune import report, train  # noqa: E402
-from experiments.finetune.configs import PRESETS  # noqa: E402
+from experiments.finetune import report, train
+from experiments.finetune.configs import PRESETS
 
 
 def _commit() -> str:

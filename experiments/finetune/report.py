@@ -41,9 +41,10 @@ def _targets(results: dict[str, Any]) -> list[str]:
                 f"({100 * (bp['test_acc'] - cb['test_acc']):+.2f} points behind backprop)"
             )
         for kind in ("full", "lora"):
-            fg, sp = methods.get(f"fg_{kind}", {}).get(setting), methods.get(
-                f"spsa_{kind}", {}
-            ).get(setting)
+            fg, sp = (
+                methods.get(f"fg_{kind}", {}).get(setting),
+                methods.get(f"spsa_{kind}", {}).get(setting),
+            )
             if fg and sp:
                 lines.append(
                     f"  - {kind}: forward gradient {100 * fg['test_acc']:.2f} % vs SPSA "
@@ -90,11 +91,16 @@ def write_report(results: dict[str, Any], out: str) -> str:
                 f"({r['peak_bytes'] / r['inference_bytes']:.2f}x), lr {r['learning_rate']:g}"
             )
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    lines += ["", "Inference (forward pass) bytes: " + ", ".join(
-        f"{s} {next(r[s]['inference_bytes'] for r in methods.values() if s in r) / MiB:.2f} MiB"
-        for s in settings
-    ) + " (full-model forward; LoRA models add their adapters)."]
-    lines += ["", "## Targets", ""] + _targets(results)
+    lines += [
+        "",
+        "Inference (forward pass) bytes: "
+        + ", ".join(
+            f"{s} {next(r[s]['inference_bytes'] for r in methods.values() if s in r) / MiB:.2f} MiB"
+            for s in settings
+        )
+        + " (full-model forward; LoRA models add their adapters).",
+    ]
+    lines += ["", "## Targets", "", *_targets(results)]
     lines += ["", "## Figures", ""]
     for fig in _figures(results, out):
         lines.append(f"![{fig}]({fig})")
