@@ -116,11 +116,11 @@ def _methods(lrs: dict[str, tuple[float, ...]], fg_k: int, spsa_n: int) -> tuple
 
 _QUICK_LRS = {
     "bp": (3e-4, 1e-3, 3e-3),
-    "bp_lora": (1e-3, 3e-3, 1e-2),
-    "fg": (1e-4, 3e-4, 1e-3),
-    "fg_lora": (1e-3, 3e-3, 1e-2),
-    "spsa": (1e-4, 3e-4, 1e-3),
-    "spsa_lora": (1e-3, 3e-3, 1e-2),
+    "bp_lora": (3e-3, 1e-2, 3e-2),
+    "fg": (3e-5, 1e-4, 3e-4, 1e-3),
+    "fg_lora": (3e-3, 1e-2, 3e-2, 1e-1),
+    "spsa": (1e-5, 1e-4, 1e-3, 3e-3),
+    "spsa_lora": (1e-3, 3e-3, 1e-2, 3e-2),
 }
 
 PRESETS: dict[str, Preset] = {
@@ -145,9 +145,9 @@ PRESETS: dict[str, Preset] = {
         methods=_methods(_QUICK_LRS, fg_k=4, spsa_n=2),
         pretrain_steps=300,
         pretrain_batch=64,
-        steps=150,
+        steps=400,
         batch=16,
-        eval_every=25,
+        eval_every=50,
     ),
     "full": Preset(
         name="full",

@@ -270,7 +270,8 @@ def finetune(
         shape = (n_evals, preset.eval_every)
         batches = (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape + ys.shape[1:]))
         _, (val, test) = jax.lax.scan(chunk, (trainable, init(trainable)), batches)
-        return val, test
+        val0, test0 = evaluate(trainable, frozen, evals)  # the pretrained model, step 0
+        return jnp.concatenate([val0[None], val]), jnp.concatenate([test0[None], test])
 
     lrs = jnp.asarray(method.learning_rates, jnp.float32)
     sweep = jax.jit(jax.vmap(run, in_axes=(0, None, None, None, None, None)))
@@ -307,9 +308,10 @@ def finetune(
                 for i, lr in enumerate(method.learning_rates)
             },
             "curve": {
-                "forward_passes": [passes * preset.eval_every * (i + 1) for i in range(n_evals)],
+                "forward_passes": [passes * preset.eval_every * i for i in range(n_evals + 1)],
                 "test_acc": [float(a) for a in test[best]],
             },
+            "pretrained_test_acc": float(test[best, 0]),
             "backward_passes": preset.steps if method.estimator == "backprop" else 0,
             "trained_parameters": int(sum(v.size for v in trainable.values())),
             "memory": mem,
