@@ -109,6 +109,7 @@ def _methods(lrs: dict[str, tuple[float, ...]], fg_k: int, spsa_n: int) -> tuple
         MethodConfig("fg_full", "fg", "full", "adam", lrs["fg"], fg_k),
         MethodConfig("fg_lora", "fg", "lora", "adam", lrs["fg_lora"], fg_k),
         MethodConfig("fg_head", "fg", "head", "adam", lrs["fg_lora"], fg_k),
+        MethodConfig("fg_full_sgd", "fg", "full", "sgd", lrs["spsa"], fg_k),
         MethodConfig("spsa_full", "spsa", "full", "sgd", lrs["spsa"], spsa_n),
         MethodConfig("spsa_lora", "spsa", "lora", "sgd", lrs["spsa_lora"], spsa_n),
     )

@@ -111,14 +111,14 @@ def _memory(compiled: Any) -> dict[str, int]:
 def programs(s: GPTShape) -> dict[str, tuple[Callable, tuple, tuple[int, ...]]]:
     """``{name: (fn, abstract args, donated argnums)}`` of the forward pass and the steps."""
     model = nnx.eval_shape(lambda: GPT(s, nnx.Rngs(0)))
-    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)  # type: ignore[misc]
     tokens = jax.ShapeDtypeStruct((s.batch, s.seq_len), jnp.int32)
 
     def loss(lora, base, x, y):
         logits = nnx.merge(graphdef, lora, base)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def lora_step(tx: optax.GradientTransformation) -> Callable:
+    def lora_step(tx: optax.GradientTransformationExtraArgs) -> tuple[Callable, Any]:
         def step(lora, opt_state, base, x, y):
             updates, opt_state = tx.update(
                 None, opt_state, lora, value_fn=lambda p: loss(p, base, x, y)
@@ -147,7 +147,7 @@ def programs(s: GPTShape) -> dict[str, tuple[Callable, tuple, tuple[int, ...]]]:
 
         return step, jax.eval_shape(tx.init, (lora, base))
 
-    def fg(k: int) -> optax.GradientTransformation:
+    def fg(k: int) -> optax.GradientTransformationExtraArgs:
         est = fgrad_jax.forward_gradient(key=0, num_tangents=k, tangent="rademacher")
         return optax.chain(est, optax.adam(1e-4))
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         compiled = jax.jit(fn, donate_argnums=donate).lower(*abstract).compile()
-        rec = _memory(compiled)
+        rec: dict[str, Any] = dict(_memory(compiled))
         rec["compile_seconds"] = time.perf_counter() - t0
         results["programs"][name] = rec
         fwd = results["programs"]["forward"]["peak"]

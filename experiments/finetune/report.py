@@ -40,14 +40,16 @@ def _targets(results: dict[str, Any]) -> list[str]:
                 f"  - best within 1.3x inference: `{cn}` {100 * cb['test_acc']:.2f} % "
                 f"({100 * (bp['test_acc'] - cb['test_acc']):+.2f} points behind backprop)"
             )
-        for kind in ("full", "lora"):
-            fg, sp = (
-                methods.get(f"fg_{kind}", {}).get(setting),
-                methods.get(f"spsa_{kind}", {}).get(setting),
-            )
+        for fg_name, sp_name in (
+            ("fg_full", "spsa_full"),
+            ("fg_full_sgd", "spsa_full"),
+            ("fg_lora", "spsa_lora"),
+        ):
+            fg = methods.get(fg_name, {}).get(setting)
+            sp = methods.get(sp_name, {}).get(setting)
             if fg and sp:
                 lines.append(
-                    f"  - {kind}: forward gradient {100 * fg['test_acc']:.2f} % vs SPSA "
+                    f"  - `{fg_name}` {100 * fg['test_acc']:.2f} % vs `{sp_name}` "
                     f"{100 * sp['test_acc']:.2f} % after {fg['forward_passes']} / "
                     f"{sp['forward_passes']} forward passes"
                 )

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+import orbax.checkpoint as ocp  # type: ignore[import-untyped]
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import fgrad_jax
@@ -72,7 +72,7 @@ def pretrain(
         ``(params, info)``: the pretrained parameters (``lora_rank=0``) and
         ``{"fashion_test_acc", "seconds", "restored"}``.
     """
-    module = models.build(cfg)
+    module: Any = models.build(cfg)
     path = os.path.abspath(os.path.join(ckpt_dir, f"{preset.name}_{cfg.name}"))
     checkpointer = ocp.StandardCheckpointer()
     abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
@@ -278,7 +278,7 @@ def finetune(
     rng = np.random.default_rng(preset.seed)
     out = {}
     compiled = None
-    mem = None
+    mem: dict = {}
     for setting in preset.settings:
         x, y = data[setting]
         idx = rng.integers(0, len(y), (n_evals * preset.eval_every, preset.batch))
@@ -288,6 +288,7 @@ def finetune(
             compiled = sweep.lower(lrs, trainable, frozen, xs, ys, evals).compile()
             compile_s = time.perf_counter() - t0
             mem = step_memory(module, method, preset, trainable, frozen, xs[0], ys[0])
+        assert compiled is not None
         t0 = time.perf_counter()
         val, test = jax.block_until_ready(compiled(lrs, trainable, frozen, xs, ys, evals))
         seconds = (time.perf_counter() - t0) / len(method.learning_rates)
