@@ -1,0 +1,99 @@
+"""Fine-tuning: the recipes of docs/finetuning.md run as written (tiny sizes), and the
+benchmark (``experiments.finetune``) writes its JSON schema at its ``test`` preset."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "finetuning.md"
+
+
+def code_blocks(text: str) -> list[str]:
+    """The ```python blocks of a markdown page, in order."""
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_recipes_run_and_fine_tune(tmp_path, monkeypatch):
+    """Every block runs in one namespace, in order; each recipe's loss goes down (mean of
+    its last ten steps below the first ten), and the frozen base stays bitwise frozen (the
+    LoRA block asserts it)."""
+    monkeypatch.chdir(tmp_path)
+    blocks = code_blocks(PAGE.read_text())
+    assert len(blocks) >= 12
+    namespace: dict = {"__name__": "finetuning_recipes"}
+    for block in blocks:
+        exec(compile(block, str(PAGE), "exec"), namespace)
+    losses = namespace["losses"]
+    expected = {
+        f"{api}_{r}"
+        for api in ("nnx", "linen")
+        for r in ("full", "lora", "head", "mezo", "activity")
+    }
+    assert set(losses) == expected
+    for name, curve in losses.items():
+        curve = np.asarray(curve)
+        assert np.all(np.isfinite(curve)), name
+        assert curve[-10:].mean() < curve[:10].mean(), (name, curve)
+
+
+REQUIRED = {"test_acc", "peak_bytes", "inference_bytes", "forward_passes", "seconds"}
+
+
+@pytest.mark.usefixtures("standard_promotion", "fashion_mnist")
+def test_benchmark_test_preset_writes_the_schema(tmp_path):
+    """``--preset test`` (tiny CNN, a few steps; one method per kind of step: backprop, the
+    forward gradient full / LoRA / head, SPSA on LoRA) writes ``finetune.json`` with the
+    schema of issue 19, the report and its figures, and reuses its checkpoint."""
+    from experiments.finetune import main
+
+    out = tmp_path / "out"
+    methods = "backprop,fg_full,fg_lora,fg_head,spsa_lora"
+    main.main(["--preset", "test", "--out", str(out), "--methods", methods])
+    results = json.loads((out / "finetune.json").read_text())
+    methods = results["methods"]
+    assert set(methods) == {"backprop", "fg_full", "fg_lora", "fg_head", "spsa_lora"}
+    for name, per_setting in methods.items():
+        assert set(per_setting) == {"cnn_fewshot", "cnn_full"}, name
+        for rec in per_setting.values():
+            assert set(rec) >= REQUIRED, (name, set(rec))
+            assert 0.0 <= rec["test_acc"] <= 1.0
+            assert rec["peak_bytes"] > 0 and rec["inference_bytes"] > 0
+            assert rec["forward_passes"] > 0 and rec["seconds"] >= 0
+            assert len(rec["curve"]["forward_passes"]) == len(rec["curve"]["test_acc"])
+    # Every method sees the same pretrained model; LoRA and head train fewer parameters.
+    rec = {n: methods[n]["cnn_fewshot"] for n in methods}
+    assert rec["fg_lora"]["trained_parameters"] < rec["fg_full"]["trained_parameters"]
+    assert rec["fg_head"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
+    assert rec["spsa_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]
+    assert rec["fg_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]  # K = 2
+    assert not results["pretrain"]["cnn"]["restored"]
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and (out / "accuracy_vs_forward_passes.png").exists()
+    # A second run restores the orbax checkpoint instead of pretraining again.
+    from experiments.finetune import train
+    from experiments.finetune.configs import PRESETS
+
+    _, info = train.pretrain(PRESETS["test"].models[0], PRESETS["test"], str(out / "checkpoints"))
+    assert info["restored"]
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_gpt_memory_small_shape(tmp_path):
+    """The GPT-shaped LoRA memory script at a tiny shape: it compiles the programs and
+    writes their XLA memory (the LoRA forward-gradient step needs less than backprop's)."""
+    from experiments.finetune import gpt_memory
+
+    results = gpt_memory.main(
+        ["--size", "small", "--out", str(tmp_path), "--only", "fg_lora_k1,backprop_lora"]
+    )
+    progs = results["programs"]
+    assert set(progs) == {"forward", "fg_lora_k1", "backprop_lora"}
+    for rec in progs.values():
+        assert rec["peak"] == rec["temp"] + rec["argument"] + rec["output"] - rec["alias"] > 0
+    assert progs["fg_lora_k1"]["temp"] < progs["backprop_lora"]["temp"]
+    assert (tmp_path / "gpt_memory.md").exists()
