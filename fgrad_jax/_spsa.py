@@ -179,6 +179,7 @@ def spsa_gradient(
     num_samples: int = 1,
     epsilon: float = 1e-3,
     distribution: str = "rademacher",
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Zeroth-order SPSA gradient estimate (MeZO, Malladi et al. 2023) as an optax transformation.
 
@@ -210,6 +211,10 @@ def spsa_gradient(
         epsilon: Perturbation size ε > 0. Too small loses the difference to float
             rounding (especially in bfloat16), too large adds the ``O(ε²)`` bias.
         distribution: ``"rademacher"`` (lowest variance) or ``"normal"`` (as in MeZO).
+        mask: Which parameter leaves are perturbed and updated, as in
+            :func:`fgrad_jax.forward_gradient` (a pytree of bools or a callable): frozen
+            leaves (a pretrained base under LoRA adapters) get no perturbation and exact
+            zero updates.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs`; pass ``value_fn=`` to ``update``.
@@ -237,7 +242,10 @@ def spsa_gradient(
         num_samples, "num_samples", "the number of perturbations averaged per estimate"
     )
     inner = forward_gradient(
-        key, num_tangents=num_samples, tangent=spsa(epsilon, distribution=distribution)
+        key,
+        num_tangents=num_samples,
+        tangent=spsa(epsilon, distribution=distribution),
+        mask=mask,
     )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):

@@ -183,3 +183,20 @@ def test_jit_chain_with_adam_trains(standard_promotion):
     assert int(fg_state.count) == 400
     # The reported value is (f₊ + f₋)/2 = f(θ) + ε²·(d/2)·... close to f(θ) for ε = 1e-3.
     np.testing.assert_allclose(fg_state.value, loss(params), rtol=0.2, atol=1e-3)
+
+
+def test_mask_freezes_leaves_exactly():
+    params = {"base": jnp.ones(3), "adapter": jnp.zeros(2)}
+    loss = lambda p: jnp.sum((p["base"] - 2.0) ** 2) + jnp.sum((p["adapter"] - 1.0) ** 2)
+    tx = fgrad_jax.spsa_gradient(key=0, num_samples=2, mask={"base": False, "adapter": True})
+    updates, _ = tx.update(None, tx.init(params), params, value_fn=loss)
+    assert bool(jnp.all(updates["base"] == 0))
+    assert float(jnp.abs(updates["adapter"]).max()) > 0
+    # The unmasked leaves get the estimate of the smaller problem: exact on a quadratic,
+    # with Rademacher z, (z zᵀ) g averaged over the samples.
+    full = fgrad_jax.forward_grad(
+        lambda a: loss({**params, "adapter": a}),
+        num_tangents=2,
+        tangent=fgrad_jax.spsa(1e-3),
+    )(fgrad_jax.step_key(0, 0), params["adapter"])
+    assert bool(jnp.allclose(updates["adapter"], full, atol=1e-3))
