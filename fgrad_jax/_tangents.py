@@ -219,8 +219,12 @@ def hashed_distribution(name: Any, role: str) -> HashedTangents:
 
 
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
-    # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I.
-    gaussians = _NORMAL(key, leaves, num_tangents)
+    # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I. The
+    # Gaussians are stored once: they feed the norm and every use of the tangents, and as
+    # a fusable expression XLA copied each leaf's draw into all of those kernels (compile
+    # time 8x jax.grad's on the transformer; values are bitwise the same).
+    word = jax.random.key_data(key).reshape(-1)
+    gaussians = [_interpreter.store_once(g, word) for g in _NORMAL(key, leaves, num_tangents)]
     n = sum(math.prod(leaf.shape) for leaf in leaves)
     sq_norm = sum(jnp.sum(g.reshape(num_tangents, -1) ** 2, axis=1) for g in gaussians)
     scale = jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(sq_norm)
@@ -314,7 +318,12 @@ class _DrawnFirst(TangentStrategy[list[Array]]):
 
     def prepare(self, key, primals, num_tangents, selection: Selection):
         drawn = self.sampler_for(selection)(key, primals, num_tangents)
-        tangents = [_sharding.replicated_like(t.astype(p.dtype), p) for t, p in zip(drawn, primals)]
+        # Stored once (bitwise the same values): the JVP and the estimate both read them.
+        word = jax.random.key_data(key).reshape(-1)
+        tangents = [
+            _sharding.replicated_like(_interpreter.store_once(t.astype(p.dtype), word), p)
+            for t, p in zip(drawn, primals)
+        ]
         return tangents, tangents
 
     def direction(self, fun, primals, context, inputs) -> Direction:
