@@ -4,19 +4,15 @@ trajectory colours and colour bar, integer depth ticks, one name per method)."""
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS_DIR))
-
-import toolkit as C  # noqa: E402
-from toolkit import plots  # noqa: E402
-
-from fgrad_jax import datasets  # noqa: E402
+from experiments import toolkit as C
+from experiments.paper import main as reproduce
+from experiments.paper import plots
+from fgrad_jax import datasets
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -46,8 +42,6 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(offline / "absent"))
     out = offline / "out"
     with pytest.raises(reproduce.NoDataError) as err:
@@ -59,8 +53,6 @@ def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
 
 
 def test_explicit_dataset_never_falls_back(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(_fake_fashion(offline / "f")))
     out = offline / "out"
     with pytest.raises(reproduce.NoDataError, match="'mnist' could not be loaded"):
@@ -69,8 +61,6 @@ def test_explicit_dataset_never_falls_back(offline, monkeypatch):
 
 
 def test_paper_preset_falls_back_to_fashion_mnist_and_says_so(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(_fake_fashion(offline / "f")))
     out = offline / "out"
     tiny = [
@@ -100,8 +90,6 @@ def test_paper_preset_falls_back_to_fashion_mnist_and_says_so(offline, monkeypat
 
 
 def test_set_rejects_unknown_fields():
-    import reproduce
-
     with pytest.raises(SystemExit, match="has no field 'stepz'"):
         reproduce.main(["--preset", "test", "--set", "mlp.stepz=3"])
     with pytest.raises(SystemExit, match=r"EXPERIMENT\.FIELD=VALUE"):

@@ -114,7 +114,6 @@ def measure_ratios(
     reps: int = 15,
     warmup: int = 2,
     memory: bool = True,
-    extra: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
 
@@ -129,17 +128,14 @@ def measure_ratios(
         reps: Timed rounds.
         warmup: Untimed warm-up rounds.
         memory: Also report XLA's compiled memory analysis of each program.
-        extra: More zero-argument callables to time in the same rounds (e.g. a PyTorch peer);
-            each must block until its work is done.
 
     Returns:
         :class:`toolkit.records.RatioResult` as a dict (``t_forward_s``, ``t_backprop_s``,
-        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``,
-        ``extra``, ...).
+        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``, ...).
 
     Example:
         >>> import jax
-        >>> from toolkit.models import init_mlp, mlp_loss, synthetic_batch
+        >>> from experiments.toolkit.models import init_mlp, mlp_loss, synthetic_batch
         >>> params = init_mlp(jax.random.key(0), [8, 16, 10])
         >>> batch = synthetic_batch(jax.random.key(1), 4, (8,))
         >>> res = measure_ratios(mlp_loss, params, batch, reps=2, warmup=1, memory=False)
@@ -158,8 +154,6 @@ def measure_ratios(
         fns[f"fg{i}"] = r = Runner(st, tx, params, batch)
         runners.append(r)
         fg.append((f"fg{i}", tan, k))
-    for name, f in (extra or {}).items():
-        fns[f"extra:{name}"] = f
     if memory:
         mem = {
             "forward": memory_of(fwd, params, batch),
@@ -173,13 +167,6 @@ def measure_ratios(
             v.memory = memory_of(r.step, r.params, r.state, batch)
     if memory:
         res.memory = mem
-    t_b = res.t_backprop_s
-    res.extra = {
-        name: {"t_s": median(times[f"extra:{name}"]), "over_jax_backprop": None}
-        for name in extra or {}
-    }
-    for e in res.extra.values():
-        e["over_jax_backprop"] = e["t_s"] / t_b
     return res.to_json()
 
 

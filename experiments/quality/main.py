@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
-import jax
-from toolkit import add_overrides, apply_overrides, environment, write_json
-from toolkit.quality_run import make_split, run_method
-
 import fgrad_jax
+from experiments.quality.train import make_split, run_method
+from experiments.toolkit import add_overrides, apply_overrides, environment, from_dict, write_json
 
 # The methods the targets of issue 10 name come first (a --max-minutes budget cuts the last).
 ALL_METHODS = (
@@ -65,7 +64,8 @@ class QualityConfig:
         diag_batches: Fixed held-out batches the cosine is averaged over.
         eval_batch: Batch size of the accuracy evaluation (must divide the split sizes).
         cnn_scan: Run the CNN's steps in a compiled lax.scan (``False``: a Python loop over a
-            compiled step, much faster for convolutions on XLA:CPU).
+            compiled step, much faster for convolutions on XLA:CPU; ``None``: a loop on CPU,
+            a scan elsewhere).
         max_minutes: Stop starting new (model, method) runs after this many minutes; the
             skipped ones are listed in quality.json and the report.
         lrs: Learning rates of every method's sweep (``None``: the per-family grids,
@@ -96,70 +96,26 @@ class QualityConfig:
     cnn_diag_per_epoch: int | None = None
     diag_batches: int = 2
     eval_batch: int = 1000
-    cnn_scan: bool = True
+    cnn_scan: bool | None = True
     max_minutes: float | None = None
     lrs: tuple[float, ...] | None = None
     tangents_at_once: bool = False
 
 
-PRESETS = {
-    # A one-epoch sweep with the schedule decaying to 0 within that epoch favoured learning
-    # rates that lose over ten (docs/quality.md); three epochs cost 1.4x the final runs.
-    "full": QualityConfig(
-        preset="full",
-        out_dir="runs/quality_full",
-        sweep_epochs=3,
-        cnn_scan=jax.default_backend() != "cpu",
-    ),
-    "quick": QualityConfig(
-        preset="quick",
-        methods=(
-            "backprop",
-            "fg_normal_k4",
-            "fg_rademacher_k4",
-            "fg_lowrank_k4",
-            "fg_act_k1",
-            "fg_act_k16",
-            "local_w_k1",
-            "local_a_k1",
-            "local_a_split_k16",
-            "guided_k1",
-            "spsa_k1",
-        ),
-        cnn_methods=("backprop", "fg_normal_k4", "fg_act_k1", "local_a_split_k16"),
-        resnet_methods=("backprop", "fg_normal_k4", "local_a_k16"),
-        resnet_train_size=2_048,
-        epochs=3,
-        batch_size=64,
-        train_size=10_000,
-        cnn_train_size=1_024,
-        val_size=2_000,
-        test_size=2_000,
-        cnn_diag_per_epoch=2,
-        diag_batches=1,
-        cnn_scan=jax.default_backend() != "cpu",
-    ),
-    "tiny": QualityConfig(
-        preset="tiny",
-        methods=("backprop", "fg_act_k1"),
-        models=("mlp",),
-        epochs=1,
-        batch_size=32,
-        train_size=640,
-        val_size=500,
-        test_size=500,
-        eval_batch=250,
-        diag_per_epoch=2,
-        diag_batches=1,
-        out_dir="runs/quality_tiny",
-    ),
-}
+CONFIGS = Path(__file__).parent / "configs"
+PRESETS = sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def load_preset(preset: str) -> QualityConfig:
+    """``configs/<preset>.json``: the fields that differ from :class:`QualityConfig`'s."""
+    data = json.loads((CONFIGS / f"{preset}.json").read_text())
+    return from_dict(QualityConfig, {"preset": preset, **data})
 
 
 def run(cfg: QualityConfig) -> dict:
     """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
     for name in (*cfg.methods, *(cfg.cnn_methods or ()), *cfg.resnet_methods, *cfg.vit_methods):
-        from toolkit.quality import parse_method
+        from experiments.quality.methods import parse_method
 
         parse_method(name)  # unknown names fail before any work
     out = Path(cfg.out_dir)
@@ -207,7 +163,7 @@ def run(cfg: QualityConfig) -> dict:
     results["total_seconds"] = time.perf_counter() - t0
     write_json(out / "quality.json", results)
     try:
-        from toolkit.quality_report import write_report
+        from experiments.quality.report import write_report
     except ImportError as err:  # e.g. an accelerator image without matplotlib
         print(f"[quality] no report ({err}); write it elsewhere with --report {out}")
     else:
@@ -217,7 +173,7 @@ def run(cfg: QualityConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument(
         "--report", metavar="DIR", help="only write quality.md and the figures of a finished run"
     )
@@ -230,11 +186,11 @@ def main(argv: list[str] | None = None) -> None:
                                           if f.name != "preset"])  # fmt: skip
     args = parser.parse_args(argv)
     if args.report:
-        from toolkit.quality_report import write_report
+        from experiments.quality.report import write_report
 
         print(f"[quality] wrote {write_report(args.report, args.against)}")
         return
-    cfg = apply_overrides(PRESETS[args.preset], args)
+    cfg = apply_overrides(load_preset(args.preset), args)
     run(cfg)
     print(f"[quality] wrote {cfg.out_dir}/quality.json, quality.md and figures")
 

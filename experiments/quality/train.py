@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .io import JsonlLogger
-from .quality import (
+from experiments.quality.methods import (
     init_runs,
     make_accuracy,
     make_cosine,
@@ -21,6 +20,7 @@ from .quality import (
     make_perms,
     make_train_chunk,
 )
+from experiments.toolkit.io import JsonlLogger
 
 # Adam learning rates tried by the sweep, per family (the estimators' scales differ).
 # The full preset's first run (H100) picked the top of the three-value grids for 11 of its
@@ -139,6 +139,8 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     split = ds_split
     method = make_method(name, model, split.x_train[:1], tangents_at_once=cfg.tangents_at_once)
     scan = cfg.cnn_scan if model in ("cnn", "resnet", "vit") else True
+    if scan is None:
+        scan = jax.default_backend() != "cpu"
     logger = JsonlLogger(Path(out_dir) / "runs" / f"{model}_{name}.jsonl")
     grid = tuple(cfg.lrs) if cfg.lrs else lr_grid(method.spec)
     logger.log({"header": True, "model": model, "method": name, "lr_grid": grid,

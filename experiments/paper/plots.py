@@ -11,13 +11,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .analysis import diverged, run_band
-from .io import read_jsonl
+from experiments.toolkit.analysis import diverged, run_band
+from experiments.toolkit.io import read_jsonl
 
 # One colour and one name per method in every figure ("sgd" is the results' key for the
 # backprop arm: plain (S)GD on jax.value_and_grad).
 COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
 LABELS = {"fgd": "FGD (forward gradient)", "sgd": "backprop"}
+
+
+def _y_scale(ax, values) -> None:
+    """A log y axis when the values span a decade or more, else a linear one: a log axis
+    over less than a decade labels only minor ticks, as "2.31x10^0"."""
+    v = np.asarray([x for x in np.ravel(values) if x is not None and np.isfinite(x) and x > 0])
+    if v.size and v.max() >= 10 * v.min():
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    else:
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
 def _save(fig, path: Path) -> Path:
@@ -68,11 +79,24 @@ def loss_figure(out: Path, name: str, entry: dict):
                 ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.15, lw=0)
     thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
     for ax in axes:
-        ax.set_yscale("log")
+        _y_scale(ax, np.concatenate([np.ravel(a[4]) for a in arms]) if arms else [])
         ax.set_ylabel("training loss")
         if thr:
             ax.axhline(thr, color="gray", lw=0.8, ls=":", label="threshold")
         ax.grid(alpha=0.3)
+    # A curve that hardly falls is not a plotting accident: say so on the figure.
+    drops = [np.nanmean(a[4][-1]) / np.nanmean(a[4][0]) for a in arms if len(a[4]) > 1]
+    if drops and min(drops) > 0.8:
+        axes[0].text(
+            0.02,
+            0.03,
+            f"the loss falls by {max(0.0, 100 * (1 - min(drops))):.0f} % at most: the shared rate and\n"
+            "step count are too small for this model to train far; each method at\n"
+            "its own rate: tuned_sweeps.png",
+            transform=axes[0].transAxes,
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+        )
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
     axes[0].legend(fontsize=8)
@@ -110,13 +134,19 @@ def function_figure(out: Path, name: str, entry: dict):
                 label += f" ({int(bad.sum())} diverged: dashed)"
         for r in range(runs):
             traj = np.vstack([start, params[:, r]])
+            # Backprop thick and dotted underneath, the FGD runs thin and solid on top
+            # (each ending in a dot), so that neither hides the other.
             ax.plot(
                 traj[:, 0],
                 traj[:, 1],
-                "--" if bad[r] else "-",
+                ("--" if bad[r] else "-") if method == "fgd" else ":",
                 color=COLORS[method],
-                lw=0.8 if method == "fgd" else 2.2,
-                alpha=0.75 if method == "fgd" else 0.95,
+                lw=1.0 if method == "fgd" else 3.0,
+                alpha=0.8,
+                marker="o" if method == "fgd" else None,
+                markevery=[-1],
+                ms=3,
+                zorder=3 if method == "fgd" else 2,
                 label=label if r == 0 else None,
             )
     ax.plot(*start, "ko", ms=6, label="start")
@@ -166,13 +196,14 @@ def tuned_figure(experiments: dict):
                 )
             ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(t["lrs"])  # the swept rates, labelled even within one decade
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        _y_scale(ax, finite)
         ax.set_title(n)
         ax.set_xlabel("initial learning rate")
+        ax.set_ylabel("final training loss")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final training loss")
-    for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
     return fig

@@ -28,10 +28,10 @@ if "--mesh" in sys.argv:  # host devices must be set before jax is imported
 import jax
 import jax.numpy as jnp
 import numpy as np
-from toolkit import add_overrides, apply_overrides, environment, write_json
-from toolkit.quality import make_method, step
-from toolkit.timing import paired_ratio, time_interleaved
 
+from experiments.quality.methods import make_method, step
+from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
+from experiments.toolkit.timing import paired_ratio, time_interleaved
 from fgrad_jax._sharding import collective_bytes
 
 
@@ -67,7 +67,7 @@ def _compiled_step(name: str, model: str, x: jax.Array, y: jax.Array, sharding=N
     key = jax.random.key(0)
     params = method.init(key)
     est_state = () if method.estimator is None else method.estimator(key).init(params)
-    from toolkit.quality import adam_cosine
+    from experiments.quality.methods import adam_cosine
 
     state = (est_state, adam_cosine(1e-3, 1.0).init(params))
     if sharding is not None:

@@ -11,12 +11,12 @@ reported as medians. The paper's quantities (Baydin et al. 2022, Sec. 5):
 ``paired_ratio`` is the median over rounds of (fg step time / backprop step time) within the
 same round: the most noise-robust form of ``fg_over_bp`` on a shared machine.
 
-The measurement is :func:`toolkit.measure_ratios` (keys and their meanings:
-:mod:`toolkit.records`); this script holds the configurations, the data-parallel variant
-(``--mesh``), the PyTorch peer and the memory sweep. Command line::
+The measurement is :func:`experiments.toolkit.measure_ratios` (keys and their meanings:
+:mod:`experiments.toolkit.records`); this script holds the configurations, the data-parallel variant
+(``--mesh``) and the memory sweep. Command line::
 
-    python experiments/runtime.py --preset quick --out runtime.json
-    python experiments/runtime.py --preset full --out runtime.json   # every config below
+    python -m experiments.benchmarks.main --preset quick --out runtime.json
+    python -m experiments.benchmarks.main --preset full --out runtime.json   # every config below
 
 Memory: ``jax.jit(step).lower(...).compile().memory_analysis()`` (XLA's static buffer
 assignment: temp bytes are the working memory beyond arguments and outputs).
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 # `--mesh N` on a CPU host: N host devices must be requested before jax is imported.
@@ -42,14 +41,12 @@ if "--mesh" in sys.argv[1:-1] and "xla_force_host_platform_device_count" not in 
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
     ).strip()
 
-# The torch peer runs in the same process: stop OpenMP worker threads from busy-waiting
-# after each torch op, which would steal the 2 cores from the JAX step that runs next.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from toolkit import (
+
+import fgrad_jax
+from experiments.toolkit import (
     CNN,
     Runner,
     apply_overrides,
@@ -69,8 +66,6 @@ from toolkit import (
     time_interleaved,
     write_json,
 )
-
-import fgrad_jax
 
 # Names other scripts and tests import from this module (most live in the toolkit).
 __all__ = [
@@ -161,70 +156,6 @@ def measure_sharded(
     return out
 
 
-# ----------------------------------------------------------------------------- torch peer
-
-
-def torch_peer(sizes: Sequence[int], batch_size: int, lr: float = 1e-4, seed: int = 0):
-    """The PyTorch peers' recipe (orobix/fwdgrad style): torch.func.jvp with Gaussian tangents.
-
-    Returns ``{"torch_forward", "torch_backprop", "torch_fg_normal", "torch_fg_rademacher"}``
-    zero-argument callables, or ``None`` when torch is not installed.
-    """
-    try:
-        import torch
-        from torch.func import functional_call, jvp
-    except ImportError:
-        return None
-    torch.manual_seed(seed)
-    layers = []
-    for m, n in itertools.pairwise(sizes):
-        layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
-    x = torch.randn(batch_size, sizes[0])
-    y = torch.randint(0, sizes[-1], (batch_size,))
-    lossf = torch.nn.functional.cross_entropy
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def forward():
-        with torch.no_grad():
-            lossf(model(x), y).item()
-
-    def backprop():
-        opt.zero_grad(set_to_none=True)
-        loss = lossf(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
-
-    def f(p):
-        return lossf(functional_call(model, p, (x,)), y)
-
-    def fg(kind):
-        def step():
-            with torch.no_grad():
-                if kind == "normal":
-                    v = {k: torch.randn_like(p) for k, p in params.items()}
-                else:
-                    v = {
-                        k: torch.randint(0, 2, p.shape).to(p.dtype) * 2 - 1
-                        for k, p in params.items()
-                    }
-                loss, d = jvp(f, (params,), (v,))
-                for k, p in params.items():
-                    p.sub_(lr * d * v[k])
-                loss.item()
-
-        return step
-
-    return {
-        "torch_forward": forward,
-        "torch_backprop": backprop,
-        "torch_fg_normal": fg("normal"),
-        "torch_fg_rademacher": fg("rademacher"),
-    }
-
-
 # ----------------------------------------------------------------------------- presets
 
 
@@ -264,7 +195,6 @@ class RuntimeConfig:
         variants: ``(tangent, num_tangents)`` pairs of the forward-gradient steps.
         reps: Timed rounds.
         warmup: Untimed warm-up rounds.
-        torch: Also time the PyTorch peer in the same rounds (MLP only).
         memory: Also read the compiled memory of each step.
         width: Hidden width of the MLP.
         depth: Hidden layers of the MLP.
@@ -276,14 +206,13 @@ class RuntimeConfig:
     variants: list[tuple[Any, int]]
     reps: int
     warmup: int = 2
-    torch: bool = False
     memory: bool = True
     width: int = 1024
     depth: int = 2
 
 
 def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
-    """Measures one configuration; the :func:`toolkit.measure_ratios` dict plus its config."""
+    """Measures one configuration; the :func:`experiments.toolkit.measure_ratios` dict plus its config."""
     kp, kb = jax.random.split(jax.random.key(0))
     if cfg.model == "mlp":
         sizes = [784] + [cfg.width] * cfg.depth + [10]
@@ -291,14 +220,12 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
         batch = synthetic_batch(kb, cfg.batch_size, (784,))
         loss = mlp_loss
     elif cfg.model == "cnn":
-        sizes = None
         cnn = CNN()
         batch = synthetic_batch(kb, cfg.batch_size, (28, 28))
         params = cnn.init(kp, batch[0][:1])
         loss = classifier_loss(cnn)
     else:
         raise ValueError(f"unknown model {cfg.model!r}; use 'mlp' or 'cnn'.")
-    extra = torch_peer(sizes, cfg.batch_size) if cfg.torch and sizes else None
     res = measure_ratios(
         loss,
         params,
@@ -307,7 +234,6 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
         reps=cfg.reps,
         warmup=cfg.warmup,
         memory=cfg.memory,
-        extra=extra,
     )
     res.update(
         name=cfg.name,
@@ -317,20 +243,6 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
         depth=cfg.depth,
         num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
     )
-    if extra:
-        tf = res["extra"]["torch_forward"]["t_s"]
-        tb = res["extra"]["torch_backprop"]["t_s"]
-        res["torch"] = {
-            "R_b": tb / tf,
-            **{
-                k: {
-                    "R_f": res["extra"][k]["t_s"] / tf,
-                    "fg_over_bp": res["extra"][k]["t_s"] / tb,
-                    "t_s": res["extra"][k]["t_s"],
-                }
-                for k in ("torch_fg_normal", "torch_fg_rademacher")
-            },
-        }
     return res
 
 
@@ -343,12 +255,12 @@ def configs(preset: str) -> list[RuntimeConfig]:
     quick = preset == "quick"
     reps = 7 if quick else 15
     out = [
-        RuntimeConfig("mlp_b64", "mlp", 64, every + ks, reps, torch=True),
-        RuntimeConfig("mlp_b1024", "mlp", 1024, every + ([] if quick else ks), reps, torch=True),
+        RuntimeConfig("mlp_b64", "mlp", 64, every + ks, reps),
+        RuntimeConfig("mlp_b1024", "mlp", 1024, every + ([] if quick else ks), reps),
     ]
     if quick:
         return out
-    out.append(RuntimeConfig("mlp_w4096_b64", "mlp", 64, every, 9, width=4096, torch=True))
+    out.append(RuntimeConfig("mlp_w4096_b64", "mlp", 64, every, 9, width=4096))
     out.append(RuntimeConfig("cnn_b64", "cnn", 64, every, 9))
     for depth in (2, 4, 8, 16, 32, 64):
         variants = [(t, 1) for t in structured]
@@ -387,7 +299,6 @@ def main(argv=None):
     )
     ap.add_argument("--preset", choices=("quick", "full"), default="quick")
     ap.add_argument("--only", nargs="*", help="config names to run (default: all of the preset)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch.func peer")
     ap.add_argument("--no-memory-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default="runtime.json")
@@ -437,7 +348,7 @@ def main(argv=None):
     for cfg in configs(args.preset):
         if args.only and cfg.name not in args.only:
             continue
-        cfg = apply_overrides(cfg, {"reps": args.reps, "torch": False if args.no_torch else None})
+        cfg = apply_overrides(cfg, {"reps": args.reps})
         t0 = time.perf_counter()
         res = run_config(cfg)
         res["wall_s"] = time.perf_counter() - t0
@@ -474,12 +385,6 @@ def format_result(res) -> str:
             f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:8.2f} ms  R_f {v['R_f']:.2f}  "
             f"fg/bp {v['fg_over_bp']:.2f} (paired {v['paired_ratio']:.2f})  temp {mem.get('temp_bytes', 0) / 2**20:.1f} MB"
             + (f"  /K=1 {v['paired_over_k1']:.2f}" if v.get("paired_over_k1") else "")
-        )
-    if "torch" in res:
-        t = res["torch"]
-        lines.append(
-            f"   torch: R_b {t['R_b']:.2f}; fg normal {t['torch_fg_normal']['t_s'] * 1e3:.2f} ms (fg/bp {t['torch_fg_normal']['fg_over_bp']:.2f}); "
-            f"fg rademacher {t['torch_fg_rademacher']['t_s'] * 1e3:.2f} ms"
         )
     bm = (res.get("memory") or {}).get("backprop") or {}
     lines.append(f"   backprop temp {bm.get('temp_bytes', 0) / 2**20:.1f} MB")

@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 import jax
 import jax.numpy as jnp
 import optax
-from bench_transformer import Config as TransformerConfig
-from bench_transformer import run as run_transformer
 from flax import nnx
-from toolkit import (
+
+import fgrad_jax
+from experiments.benchmarks.transformer import Config as TransformerConfig
+from experiments.benchmarks.transformer import run as run_transformer
+from experiments.toolkit import (
     Block,
     compiled_memory,
     environment,
@@ -30,8 +32,6 @@ from toolkit import (
     synthetic_batch,
     time_interleaved,
 )
-
-import fgrad_jax
 
 TANGENTS = ("rademacher", "normal", "lowrank")
 LR = 1e-4

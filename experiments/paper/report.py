@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import fmt as _fmt
+from experiments.toolkit.analysis import fmt as _fmt
 
 # Numbers read from the paper's figures (it has no results table); docs/reproducing.md lists
 # where each comes from.

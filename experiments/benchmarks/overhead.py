@@ -24,8 +24,8 @@ import argparse
 import time
 from dataclasses import asdict, dataclass
 
-from _gpu_sections import _mlp_case
-from toolkit import add_overrides, apply_overrides, environment, write_json
+from experiments.benchmarks.gpu_sections import _mlp_case
+from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 
 LABELS = ("forward", "backprop", "rademacher", "normal", "lowrank")
 

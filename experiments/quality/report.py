@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .io import read_json, read_jsonl
+from experiments.toolkit.io import read_json, read_jsonl
 
 # Ren, Kornblith, Liao & Hinton (ICLR 2023), Table 3, test error % -> accuracy %.
 REN = {

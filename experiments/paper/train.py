@@ -1,31 +1,26 @@
-"""Classification experiments (paper Sec. 5): logistic regression, MLP and CNN.
+"""The paper's experiments (Baydin et al. 2022): what each one trains and measures.
 
-SGD (backprop) vs FGD with batch 64 and ``eta_i = eta_0 exp(-i k)``, ``k = 1e-4``, at a
-shared learning rate (the paper's) and each at its own tuned rate; R_f, R_b and memory;
-T_f/T_b to a common loss threshold.
+* Beale and Rosenbrock (Fig. 2): FGD vs gradient descent from a fixed start point (assumed:
+  the paper does not state it), constant learning rate, runs differing only in tangents.
+* Classification (Sec. 5): logistic regression, MLP 1024-1024-10 and a CNN (four 3x3 convs
+  with 64 channels, ReLU, SAME padding, a 2x2 max-pool after every second, dense to 10; the
+  DSSC-projects/veni reimplementation's, since the paper gives none). SGD vs FGD with
+  ``eta_i = eta_0 exp(-i k)``, at a shared rate and each at its own tuned rate; R_f, R_b,
+  memory and T_f/T_b to a common loss threshold. Batches are drawn with replacement from
+  ``fold_in(data_key, step)``, so a run is a pure function of its seed (exact resume).
+* Depth scaling (Fig. 6): R_f, R_b and memory of an MLP vs its depth, on random inputs.
 
-Models (Flax linen):
-
-* ``logreg``: multinomial logistic regression, one dense layer to 10 classes.
-* ``mlp``: 1024-1024-10 with ReLU (the paper's "MLP with 1024-1024-10 units").
-* ``cnn``: the paper says only that it uses a convolutional network on MNIST; we assume
-  the architecture of the DSSC-projects/veni reimplementation: four 3x3 convolutions with
-  64 channels and ReLU (SAME padding), a 2x2 max-pool after every second convolution, then
-  one dense layer to 10 classes. On 28x28 MNIST the dense layer sees 7x7x64 features; on
-  the 8x8 digits of the quick preset, 2x2x64.
-
-Batches are drawn with replacement, ``sample i = randint(fold_in(data_key, step))``, so a
-run is a pure function of its seed (exact resume, identical batches for FGD and SGD).
+Every experiment trains with the one loop of :func:`experiments.toolkit.train.train_arms`;
+the presets are data, ``configs/<preset>.json`` (fields of the config classes below that
+differ from their defaults).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -33,17 +28,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from toolkit import (
+
+from experiments.toolkit import (
     CNN,
+    FUNCTIONS,
+    MINIMA,
     MLP,
     Arm,
     LogReg,
     add_estimates,
-    add_overrides,
-    apply_overrides,
     classifier_loss,
-    environment,
-    format_entry,
+    from_dict,
+    landscape,
     measure_runtime,
     num_params,
     pick_tuned,
@@ -51,10 +47,10 @@ from toolkit import (
     time_per_iter,
     to_jsonable,
     train_arms,
-    write_json,
 )
-
 from fgrad_jax import datasets
+
+CONFIGS = Path(__file__).parent / "configs"
 
 
 @dataclasses.dataclass
@@ -114,125 +110,6 @@ class ClassifyConfig:
     scan: bool | None = None
     tangent: str = "normal"
     seed: int = 0
-
-
-_PAPER = dict(
-    dataset="mnist",
-    seeds=5,
-    chunk=500,
-    log_every=50,
-    smooth_window=500,
-    tune_factors=(1.0, 10.0, 100.0, 1000.0),
-    tune_steps=10000,
-)
-PRESETS: dict[str, dict[str, ClassifyConfig]] = {
-    # The paper's settings on MNIST (steps, lrs, batch, decay, seeds). CNN: steps and lr
-    # are not retrieved from the paper; we use the MLP's.
-    "paper": {
-        "logreg": ClassifyConfig("logreg", lrs=(1e-4,), steps=25000, **_PAPER),
-        "mlp": ClassifyConfig("mlp", lrs=(2e-5, 2e-4), steps=20000, **_PAPER),
-        "cnn": ClassifyConfig("cnn", lrs=(2e-4,), steps=20000, **_PAPER),
-    },
-    # Small and offline: the 8x8 digits on 2 CPU cores. Same models (MLP 1024-1024-10,
-    # CNN with 64 channels), fewer steps and seeds. Shared rates: logreg 1e-2 and CNN 1e-3
-    # (the paper's barely move the loss in a few hundred steps), MLP the paper's 2e-4
-    # (FGD diverges on this MLP at 2e-3). See docs/reproducing.md.
-    "quick": {
-        "logreg": ClassifyConfig(
-            "logreg",
-            "digits",
-            lrs=(1e-2,),
-            steps=2000,
-            seeds=3,
-            chunk=250,
-            log_every=10,
-            smooth_window=100,
-            tune_factors=(0.1, 1.0, 10.0, 30.0),
-            tune_seeds=2,
-            runtime_rounds=15,
-            checkpoint_every=2,
-        ),
-        "mlp": ClassifyConfig(
-            "mlp",
-            "digits",
-            lrs=(2e-4,),
-            steps=600,
-            seeds=2,
-            chunk=100,
-            log_every=10,
-            smooth_window=50,
-            tune_factors=(0.1, 1.0, 10.0, 100.0),
-            tune_seeds=1,
-            tune_steps=300,
-            runtime_rounds=10,
-            checkpoint_every=2,
-        ),
-        "cnn": ClassifyConfig(
-            "cnn",
-            "digits",
-            lrs=(1e-3,),
-            steps=200,
-            seeds=2,
-            chunk=50,
-            log_every=5,
-            smooth_window=30,
-            tune_factors=(0.2, 2.0, 20.0),
-            tune_seeds=1,
-            tune_steps=100,
-            runtime_rounds=8,
-            checkpoint_every=2,
-            run_axis="vmap",
-        ),
-    },
-    # Tiny: for the tests.
-    "test": {
-        "logreg": ClassifyConfig(
-            "logreg",
-            "digits",
-            lrs=(3e-2,),
-            steps=100,
-            seeds=2,
-            chunk=50,
-            log_every=10,
-            smooth_window=20,
-            tune_factors=(1.0, 3.0),
-            tune_seeds=1,
-            runtime_rounds=2,
-            checkpoint_every=1,
-        ),
-        "mlp": ClassifyConfig(
-            "mlp",
-            "digits",
-            lrs=(2e-2,),
-            steps=40,
-            seeds=2,
-            width=64,
-            chunk=20,
-            log_every=5,
-            smooth_window=10,
-            tune_factors=(1.0, 3.0),
-            tune_seeds=1,
-            runtime_rounds=2,
-            checkpoint_every=0,
-        ),
-        "cnn": ClassifyConfig(
-            "cnn",
-            "digits",
-            lrs=(2e-2,),
-            steps=40,
-            seeds=2,
-            channels=8,
-            chunk=10,
-            log_every=5,
-            smooth_window=5,
-            run_axis="vmap",
-            tune_factors=(1.0, 3.0),
-            tune_seeds=1,
-            runtime_rounds=2,
-            checkpoint_every=0,
-        ),
-    },
-}
 
 
 def load_data(cfg: ClassifyConfig) -> datasets.Dataset:
@@ -454,34 +331,230 @@ def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -
     return t
 
 
-def fit_steps(cfg: ClassifyConfig) -> ClassifyConfig:
-    """After ``steps`` was overridden: a chunk that divides it, a sweep no longer than it."""
-    return dataclasses.replace(
-        cfg,
-        chunk=math.gcd(cfg.chunk, cfg.steps),
-        tune_steps=min(cfg.tune_steps or cfg.steps, cfg.steps),
+@dataclasses.dataclass
+class FunctionConfig:
+    """Configuration of a Beale or Rosenbrock experiment.
+
+    Attributes:
+        name: ``"beale"`` or ``"rosenbrock"``.
+        lr: Shared learning rate (paper: Beale 0.01, Rosenbrock 5e-4).
+        steps: Iterations (paper: 1,000 and 25,000).
+        runs: Number of runs (paper: 10), vmapped; GD is deterministic, so its runs are
+            identical and only FGD's differ.
+        start: Starting point (assumed; the paper does not state it).
+        decay_k: Learning-rate decay ``k`` (0: constant, as in the paper's Fig. 2).
+        chunk: Iterations per timed chunk.
+        log_every: Steps per JSONL record.
+        tune_factors: Learning-rate multipliers of the per-method sweep.
+        tune_runs: Runs per learning rate in the sweep.
+        runtime_rounds: Rounds of the R_f/R_b measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
+        seed: Base seed.
+    """
+
+    name: str = "beale"
+    lr: float = 0.01
+    steps: int = 1000
+    runs: int = 10
+    start: tuple[float, float] = (1.0, 1.0)
+    decay_k: float = 0.0
+    chunk: int = 100
+    log_every: int = 1
+    tune_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    tune_runs: int = 5
+    runtime_rounds: int = 15
+    tangent: str = "normal"
+    seed: int = 0
+
+
+def _problem(cfg: FunctionConfig):
+    fn = FUNCTIONS[cfg.name]
+    start = jnp.asarray(cfg.start, jnp.float32)
+
+    def loss_fn(p, batch):
+        del batch
+        return fn(p)
+
+    def init_params(key):
+        del key
+        return start
+
+    return loss_fn, init_params
+
+
+def run_function(
+    cfg: FunctionConfig,
+    out: str | Path,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> dict:
+    """Runs one 2-D experiment: shared-lr comparison, tuned comparison, runtime ratios.
+
+    Args:
+        cfg: The configuration.
+        out: Output directory; JSONL files go to ``out/runs/<name>/``.
+        progress: Show progress bars.
+        checkpoint_dir: Optional orbax checkpoint directory (resume).
+
+    Returns:
+        The experiment's entry of ``results.json``.
+    """
+    out = Path(out)
+    loss_fn, init_params = _problem(cfg)
+    run_dir = out / "runs" / cfg.name
+    seeds = [cfg.seed + i for i in range(cfg.runs)]
+    t0 = time.perf_counter()
+    res = train_arms(
+        [
+            Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
+            Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
+        ],
+        loss_fn,
+        init_params,
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        checkpoint_dir=checkpoint_dir,
+        record_params=True,
+        progress=progress,
+        desc=f"{cfg.name} shared lr",
+        tangent=cfg.tangent,
     )
-
-
-def main(name: str, argv=None) -> dict | None:
-    """Command line of ``experiments/<logreg|mlp|cnn>.py``."""
-    p = argparse.ArgumentParser(description=f"{name}: SGD vs FGD (Baydin et al. 2022, Sec. 5)")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    p.add_argument("--out", default=f"out/{name}")
-    add_overrides(p, ClassifyConfig, ["dataset", "data_dir", "lrs", "steps", "seeds", "tangent"])
-    p.add_argument("--checkpoint-root", help="orbax checkpoint root (default OUT/checkpoints)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    cfg = apply_overrides(PRESETS[a.preset][name], a)
-    if a.steps:
-        cfg = fit_steps(cfg)
-    entry = run(cfg, a.out, progress=not a.no_progress, checkpoint_root=a.checkpoint_root)
-    write_json(
-        Path(a.out) / f"{name}.json",
-        {"experiments": {name: entry}, "environment": environment(cfg)},
+    xs, ys, zs = landscape(cfg.name)
+    np.savez(run_dir / "landscape.npz", xs=xs, ys=ys, zs=zs)
+    shared = summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
+    shared["lr"] = cfg.lr
+    final_points = {m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")}
+    rt = measure_runtime(
+        loss_fn,
+        init_params(None),
+        None,
+        lr=cfg.lr,
+        decay_k=cfg.decay_k,
+        rounds=cfg.runtime_rounds,
+        seed=cfg.seed,
+        tangent=cfg.tangent,
     )
-    from toolkit.plots import plot_loss
-
-    plot_loss(Path(a.out), name, entry)
-    print(format_entry(name, entry))
+    add_estimates(shared, time_per_iter(rt))
+    tuned = tune_function(cfg, run_dir, progress, rt)
+    entry = {
+        "R_f": rt["R_f"],
+        "R_b": rt["R_b"],
+        "fg_over_bp": rt["fg_over_bp"],
+        "paired_ratio": rt["paired_ratio"],
+        "T_f": shared["T_f"],
+        "T_b": shared["T_b"],
+        "T_ratio": shared["T_ratio"],
+        "initial_loss": shared["initial_loss"],
+        "final_loss_fgd": shared["final_loss_fgd"],
+        "final_loss_sgd": shared["final_loss_sgd"],
+        "shared_lr": [shared],
+        "tuned": tuned,
+        "runtime": rt,
+        "final_points": final_points,
+        "minimum": MINIMA[cfg.name],
+        "num_params": 2,
+        "wall_time_s": time.perf_counter() - t0,
+        "config": to_jsonable(cfg),
+    }
     return entry
+
+
+def tune_function(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
+    """Per-method learning-rate sweep; compares each method at its own best lr."""
+    lrs = [cfg.lr * f for f in cfg.tune_factors]
+    grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_runs)]
+    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_runs)]
+    res = train_arms(
+        [
+            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+        ],
+        *_problem(cfg),
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.steps // 10 or 1,
+        out_dir=run_dir,
+        progress=progress,
+        desc=f"{cfg.name} lr sweep",
+        tangent=cfg.tangent,
+    )
+    return pick_tuned(
+        res,
+        lrs,
+        cfg.tune_runs,
+        smooth_window=1,
+        per_iter=time_per_iter(rt),
+    )
+
+
+@dataclasses.dataclass
+class DepthConfig:
+    """Configuration of the depth-scaling experiment.
+
+    Attributes:
+        width: Hidden width (paper: 1024).
+        depths: Numbers of hidden layers (paper: 1 to 100).
+        batch: Batch size.
+        in_dim: Input features (784 = MNIST).
+        num_classes: Output classes.
+        lr: Learning rate of the timed steps (irrelevant to the timing).
+        runtime_rounds: Rounds per measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
+        seed: Seed.
+    """
+
+    width: int = 1024
+    depths: tuple[int, ...] = (1, 2, 5, 10, 20, 40, 60, 80, 100)
+    batch: int = 64
+    in_dim: int = 784
+    num_classes: int = 10
+    lr: float = 2e-5
+    runtime_rounds: int = 15
+    tangent: str = "normal"
+    seed: int = 0
+
+
+def run_depth(cfg: DepthConfig, progress: bool = True) -> dict:
+    """Measures every depth; returns ``{"rows": [...], "config": ...}``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    key = jax.random.key(cfg.seed)
+    kx, ky, kp = jax.random.split(key, 3)
+    x = jax.random.uniform(kx, (cfg.batch, cfg.in_dim), jnp.float32)
+    y = jax.random.randint(ky, (cfg.batch,), 0, cfg.num_classes)
+    rows = []
+    for depth in tqdm(cfg.depths, desc="depth", disable=not progress, leave=False):
+        model = MLP((cfg.width,) * depth, cfg.num_classes)
+        params = model.init(kp, x)
+        rt = measure_runtime(
+            classifier_loss(model),
+            params,
+            (x, y),
+            lr=cfg.lr,
+            rounds=cfg.runtime_rounds,
+            seed=cfg.seed,
+            tangent=cfg.tangent,
+        )
+        rows.append({"depth": depth, "num_params": num_params(params), **rt})
+    return {"rows": rows, "config": to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
+
+
+def load_preset(preset: str) -> dict:
+    """``{experiment: config}`` of ``configs/<preset>.json``."""
+    data = json.loads((CONFIGS / f"{preset}.json").read_text())
+    classes = {"beale": FunctionConfig, "rosenbrock": FunctionConfig, "depth": DepthConfig}
+    return {name: from_dict(classes.get(name, ClassifyConfig), v) for name, v in data.items()}
+
+
+def presets() -> list[str]:
+    """The presets' names (the files in ``configs/``)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))

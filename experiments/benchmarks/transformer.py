@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from toolkit import (
+
+import fgrad_jax
+from experiments.toolkit import (
     Transformer,
     add_overrides,
     apply_overrides,
@@ -25,8 +27,6 @@ from toolkit import (
     time_interleaved,
     write_json,
 )
-
-import fgrad_jax
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """One-command GPU check: forward gradient vs backprop on one accelerator, in about 5 minutes.
 
-    PYTHONPATH=. python experiments/gpu_check.py --out out/gpu
-    PYTHONPATH=. python experiments/gpu_check.py --smoke --out /tmp/gpu_smoke   # tiny, CPU
-    PYTHONPATH=. python experiments/gpu_check.py --sections mlp,oom --out out/gpu
+    python -m experiments.benchmarks.gpu_check --out out/gpu
+    python -m experiments.benchmarks.gpu_check --smoke --out /tmp/gpu_smoke   # tiny, CPU
+    python -m experiments.benchmarks.gpu_check --sections mlp,oom --out out/gpu
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (markdown tables for
 docs/performance.md) after every section, so a run cut short keeps what it measured.
@@ -16,7 +16,7 @@ out-of-memory error or a slow compile costs only that section):
 * ``wide``: MLP width 4096, depth 4, B=8192, in the compiled loop.
 * ``depth_memory``: XLA temp bytes and compile time of the steps, MLP width 1024, B=1024,
   depth 32 and 2 (compile only).
-* ``transformer``: ``bench_transformer.py``'s 6-block nnx transformer: gradient time against
+* ``transformer``: ``transformer.py``'s 6-block nnx transformer: gradient time against
   ``jax.grad`` and compile time.
 * ``gpt2_memory``: GPT-2-small shape (12 blocks, width 768, sequence 1024, batch 8, vocabulary
   50257): peak device memory (``peak_bytes_in_use``) and XLA temp bytes of a forward pass, a
@@ -44,9 +44,9 @@ import sys
 import time
 import traceback
 
-from _gpu_report import last_line, markdown
+from experiments.benchmarks.gpu_report import last_line, markdown
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ORDER = ("mlp", "wide", "depth_memory", "transformer", "gpt2_memory", "oom")
 # Hard time limits (s). They add up to more than TOTAL_BUDGET_S: most sections finish well
 # inside theirs, and the total deadline caps what the last ones get.
@@ -84,7 +84,7 @@ def _stop(signum, frame):
 
 
 class Worker:
-    """One measurement process: ``gpu_check.py --worker NAME`` writing its result file."""
+    """One measurement process: ``gpu_check --worker NAME`` writing its result file."""
 
     def __init__(self, args, name, tag, spec, env, timeout):
         parts = os.path.join(args.out, "parts")
@@ -96,14 +96,13 @@ class Worker:
         self.start = time.time()
         self.deadline = self.start + timeout
         # The soft deadline leaves a quarter of the limit for the work that cannot be cut.
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--result", self.path]
+        cmd = [sys.executable, "-m", "experiments.benchmarks.gpu_check", "--worker", name]
+        cmd += ["--result", self.path]
         cmd += ["--deadline", str(self.start + 0.75 * timeout), "--spec", json.dumps(spec)]
         cmd += ["--smoke"] if args.smoke else []
         self.env = env
         # The repository root first, whatever the caller's working directory and PYTHONPATH.
-        path = os.pathsep.join(
-            p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p
-        )
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 cmd, env=os.environ | env | {"PYTHONPATH": path}, stderr=log
@@ -144,7 +143,7 @@ class Worker:
 
 
 def worker_main(args) -> int:
-    from _gpu_sections import SECTIONS, device_info
+    from experiments.benchmarks.gpu_sections import SECTIONS, device_info
 
     last = {}
 
