@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import fgrad_jax
 from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import run as run_transformer
 from experiments.toolkit import (
@@ -32,6 +31,7 @@ from experiments.toolkit import (
     synthetic_batch,
     time_interleaved,
 )
+from experiments.toolkit.ratios import sgd_step
 
 TANGENTS = ("rademacher", "normal", "lowrank")
 LR = 1e-4
@@ -55,34 +55,10 @@ def memory_stats() -> dict:
 # ----------------------------------------------------------------------------- steps
 
 
-def backprop_step(loss_fn, lr=LR):
-    tx = optax.sgd(lr)
-
-    def step(params, state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    return tx, step
-
-
-def fg_step(loss_fn, tangent, num_tangents=1, lr=LR):
-    tx = optax.chain(
-        fgrad_jax.forward_gradient(0, num_tangents=num_tangents, tangent=tangent), optax.sgd(lr)
-    )
-
-    def step(params, state, batch):
-        updates, state = tx.update(None, state, params, value_fn=lambda p: loss_fn(p, batch))
-        loss = fgrad_jax.forward_gradient_state(state).value
-        return optax.apply_updates(params, updates), state, loss
-
-    return tx, step
-
-
 def make_step(loss_fn, kind, num_tangents=1, lr=LR):
-    if kind == "backprop":
-        return backprop_step(loss_fn, lr)
-    return fg_step(loss_fn, kind, num_tangents, lr)
+    """``(tx, step)`` of backprop's (``kind="backprop"``) or the forward gradient's SGD step
+    with tangent ``kind``, not jitted (the toolkit's steps, as every experiment times them)."""
+    return sgd_step(loss_fn, lr, None if kind == "backprop" else kind, num_tangents)
 
 
 def in_loop(step, n):
@@ -152,7 +128,7 @@ def timing_row(times, names, base, per_call=1):
 # ----------------------------------------------------------------------------- sections 1, 2
 
 
-def _mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline):
+def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline):
     kp, kb = jax.random.split(jax.random.key(0))
     params = init_mlp(kp, sizes)
     batch = synthetic_batch(kb, batch_size, (sizes[0],))
@@ -197,7 +173,7 @@ def section_mlp(smoke, deadline, spec, emit):
     out = {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "tangents": TANGENTS, "cases": []}
     out["environment"] = environment()
     for batch_size in (8,) if smoke else (64, 1024):
-        case = _mlp_case(sizes, batch_size, ("dispatched", "loop"), loop_steps, reps, 2, deadline)
+        case = mlp_case(sizes, batch_size, ("dispatched", "loop"), loop_steps, reps, 2, deadline)
         out["cases"].append(case)
         emit(out)
         print(f"  mlp B={batch_size}: {_brief(case['rows'])}", flush=True)
@@ -209,7 +185,7 @@ def section_wide(smoke, deadline, spec, emit):
     width, depth, batch_size = (64, 2, 64) if smoke else (4096, 4, 8192)
     loop_steps, reps = (2, 2) if smoke else (10, 5)
     sizes = [784] + [width] * depth + [10]
-    case = _mlp_case(sizes, batch_size, ("loop",), loop_steps, reps, 1, deadline)
+    case = mlp_case(sizes, batch_size, ("loop",), loop_steps, reps, 1, deadline)
     print(f"  wide: {_brief(case['rows'])}", flush=True)
     return {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "cases": [case]}
 

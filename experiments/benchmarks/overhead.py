@@ -24,7 +24,7 @@ import argparse
 import time
 from dataclasses import asdict, dataclass
 
-from experiments.benchmarks.gpu_sections import _mlp_case
+from experiments.benchmarks.gpu_sections import mlp_case
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 
 LABELS = ("forward", "backprop", "rademacher", "normal", "lowrank")
@@ -50,7 +50,7 @@ def run(cfg: Config) -> dict:
     out = {"config": asdict(cfg), "environment": environment(), "cases": []}
     deadline = time.time() + cfg.max_seconds
     for sizes, batch_size, loop_steps in cfg.cases:
-        case = _mlp_case(
+        case = mlp_case(
             list(sizes),
             batch_size,
             ("dispatched", "loop"),

@@ -1,32 +1,13 @@
-"""Runs every experiment of Baydin et al. 2022 and writes results.json, report.md, figures.
-
-Usage::
+"""Runs the experiments of Baydin et al. 2022 and writes results.json, report.md, figures.
 
     python experiments/reproduce.py --preset quick --out out/quick   # 2 CPU cores, offline
-    python experiments/reproduce.py --preset paper --out out/paper --data-dir ~/mnist
+    python -m experiments.paper.main --preset paper --out out/paper --data-dir ~/mnist
 
-``quick`` uses scikit-learn's bundled 8x8 digits (real data, no download) and small step
-counts; ``paper`` uses the paper's settings on MNIST (downloaded to ``$FGRAD_JAX_DATA``
-unless ``--data-dir`` holds the IDX files) and is meant for a GPU/TPU. ``test`` is a tiny
-preset for the test-suite.
-
-Data. When the paper preset cannot get MNIST (offline, no ``--data-dir``) it falls back to
-Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, says so on the console and
-at the top of ``report.md``, and records it in ``results.json`` (``notes``). When neither
-is found it stops before any training, naming both fixes. An explicit ``--dataset`` or
-``--data-dir`` never falls back.
-
-Scale. ``--max-iterations N`` caps every experiment's iterations (and its learning-rate
-sweep's) at ``N``; ``--set cnn.seeds=2 depth.depths=1,2,4`` changes any configuration
-field of one experiment. Every field that differs from the preset is listed at the top of
-the report and in ``results.json`` (``notes``, ``changed_from_preset``), so a shortened run
-is never mistaken for the paper's. ``--replot DIR`` redraws the figures and the report of
-an earlier run from its ``results.json`` and JSONL metrics, without training.
-
-Output in ``--out``: ``results.json`` (``{"experiments": {beale, rosenbrock, logreg, mlp,
-cnn}, "depth": ..., "environment": ...}``), ``report.md``, PNG figures, and per-run JSONL
-metrics under ``runs/``. Classification runs checkpoint under ``checkpoints/`` with orbax;
-rerunning the same command after an interruption resumes them.
+Presets: ``configs/<preset>.json`` (``quick``: sklearn's 8x8 digits, offline; ``paper``: the
+paper's settings on MNIST, falling back to Fashion-MNIST, with a note, when MNIST cannot be
+had; ``test``: tiny). ``--only``, ``--max-iterations`` and ``--set EXP.FIELD=VALUE`` shorten a
+run and every change is reported; ``--replot DIR`` redraws a finished run. Outputs and flags:
+docs/reproducing.md.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import fgrad_jax
+from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
 Array = jax.Array
@@ -369,38 +370,24 @@ def make_perms(num_examples: int) -> Callable:
 def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = True) -> Callable:
     """``train(lrs, total, params, state, perms, xs, ys, start) -> (params, state, losses)``:
     ``chunk`` steps of every run (vmapped over runs), batches ``start .. start + chunk - 1``
-    of each run's permutation ``perms[r]``.
-
-    ``scan=True``: one jitted ``lax.scan`` over the chunk. ``scan=False``: ``chunk`` calls
-    of one jitted (vmapped) step from Python, for convolutions on XLA:CPU, whose kernel
-    gradients run far slower inside a compiled loop (``docs/quality.md``).
+    of each run's permutation ``perms[r]``; the toolkit's one loop
+    (:func:`experiments.toolkit.train.make_chunk`, ``scan=False`` for convolutions on
+    XLA:CPU, ``docs/quality.md``).
     """
 
-    def one_step(lr, total, params, state, perm, xs, ys, i):
+    def one_step(run, carry, data, i):
+        (lr, perm), (total, xs, ys) = run, data
         idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
-        return step(method, lr, total, params, state, xs[idx], ys[idx])
+        params, state, loss = step(method, lr, total, *carry, xs[idx], ys[idx])
+        return (params, state), loss
 
-    if not scan:
-        step_v = jax.jit(jax.vmap(one_step, in_axes=(0, None, 0, 0, 0, None, None, None)))
+    fn = make_chunk(one_step, chunk, scan=scan)
 
-        def train_py(lrs, total, params, state, perms, xs, ys, start):
-            losses = []
-            for i in range(start, start + chunk):
-                params, state, loss = step_v(lrs, total, params, state, perms, xs, ys, i)
-                losses.append(loss)
-            return params, state, jnp.stack(losses, axis=1)
-
-        return train_py
-
-    def run_one(lr, total, params, state, perm, xs, ys, start):
-        def body(carry, i):
-            p, s, loss = one_step(lr, total, *carry, perm, xs, ys, i)
-            return (p, s), loss
-
-        (params, state), losses = jax.lax.scan(body, (params, state), start + jnp.arange(chunk))
+    def train(lrs, total, params, state, perms, xs, ys, start):
+        (params, state), losses = fn((lrs, perms), (params, state), (total, xs, ys), start)
         return params, state, losses
 
-    return jax.jit(jax.vmap(run_one, in_axes=(0, None, 0, 0, 0, None, None, None)))
+    return train
 
 
 def make_accuracy(method: Method, eval_batch: int) -> Callable:

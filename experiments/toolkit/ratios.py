@@ -32,15 +32,36 @@ def make_forward(loss_fn: Callable) -> Callable:
     return jax.jit(loss_fn)
 
 
+def sgd_step(
+    loss_fn: Callable, lr: float, tangent: Any = None, num_tangents: int = 1, key: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, step)``, not jitted: ``step(params, opt_state, batch) -> (params, opt_state,
+    loss)``, one SGD step on ``jax.value_and_grad`` (``tangent=None``) or on the forward
+    gradient with that tangent (:func:`fgrad_jax.fgd`)."""
+    if tangent is None:
+        tx = optax.sgd(lr)
+
+        def step(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return tx, step
+    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
+
+    def fg_step(params, opt_state, batch):
+        updates, opt_state = tx.update(
+            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
+        )
+        value = fgrad_jax.forward_gradient_state(opt_state).value
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return tx, fg_step
+
+
 def make_backprop_step(loss_fn: Callable, lr: float) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, step)``: one SGD step on ``jax.value_and_grad``, jitted, params and state donated."""
-    tx = optax.sgd(lr)
-
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    tx, step = sgd_step(loss_fn, lr)
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -48,15 +69,7 @@ def make_fg_step(
     loss_fn: Callable, lr: float, tangent: Any, num_tangents: int, key: int = 0
 ) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, step)``: one forward-gradient SGD step (:func:`fgrad_jax.fgd`), jitted, donated."""
-    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
-
-    def step(params, opt_state, batch):
-        updates, opt_state = tx.update(
-            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
-        )
-        value = fgrad_jax.forward_gradient_state(opt_state).value
-        return optax.apply_updates(params, updates), opt_state, value
-
+    tx, step = sgd_step(loss_fn, lr, tangent, num_tangents, key)
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
