@@ -237,3 +237,19 @@ def test_loss_figure_one_line_style_per_learning_rate(tmp_path):
         assert fgd == bp
     assert style[f"{plots.LABELS['fgd']}, lr 0.0002"] != style[f"{plots.LABELS['fgd']}, lr 2e-05"]
     plots.plt.close(fig)
+
+
+def test_readme_command_runs_from_any_directory(tmp_path):
+    """``python experiments/reproduce.py`` (the README's main job) is a shim over
+    ``experiments.paper.main``: it finds the package without PYTHONPATH, from any directory."""
+    import os
+    import subprocess
+    import sys
+
+    shim = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(shim), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset {paper,quick,test}" in proc.stdout and "--replot" in proc.stdout

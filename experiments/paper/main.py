@@ -17,13 +17,13 @@ import dataclasses
 import math
 import sys
 import time
-import typing
 from pathlib import Path
 
 from experiments.paper import train
 from experiments.paper.plots import plot_depth, plot_function, plot_loss, plot_tuned
 from experiments.paper.report import write_report
 from experiments.toolkit import (
+    add_overrides,
     apply_overrides,
     environment,
     format_entry,
@@ -89,17 +89,14 @@ def resolve_data(configs: dict, selected, explicit: bool) -> tuple[dict, list[st
 
 
 def _parse_value(cls: type, field: str, text: str):
-    hints = typing.get_type_hints(cls)
-    if field not in hints:
-        raise SystemExit(f"--set: {cls.__name__} has no field {field!r}; fields: {sorted(hints)}.")
-    tp = hints[field]
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is tuple:
-        return tuple(typing.get_args(tp)[0](v) for v in text.split(","))
-    base = args[0] if args and typing.get_origin(tp) is not None else tp
-    if base is bool:
-        return text.lower() in ("1", "true", "yes")
-    return base(text)
+    """``text`` as the value of ``cls.field``, parsed as the field's command-line option."""
+    parser = argparse.ArgumentParser(prog="--set", exit_on_error=False)
+    try:
+        add_overrides(parser, cls, [field])
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    value = getattr(parser.parse_args([f"--{field.replace('_', '-')}", *text.split(",")]), field)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def scale(configs: dict, max_iterations: int | None, sets: list[str]) -> dict:
