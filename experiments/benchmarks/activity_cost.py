@@ -9,7 +9,7 @@ optionally the CNN); and with ``--mesh N`` (N host devices, data parallel: batch
 parameters replicated) the bytes of every collective in the compiled activity-perturbed
 step against backprop's::
 
-    python experiments/activity_cost.py --out experiments/results/activity_cost_cpu.json
+    python -m experiments.benchmarks.activity_cost --out experiments/results/activity_cost_cpu.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from fgrad_jax._sharding import collective_bytes
 class Config:
     """Attributes:
     models: Quality-benchmark models to time (``mlp``, ``cnn``).
-    methods: Method names (``toolkit.quality``); the first is the reference of the ratios.
+    methods: Method names (``experiments/quality/methods.py``); the first is the reference of the ratios.
     batch_size: Examples per step.
     rounds: Timed rounds (interleaved, random order).
     warmup: Untimed rounds.

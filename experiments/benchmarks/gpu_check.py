@@ -269,7 +269,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _stop)
     start = time.time()
     results = {
-        "command": " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])]),
+        "command": " ".join(["-m experiments.benchmarks.gpu_check", *(argv or sys.argv[1:])]),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "smoke": args.smoke,
         "budget_s": args.budget,

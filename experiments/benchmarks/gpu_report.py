@@ -227,7 +227,7 @@ def markdown(results) -> str:
     lines = [
         f"### GPU check: {dev.get('device_kind', 'unknown device')}, jax {dev.get('jax', '?')}",
         "",
-        f"`PYTHONPATH=. python {results.get('command', '')}` ({results.get('started')}; "
+        f"`python {results.get('command', '')}` ({results.get('started')}; "
         f"{results.get('wall_s', 0):.0f} s in all; every section in a process of its own).",
         "",
     ]

@@ -28,6 +28,7 @@ from experiments.toolkit import (
     environment,
     init_mlp,
     mlp_loss,
+    paired_ratio,
     synthetic_batch,
     time_interleaved,
 )
@@ -111,17 +112,13 @@ def timed_rounds(fns, reps, warmup, deadline, chunk=5):
     return times, {"reps_requested": reps, "reps_done": done, "cut": done < reps}
 
 
-def paired(times, a, b):
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-
 def timing_row(times, names, base, per_call=1):
     """Median ms per step of each program and its paired ratio to ``base``."""
     row = {}
     for label, name in names.items():
         row[label] = {"ms": 1e3 * statistics.median(times[name]) / per_call}
         if name != base:
-            row[label]["over_backprop"] = paired(times, name, base)
+            row[label]["over_backprop"] = paired_ratio(times[name], times[base])
     return row
 
 

@@ -15,7 +15,7 @@ for the issue's tiny MLP (784-8-8-10, batch 8: overhead only) and the paper's ML
 (784-1024-1024-10, batch 64). The cases are those of ``gpu_check.py``'s MLP section, so
 CPU and GPU numbers share one harness::
 
-    python experiments/overhead.py --out experiments/results/overhead_cpu.json
+    python -m experiments.benchmarks.overhead --out experiments/results/overhead_cpu.json
 """
 
 from __future__ import annotations

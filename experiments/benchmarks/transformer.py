@@ -4,7 +4,7 @@ Measures, in one process, interleaved rounds, medians: a forward pass, ``jax.gra
 ``fgrad_jax.forward_grad`` for several tangents (gradient only, no optimizer), plus the
 compile time of each, and writes JSON::
 
-    python experiments/bench_transformer.py --out experiments/results/transformer.json
+    python -m experiments.benchmarks.transformer --out experiments/results/transformer.json
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Quality benchmark (issue 10): test accuracy on Fashion-MNIST of every gradient estimator of
 fgrad_jax against backprop, same epochs, Adam with a per-method learning rate from a sweep.
 
-    python experiments/quality.py --preset quick --out-dir runs/quality_quick
-    python experiments/quality.py --preset full --out-dir runs/quality_full --max-minutes 50
+    python -m experiments.quality.main --preset quick --out-dir runs/quality_quick
+    python -m experiments.quality.main --preset full --out-dir runs/quality_full --max-minutes 50
 
 Writes ``DIR/quality.json``, ``DIR/quality.md``, ``DIR/runs/<model>_<method>.jsonl`` and the
 figures (made from the JSON/JSONL only). See ``docs/quality.md``.
@@ -41,9 +41,9 @@ class QualityConfig:
         data_dir: Directory of the four Fashion-MNIST IDX files (default: the Debian package's).
         models: Models to train: ``mlp`` (784-256-256-10), ``cnn`` (Flax MNIST example) and/or
             ``resnet`` (ResNet-18 with BatchNorm, 16 filters, trained as an unchanged class;
-            ``toolkit/resnet.py``) and ``vit`` (a small ViT, LayerNorm and attention, trained
-            unchanged; ``toolkit/vit.py``).
-        methods: Method names trained on the MLP (see experiments/toolkit/quality.py).
+            ``quality/resnet.py``) and ``vit`` (a small ViT, LayerNorm and attention, trained
+            unchanged; ``quality/vit.py``).
+        methods: Method names trained on the MLP (see experiments/quality/methods.py).
         cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
         resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
             ``local_a_k<K>``, ``local_w_k<K>``).
@@ -69,7 +69,7 @@ class QualityConfig:
         max_minutes: Stop starting new (model, method) runs after this many minutes; the
             skipped ones are listed in quality.json and the report.
         lrs: Learning rates of every method's sweep (``None``: the per-family grids,
-            ``toolkit.quality_run.LR_GRIDS``).
+            ``quality.train.LR_GRIDS``).
         tangents_at_once: Pass ``tangent_chunk=K`` (all K tangents in one pass) instead of
             the library's automatic chunks, which bound memory at the cost of a loop.
     """

@@ -107,7 +107,7 @@ def class_model(name: str, num_classes: int) -> tuple[nn.Module, dict[str, dict[
 
 def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classes: int,
                        opts: dict, name: str = "resnet") -> Any:  # fmt: skip
-    """The :class:`toolkit.quality.Method` ``spec`` on :class:`ResNet18` (16 filters), or on
+    """The :class:`experiments.quality.methods.Method` ``spec`` on :class:`ResNet18` (16 filters), or on
     another model class (``name="vit"``: :class:`toolkit.vit.ViT`), trained unchanged."""
     model, variants = class_model(name, num_classes)
     x1 = x_example[:1]
