@@ -20,13 +20,23 @@ COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
 LABELS = {"fgd": "FGD (forward gradient)", "sgd": "backprop"}
 
 
+class _PlainLog(matplotlib.ticker.LogFormatter):
+    """The log ticks matplotlib would label, as plain numbers ("0.6", not "6e-01")."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _y_scale(ax, values) -> None:
     """A log y axis when the values span a decade or more, else a linear one: a log axis
     over less than a decade labels only minor ticks, as "2.31x10^0"."""
     v = np.asarray([x for x in np.ravel(values) if x is not None and np.isfinite(x) and x > 0])
     if v.size and v.max() >= 10 * v.min():
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        plain = matplotlib.ticker.FormatStrFormatter("%g")
+        ax.yaxis.set_major_formatter(plain)
+        # Over a decade or two matplotlib labels some minor ticks too: plainly.
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
     else:
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
@@ -134,19 +144,19 @@ def function_figure(out: Path, name: str, entry: dict):
                 label += f" ({int(bad.sum())} diverged: dashed)"
         for r in range(runs):
             traj = np.vstack([start, params[:, r]])
-            # Backprop thick and dotted underneath, the FGD runs thin and solid on top
-            # (each ending in a dot), so that neither hides the other.
+            # The FGD runs thin and solid (each ending in a dot), backprop dotted on top: where
+            # the paths coincide, both stay visible.
             ax.plot(
                 traj[:, 0],
                 traj[:, 1],
                 ("--" if bad[r] else "-") if method == "fgd" else ":",
                 color=COLORS[method],
-                lw=1.0 if method == "fgd" else 3.0,
+                lw=1.0 if method == "fgd" else 2.5,
                 alpha=0.8,
                 marker="o" if method == "fgd" else None,
                 markevery=[-1],
                 ms=3,
-                zorder=3 if method == "fgd" else 2,
+                zorder=3 if method == "fgd" else 4,
                 label=label if r == 0 else None,
             )
     ax.plot(*start, "ko", ms=6, label="start")
@@ -199,6 +209,7 @@ def tuned_figure(experiments: dict):
         ax.set_xticks(t["lrs"])  # the swept rates, labelled even within one decade
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.tick_params(axis="x", labelrotation=30)
         _y_scale(ax, finite)
         ax.set_title(n)
         ax.set_xlabel("initial learning rate")
