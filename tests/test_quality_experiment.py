@@ -8,6 +8,7 @@ import pytest
 
 from experiments.quality import main as quality
 from experiments.quality import methods, report
+from experiments.quality.configs import load_preset
 from experiments.quality.methods import parse_method
 from experiments.quality.report import agreement_lines, targets
 from experiments.toolkit.io import read_json, read_jsonl
@@ -17,7 +18,7 @@ from experiments.toolkit.io import read_json, read_jsonl
 @pytest.mark.usefixtures("standard_promotion")
 def test_tiny_preset_end_to_end(tmp_path):
     # lrs= replaces every method's grid (the per-family grids are the default).
-    cfg = dataclasses.replace(quality.load_preset("tiny"), out_dir=str(tmp_path), lrs=(1e-3, 3e-3))
+    cfg = dataclasses.replace(load_preset("tiny"), out_dir=str(tmp_path), lrs=(1e-3, 3e-3))
     quality.run(cfg)
     res = read_json(tmp_path / "quality.json")
     assert set(res["methods"]) == {"backprop", "fg_act_k1"}
@@ -155,7 +156,7 @@ def test_resnet_local_variants_by_name():
 
 
 def test_eval_batch_must_divide_the_splits(tmp_path):
-    cfg = dataclasses.replace(quality.load_preset("tiny"), out_dir=str(tmp_path), eval_batch=300)
+    cfg = dataclasses.replace(load_preset("tiny"), out_dir=str(tmp_path), eval_batch=300)
     with pytest.raises(ValueError, match="eval_batch=300 must divide the val_size"):
         quality.run(cfg)
     assert not (tmp_path / "quality.json").exists()

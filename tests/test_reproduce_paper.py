@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import toolkit as C
+from experiments.paper import configs as presets
 from experiments.paper import main as reproduce
 from experiments.paper import plots
 from fgrad_jax import datasets
@@ -44,7 +45,7 @@ def offline(tmp_path, monkeypatch):
 def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(offline / "absent"))
     out = offline / "out"
-    with pytest.raises(reproduce.NoDataError) as err:
+    with pytest.raises(presets.NoDataError) as err:
         reproduce.main(["--preset", "paper", "--out", str(out), "--no-progress"])
     msg = str(err.value)
     assert "nothing was run" in msg
@@ -55,7 +56,7 @@ def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
 def test_explicit_dataset_never_falls_back(offline, monkeypatch):
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(_fake_fashion(offline / "f")))
     out = offline / "out"
-    with pytest.raises(reproduce.NoDataError, match="'mnist' could not be loaded"):
+    with pytest.raises(presets.NoDataError, match="'mnist' could not be loaded"):
         reproduce.main(["--preset", "paper", "--dataset", "mnist", "--out", str(out)])
     assert not out.exists()
 

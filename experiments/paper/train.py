@@ -11,8 +11,7 @@
 * Depth scaling (Fig. 6): R_f, R_b and memory of an MLP vs its depth, on random inputs.
 
 Every experiment trains with the one loop of :func:`experiments.toolkit.train.train_arms`;
-the presets are data, ``configs/<preset>.json`` (fields of the config classes below that
-differ from their defaults).
+the presets are data, ``configs/<preset>.json``, read and changed by ``configs/__init__.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from experiments.toolkit import (
     LogReg,
     add_estimates,
     classifier_loss,
-    from_dict,
     landscape,
     measure_runtime,
     num_params,
@@ -49,8 +47,6 @@ from experiments.toolkit import (
     train_arms,
 )
 from fgrad_jax import datasets
-
-CONFIGS = Path(__file__).parent / "configs"
 
 
 @dataclasses.dataclass
@@ -546,15 +542,3 @@ def run_depth(cfg: DepthConfig, progress: bool = True) -> dict:
         )
         rows.append({"depth": depth, "num_params": num_params(params), **rt})
     return {"rows": rows, "config": to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
-
-
-def load_preset(preset: str) -> dict:
-    """``{experiment: config}`` of ``configs/<preset>.json``."""
-    data = json.loads((CONFIGS / f"{preset}.json").read_text())
-    classes = {"beale": FunctionConfig, "rosenbrock": FunctionConfig, "depth": DepthConfig}
-    return {name: from_dict(classes.get(name, ClassifyConfig), v) for name, v in data.items()}
-
-
-def presets() -> list[str]:
-    """The presets' names (the files in ``configs/``)."""
-    return sorted(p.stem for p in CONFIGS.glob("*.json"))
