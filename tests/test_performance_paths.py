@@ -1,6 +1,7 @@
 """Structural checks of the optimised paths (no timing: speed is measured in experiments/).
 
-* ``measure_ratios`` (experiments/benchmarks/main.py) runs and returns the documented keys;
+* ``measure_ratios`` (experiments/toolkit/ratios.py, what experiments/benchmarks/ times) runs
+  and returns the documented keys;
 * the working memory (XLA temp bytes) of the Rademacher, normal and low-rank steps is flat
   in depth and at most 25 % of backprop's at depth 32 on one device (the lazy draws and the
   primal-tangent tie are only used there, see ``_interpreter.schedule_for``), and neither
@@ -23,7 +24,7 @@ from fgrad_jax._tangents import HASHED, resolve_tangent
 
 
 def test_measure_ratios_smoke():
-    from experiments.benchmarks import main as runtime
+    from experiments import toolkit as runtime
 
     kp, kb = jax.random.split(jax.random.key(0))
     params = runtime.init_mlp(kp, [16, 32, 10])
