@@ -3,18 +3,13 @@ schema of ``reproduce.py --preset test``, the report, figures, and FGD lowering 
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS_DIR))
-
-import toolkit as C  # noqa: E402
+from experiments import toolkit as C
 
 
 def _toy_problem():
@@ -120,7 +115,7 @@ def test_smooth_and_crossing():
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    import reproduce
+    from experiments.paper import main as reproduce
 
     out = tmp_path_factory.mktemp("reproduce")
     reproduce.main(["--preset", "test", "--out", str(out), "--no-progress"])

@@ -1,4 +1,4 @@
-"""experiments/gpu_check.py: the whole check end to end with tiny sizes on the CPU (--smoke),
+"""experiments/benchmarks/gpu_check.py: the whole check end to end with tiny sizes on the CPU (--smoke),
 its time budget and its errors."""
 
 import json
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "experiments" / "gpu_check.py"
 SECTIONS = ("mlp", "wide", "depth_memory", "transformer", "gpt2_memory", "oom")
 
 
@@ -20,7 +19,7 @@ def _run(*args, timeout=900):
     # One device; LLVM level 0 as in conftest.py (compile-bound).
     env = os.environ | {"XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "experiments.benchmarks.gpu_check", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -117,8 +116,7 @@ def test_unknown_section_is_an_error_naming_the_choices(tmp_path):
 
 
 def test_timed_rounds_stops_at_the_deadline_and_says_so():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from _gpu_sections import timed_rounds
+    from experiments.benchmarks.gpu_sections import timed_rounds
 
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
@@ -132,9 +130,8 @@ def test_timed_rounds_stops_at_the_deadline_and_says_so():
 def test_report_of_an_out_of_memory_run():
     """The GPU-only branches of the report (an exhausted backprop, peak memory), from a
     results dict shaped as the workers write it."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from _gpu_report import markdown
-    from _gpu_sections import _oom_bytes
+    from experiments.benchmarks.gpu_report import markdown
+    from experiments.benchmarks.gpu_sections import _oom_bytes
 
     msg = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 163208757248 bytes."
     assert _oom_bytes(msg) == 163208757248

@@ -8,9 +8,6 @@ tied to its tangent (``_interpreter._outgrows_inputs``). Compile only (XLA's buf
 assignment, deterministic); one device, as a single-GPU user runs it.
 """
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import fgrad_jax
+from experiments.benchmarks.gpu_sections import GPT, GPTConfig
 from fgrad_jax import _interpreter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from _gpu_sections import GPT, GPTConfig
 
 
 def _temp_bytes(fn, *args):

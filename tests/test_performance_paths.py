@@ -1,6 +1,7 @@
 """Structural checks of the optimised paths (no timing: speed is measured in experiments/).
 
-* ``measure_ratios`` (experiments/runtime.py) runs and returns the documented keys;
+* ``measure_ratios`` (experiments/toolkit/ratios.py, what experiments/benchmarks/ times) runs
+  and returns the documented keys;
 * the working memory (XLA temp bytes) of the Rademacher, normal and low-rank steps is flat
   in depth and at most 25 % of backprop's at depth 32 on one device (the lazy draws and the
   primal-tangent tie are only used there, see ``_interpreter.schedule_for``), and neither
@@ -9,8 +10,6 @@
 """
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +22,10 @@ import fgrad_jax
 from fgrad_jax import _interpreter
 from fgrad_jax._tangents import HASHED, resolve_tangent
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def test_measure_ratios_smoke():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import runtime
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+    from experiments import toolkit as runtime
+
     kp, kb = jax.random.split(jax.random.key(0))
     params = runtime.init_mlp(kp, [16, 32, 10])
     batch = runtime.synthetic_batch(kb, 8, (16,))

@@ -4,19 +4,16 @@ trajectory colours and colour bar, integer depth ticks, one name per method)."""
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS_DIR))
-
-import toolkit as C  # noqa: E402
-from toolkit import plots  # noqa: E402
-
-from fgrad_jax import datasets  # noqa: E402
+from experiments import toolkit as C
+from experiments.paper import configs as presets
+from experiments.paper import main as reproduce
+from experiments.paper import plots
+from fgrad_jax import datasets
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -46,11 +43,9 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(offline / "absent"))
     out = offline / "out"
-    with pytest.raises(reproduce.NoDataError) as err:
+    with pytest.raises(presets.NoDataError) as err:
         reproduce.main(["--preset", "paper", "--out", str(out), "--no-progress"])
     msg = str(err.value)
     assert "nothing was run" in msg
@@ -59,18 +54,14 @@ def test_no_data_at_all_fails_before_any_work(offline, monkeypatch):
 
 
 def test_explicit_dataset_never_falls_back(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(_fake_fashion(offline / "f")))
     out = offline / "out"
-    with pytest.raises(reproduce.NoDataError, match="'mnist' could not be loaded"):
+    with pytest.raises(presets.NoDataError, match="'mnist' could not be loaded"):
         reproduce.main(["--preset", "paper", "--dataset", "mnist", "--out", str(out)])
     assert not out.exists()
 
 
 def test_paper_preset_falls_back_to_fashion_mnist_and_says_so(offline, monkeypatch):
-    import reproduce
-
     monkeypatch.setattr(datasets, "DEFAULT_FASHION_MNIST_DIR", str(_fake_fashion(offline / "f")))
     out = offline / "out"
     tiny = [
@@ -100,8 +91,6 @@ def test_paper_preset_falls_back_to_fashion_mnist_and_says_so(offline, monkeypat
 
 
 def test_set_rejects_unknown_fields():
-    import reproduce
-
     with pytest.raises(SystemExit, match="has no field 'stepz'"):
         reproduce.main(["--preset", "test", "--set", "mlp.stepz=3"])
     with pytest.raises(SystemExit, match=r"EXPERIMENT\.FIELD=VALUE"):
@@ -249,3 +238,19 @@ def test_loss_figure_one_line_style_per_learning_rate(tmp_path):
         assert fgd == bp
     assert style[f"{plots.LABELS['fgd']}, lr 0.0002"] != style[f"{plots.LABELS['fgd']}, lr 2e-05"]
     plots.plt.close(fig)
+
+
+def test_readme_command_runs_from_any_directory(tmp_path):
+    """``python experiments/reproduce.py`` (the README's main job) is a shim over
+    ``experiments.paper.main``: it finds the package without PYTHONPATH, from any directory."""
+    import os
+    import subprocess
+    import sys
+
+    shim = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(shim), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset {paper,quick,test}" in proc.stdout and "--replot" in proc.stdout

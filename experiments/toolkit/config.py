@@ -87,3 +87,8 @@ def apply_overrides(cfg: T, args: argparse.Namespace | dict[str, Any]) -> T:
         if k in names and v is not None
     }
     return dataclasses.replace(cfg, **changes)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """The dataclass ``cls`` from a JSON object (a preset in ``configs/``; lists -> tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

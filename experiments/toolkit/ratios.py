@@ -32,15 +32,36 @@ def make_forward(loss_fn: Callable) -> Callable:
     return jax.jit(loss_fn)
 
 
+def sgd_step(
+    loss_fn: Callable, lr: float, tangent: Any = None, num_tangents: int = 1, key: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, step)``, not jitted: ``step(params, opt_state, batch) -> (params, opt_state,
+    loss)``, one SGD step on ``jax.value_and_grad`` (``tangent=None``) or on the forward
+    gradient with that tangent (:func:`fgrad_jax.fgd`)."""
+    if tangent is None:
+        tx = optax.sgd(lr)
+
+        def step(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return tx, step
+    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
+
+    def fg_step(params, opt_state, batch):
+        updates, opt_state = tx.update(
+            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
+        )
+        value = fgrad_jax.forward_gradient_state(opt_state).value
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return tx, fg_step
+
+
 def make_backprop_step(loss_fn: Callable, lr: float) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, step)``: one SGD step on ``jax.value_and_grad``, jitted, params and state donated."""
-    tx = optax.sgd(lr)
-
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    tx, step = sgd_step(loss_fn, lr)
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -48,15 +69,7 @@ def make_fg_step(
     loss_fn: Callable, lr: float, tangent: Any, num_tangents: int, key: int = 0
 ) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, step)``: one forward-gradient SGD step (:func:`fgrad_jax.fgd`), jitted, donated."""
-    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
-
-    def step(params, opt_state, batch):
-        updates, opt_state = tx.update(
-            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
-        )
-        value = fgrad_jax.forward_gradient_state(opt_state).value
-        return optax.apply_updates(params, updates), opt_state, value
-
+    tx, step = sgd_step(loss_fn, lr, tangent, num_tangents, key)
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -114,7 +127,6 @@ def measure_ratios(
     reps: int = 15,
     warmup: int = 2,
     memory: bool = True,
-    extra: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
 
@@ -129,17 +141,14 @@ def measure_ratios(
         reps: Timed rounds.
         warmup: Untimed warm-up rounds.
         memory: Also report XLA's compiled memory analysis of each program.
-        extra: More zero-argument callables to time in the same rounds (e.g. a PyTorch peer);
-            each must block until its work is done.
 
     Returns:
         :class:`toolkit.records.RatioResult` as a dict (``t_forward_s``, ``t_backprop_s``,
-        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``,
-        ``extra``, ...).
+        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``, ...).
 
     Example:
         >>> import jax
-        >>> from toolkit.models import init_mlp, mlp_loss, synthetic_batch
+        >>> from experiments.toolkit.models import init_mlp, mlp_loss, synthetic_batch
         >>> params = init_mlp(jax.random.key(0), [8, 16, 10])
         >>> batch = synthetic_batch(jax.random.key(1), 4, (8,))
         >>> res = measure_ratios(mlp_loss, params, batch, reps=2, warmup=1, memory=False)
@@ -158,8 +167,6 @@ def measure_ratios(
         fns[f"fg{i}"] = r = Runner(st, tx, params, batch)
         runners.append(r)
         fg.append((f"fg{i}", tan, k))
-    for name, f in (extra or {}).items():
-        fns[f"extra:{name}"] = f
     if memory:
         mem = {
             "forward": memory_of(fwd, params, batch),
@@ -173,13 +180,6 @@ def measure_ratios(
             v.memory = memory_of(r.step, r.params, r.state, batch)
     if memory:
         res.memory = mem
-    t_b = res.t_backprop_s
-    res.extra = {
-        name: {"t_s": median(times[f"extra:{name}"]), "over_jax_backprop": None}
-        for name in extra or {}
-    }
-    for e in res.extra.values():
-        e["over_jax_backprop"] = e["t_s"] / t_b
     return res.to_json()
 
 

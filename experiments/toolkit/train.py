@@ -170,6 +170,51 @@ def init_state(arm: Arm, plan: Plan) -> dict[str, Any]:
     return st
 
 
+def make_chunk(
+    one_step: Callable, chunk: int, *, scan: bool = True, run_axis: str = "vmap", example=None
+) -> Callable:
+    """The one training loop's compiled part, which every experiment uses: ``chunk`` steps of
+    every run.
+
+    ``one_step(run, carry, data, i) -> (carry, out)`` is step ``i`` of one run: ``run`` holds
+    its constants (learning rate, data key or shuffle), ``carry`` what a step updates
+    (parameters, optimiser state), ``data`` what all runs read (a training set). The result,
+    ``chunk_fn(runs, carry, data, start) -> (carry, outs)``, takes every run's ``run`` and
+    ``carry`` stacked on axis 0 and returns ``outs`` as ``(runs, chunk, ...)``. Runs are one
+    ``jax.vmap``-ed program (``run_axis="vmap"``) or a ``lax.map`` loop (``"map"``).
+    ``scan=True``: one compiled ``lax.scan`` over the chunk; ``False``: ``chunk`` calls of one
+    compiled step from Python, since XLA:CPU runs the backward pass of a convolution inside a
+    compiled loop far slower. With ``example=(runs, carry, data)`` the program is compiled
+    ahead of time (so that a timed call never compiles).
+    """
+
+    def run_one(run, carry, data, start):
+        body = lambda c, i: one_step(run, c, data, i)
+        return jax.lax.scan(body, carry, start + jnp.arange(chunk))
+
+    def over_runs(f):
+        if run_axis == "vmap":
+            fn = jax.jit(jax.vmap(f, in_axes=(0, 0, None, None)))
+        elif run_axis == "map":
+            fn = jax.jit(lambda r, c, d, i: jax.lax.map(lambda a: f(*a, d, i), (r, c)))
+        else:
+            raise ValueError(f"run_axis must be 'vmap' or 'map'; got {run_axis!r}.")
+        return fn if example is None else fn.lower(*example, jnp.int32(0)).compile()
+
+    if scan:
+        return over_runs(run_one)
+    step = over_runs(one_step)
+
+    def chunk_py(runs, carry, data, start):
+        outs = []
+        for i in range(start, start + chunk):
+            carry, out = step(runs, carry, data, np.int32(i))
+            outs.append(out)
+        return carry, jax.tree.map(lambda *o: jnp.stack(o, axis=1), *outs)
+
+    return chunk_py
+
+
 def compile_arm(arm: Arm, plan: Plan, state: dict[str, Any]) -> Callable:
     """The arm's chunk program ``(params, opt_state, start) -> (params, opt_state, losses,
     flat params)`` over all its runs, compiled."""
@@ -177,53 +222,24 @@ def compile_arm(arm: Arm, plan: Plan, state: dict[str, Any]) -> Callable:
     lrs = jnp.asarray(arm.lrs, jnp.float32)
     dkeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(jax.vmap(jax.random.key)(seeds))
     step = make_step(arm.method, plan.loss_fn, plan.decay_k, plan.tangent)
-    record, chunk, sample_batch = plan.record_params, plan.chunk, plan.sample_batch
+    record, sample_batch = plan.record_params, plan.sample_batch
 
-    def one_step(lr, p, s, dkey, i):
+    def one_step(run, carry, data, i):
+        lr, dkey = run
         batch = None if sample_batch is None else sample_batch(jax.random.fold_in(dkey, i))
-        p, s, value = step(lr, p, s, batch)
+        p, s, value = step(lr, *carry, batch)
         flat = jax.flatten_util.ravel_pytree(p)[0] if record else jnp.zeros(())
-        return p, s, value.astype(jnp.float32), flat
+        return (p, s), (value.astype(jnp.float32), flat)
 
-    def run_one(lr, p, s, dkey, start):
-        def body(carry, i):
-            p, s, value, flat = one_step(lr, *carry, dkey, i)
-            return (p, s), (value, flat)
+    runs = (lrs, dkeys)
+    example = (runs, (state["params"], state["opt_state"]), None)
+    fn = make_chunk(one_step, plan.chunk, scan=plan.scan, run_axis=plan.run_axis, example=example)
 
-        (p, s), (vals, flats) = jax.lax.scan(body, (p, s), start + jnp.arange(chunk))
+    def chunk_fn(p, s, start):
+        (p, s), (vals, flats) = fn(runs, (p, s), None, start)
         return p, s, vals, flats
 
-    if plan.run_axis == "vmap":
-        batched_one = jax.vmap(one_step, in_axes=(0, 0, 0, 0, None))
-        chunk_fn = jax.jit(jax.vmap(run_one, in_axes=(0, 0, 0, 0, None)))
-    elif plan.run_axis == "map":
-
-        def batched_one(lrs, p, s, dkeys, i):
-            return jax.lax.map(lambda a: one_step(*a, i), (lrs, p, s, dkeys))
-
-        def chunk_fn_map(lrs, p, s, dkeys, start):
-            return jax.lax.map(lambda a: run_one(*a, start), (lrs, p, s, dkeys))
-
-        chunk_fn = jax.jit(chunk_fn_map)
-    else:
-        raise ValueError(f"run_axis must be 'vmap' or 'map'; got {plan.run_axis!r}.")
-    params, opt_state = state["params"], state["opt_state"]
-    if not plan.scan:
-        # One compiled step called `chunk` times from Python: XLA:CPU runs the backward pass
-        # of convolutions inside a while loop (what lax.scan compiles to) far slower.
-        step_c = jax.jit(batched_one).lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
-
-        def chunk_py(p, s, start):
-            vals, flats = [], []
-            for j in range(chunk):
-                p, s, v, f = step_c(lrs, p, s, dkeys, np.int32(start + j))
-                vals.append(v)
-                flats.append(f)
-            return p, s, jnp.stack(vals, axis=1), jnp.stack(flats, axis=1)
-
-        return chunk_py
-    compiled = chunk_fn.lower(lrs, params, opt_state, dkeys, jnp.int32(0)).compile()
-    return lambda p, s, start: compiled(lrs, p, s, dkeys, start)
+    return chunk_fn
 
 
 def restore(

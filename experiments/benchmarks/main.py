@@ -1,0 +1,159 @@
+"""Runtime and memory of a forward-gradient step against a backprop step and a forward pass.
+
+Everything is measured in one process, jitted, warmed up, with the candidates interleaved
+(one call each per round, in a seeded random order) so that a noisy shared machine slows them alike, and
+reported as medians. The paper's quantities (Baydin et al. 2022, Sec. 5):
+
+* ``R_f`` = time of one forward-gradient SGD step / time of one evaluation of f;
+* ``R_b`` = time of one backprop SGD step / time of one evaluation of f;
+* ``fg_over_bp`` = ``R_f / R_b`` (the paper's MLP: 2.329 / 3.971 = 0.586).
+
+``paired_ratio`` is the median over rounds of (fg step time / backprop step time) within the
+same round: the most noise-robust form of ``fg_over_bp`` on a shared machine.
+
+The measurement is :func:`experiments.toolkit.measure_ratios` (keys and their meanings:
+:mod:`experiments.toolkit.records`); this script holds the configurations, the data-parallel variant
+(``--mesh``) and the memory sweep. Command line::
+
+    python -m experiments.benchmarks.main --preset quick --out runtime.json
+    python -m experiments.benchmarks.main --preset full --out runtime.json   # every config below
+
+Memory: ``jax.jit(step).lower(...).compile().memory_analysis()`` (XLA's static buffer
+assignment: temp bytes are the working memory beyond arguments and outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# `--mesh N` on a CPU host: N host devices must be requested before jax is imported.
+if "--mesh" in sys.argv[1:-1] and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    _n = sys.argv[sys.argv.index("--mesh") + 1]
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
+    ).strip()
+
+import jax
+
+from experiments.benchmarks.train import (
+    load_preset,
+    measure_sharded,
+    memory_sweep,
+    run_config,
+    tangents_available,
+)
+from experiments.toolkit import (
+    apply_overrides,
+    environment,
+    init_mlp,
+    mlp_loss,
+    synthetic_batch,
+    write_json,
+)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", choices=("quick", "full"), default="quick")
+    ap.add_argument("--only", nargs="*", help="config names to run (default: all of the preset)")
+    ap.add_argument("--no-memory-sweep", action="store_true")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default="runtime.json")
+    ap.add_argument(
+        "--mesh",
+        type=int,
+        default=None,
+        help="also run the MLP steps data-parallel on a 1-D mesh of N devices (on a CPU host "
+        "N host devices are requested automatically) and count their collective bytes",
+    )
+    ap.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --mesh: shard the parameters FSDP-style (largest axis over the mesh)",
+    )
+    args = ap.parse_args(argv)
+    results = {"environment": environment(), "preset": args.preset, "configs": []}
+    if args.mesh:
+        results["mesh"] = []
+        for bsz in (64, 1024):
+            kp, kb = jax.random.split(jax.random.key(0))
+            params = init_mlp(kp, [784, 1024, 1024, 10])
+            batch = synthetic_batch(kb, bsz, (784,))
+            res = measure_sharded(
+                mlp_loss,
+                params,
+                batch,
+                mesh_size=args.mesh,
+                reps=args.reps or 9,
+                fsdp=args.fsdp,
+                variants=[(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
+                + [("rademacher", 4), ("normal", 4)],
+            )
+            res["batch_size"] = bsz
+            results["mesh"].append(res)
+            print(
+                f"== mesh {args.mesh}, B={bsz}: backprop {res['t_backprop_s'] * 1e3:.2f} ms, "
+                f"collectives {res['backprop_collective_bytes']} (params {res['param_bytes']} B)",
+                flush=True,
+            )
+            for v in res["variants"]:
+                print(
+                    f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:.2f} ms "
+                    f"(paired {v['paired_ratio']:.2f}), collectives {v['collective_bytes']}",
+                    flush=True,
+                )
+    for cfg in load_preset(args.preset):
+        if args.only and cfg.name not in args.only:
+            continue
+        cfg = apply_overrides(cfg, {"reps": args.reps})
+        t0 = time.perf_counter()
+        res = run_config(cfg)
+        res["wall_s"] = time.perf_counter() - t0
+        results["configs"].append(res)
+        print(format_result(res), flush=True)
+        write_json(args.out, results)
+    if not args.no_memory_sweep and (not args.only or "memory" in args.only):
+        depths = (2, 4, 8, 16, 32) if args.preset == "full" else (2, 8, 32)
+        results["memory_sweep"] = memory_sweep(depths)
+        for row in results["memory_sweep"]:
+            print(
+                "memory depth",
+                row["depth"],
+                "backprop temp MB",
+                round(row["backprop"]["temp_bytes"] / 2**20, 1),
+                {
+                    t: round(row[t]["temp_bytes"] / 2**20, 1)
+                    for t in row
+                    if isinstance(row[t], dict) and t != "backprop"
+                },
+                flush=True,
+            )
+    write_json(args.out, results)
+    return results
+
+
+def format_result(res) -> str:
+    lines = [
+        f"== {res['name']}: t_fwd {res['t_forward_s'] * 1e3:.2f} ms, backprop {res['t_backprop_s'] * 1e3:.2f} ms, R_b {res['R_b']:.2f}"
+    ]
+    for v in res["variants"]:
+        mem = v.get("memory") or {}
+        lines.append(
+            f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:8.2f} ms  R_f {v['R_f']:.2f}  "
+            f"fg/bp {v['fg_over_bp']:.2f} (paired {v['paired_ratio']:.2f})  temp {mem.get('temp_bytes', 0) / 2**20:.1f} MB"
+            + (f"  /K=1 {v['paired_over_k1']:.2f}" if v.get("paired_over_k1") else "")
+        )
+    bm = (res.get("memory") or {}).get("backprop") or {}
+    lines.append(f"   backprop temp {bm.get('temp_bytes', 0) / 2**20:.1f} MB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Per-step overhead of the forward-gradient SGD step on small models, against backprop.
+
+Where the arithmetic is small, what remains is the cost of a call (host dispatch, one
+buffer per state array) and of the kernels a step launches. This measures, in one
+process, interleaved rounds, medians and paired ratios (``toolkit.time_interleaved``):
+a forward pass, the backprop SGD step and forward-gradient SGD steps (rademacher,
+normal, lowrank), each
+
+* dispatched from Python, with and without buffer donation (``nnx.jit`` users do not
+  donate by default), and
+* ``loop_steps`` steps inside one compiled ``fori_loop`` (the multi-step loop of
+  ``docs/getting_started.md``), where dispatch is paid once per call;
+
+for the issue's tiny MLP (784-8-8-10, batch 8: overhead only) and the paper's MLP
+(784-1024-1024-10, batch 64). The cases are those of ``gpu_check.py``'s MLP section, so
+CPU and GPU numbers share one harness::
+
+    python -m experiments.benchmarks.overhead --out experiments/results/overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+
+from experiments.benchmarks.gpu_sections import mlp_case
+from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
+
+LABELS = ("forward", "backprop", "rademacher", "normal", "lowrank")
+
+
+@dataclass
+class Config:
+    """The benchmark (``cases``: ``(sizes, batch, loop_steps)`` per model).
+
+    Attributes:
+        rounds: Timed rounds (interleaved).
+        warmup: Untimed rounds before them.
+        max_seconds: Stop taking rounds after this long (each case gets at least one).
+    """
+
+    cases: tuple = (((784, 8, 8, 10), 8, 100), ((784, 1024, 1024, 10), 64, 10))
+    rounds: int = 30
+    warmup: int = 3
+    max_seconds: float = 600.0
+
+
+def run(cfg: Config) -> dict:
+    out = {"config": asdict(cfg), "environment": environment(), "cases": []}
+    deadline = time.time() + cfg.max_seconds
+    for sizes, batch_size, loop_steps in cfg.cases:
+        case = mlp_case(
+            list(sizes),
+            batch_size,
+            ("dispatched", "loop"),
+            loop_steps,
+            cfg.rounds,
+            cfg.warmup,
+            deadline,
+        )
+        out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown: ms per step and, in brackets, the paired ratio to the backprop step."""
+    lines = [
+        "| MLP | B | mode | donated | " + " | ".join(LABELS) + " |",
+        "|---|---|---|---|" + "---|" * len(LABELS),
+    ]
+    for case in result["cases"]:
+        for row in case["rows"]:
+            cells = []
+            for label in LABELS:
+                ms = f"{row[label]['ms']:.4g} ms"
+                ratio = row[label].get("over_backprop")
+                cells.append(ms if ratio is None or label == "backprop" else f"{ms} ({ratio:.2f})")
+            mode = (
+                "dispatched" if row["mode"] == "dispatched" else f"loop of {row['steps_per_call']}"
+            )
+            sizes = "-".join(map(str, case["sizes"]))
+            donated = "yes" if row["donated"] else "no"
+            lines.append(
+                f"| {sizes} | {row['batch_size']} | {mode} | {donated} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default="out/overhead.json")
+    add_overrides(ap, Config, ("rounds", "warmup", "max_seconds"))
+    args = ap.parse_args(argv)
+    result = run(apply_overrides(Config(), args))
+    result["table"] = table(result)
+    write_json(args.out, result)
+    print(result["table"])
+
+
+if __name__ == "__main__":
+    main()

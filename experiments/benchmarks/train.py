@@ -1,0 +1,231 @@
+"""What the runtime benchmark measures: one configuration's steps side by side
+(:func:`experiments.toolkit.measure_ratios`), the data-parallel variant and the memory sweep.
+The configurations are data, ``configs/<preset>.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fgrad_jax
+from experiments.toolkit import (
+    CNN,
+    Runner,
+    classifier_loss,
+    compiled_memory,
+    init_mlp,
+    make_backprop_step,
+    make_fg_step,
+    measure_ratios,
+    median,
+    memory_of,
+    mlp_loss,
+    paired_ratio,
+    synthetic_batch,
+    time_interleaved,
+)
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def measure_sharded(
+    loss_fn,
+    params,
+    batch,
+    *,
+    mesh_size: int,
+    variants,
+    lr: float = 1e-4,
+    reps: int = 9,
+    warmup: int = 2,
+    fsdp: bool = False,
+) -> dict[str, Any]:
+    """Data parallel: batch sharded over a 1-D mesh of ``mesh_size`` devices, params replicated
+    (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
+    mesh divides; leaves with none stay replicated).
+
+    Times the backprop step and each forward-gradient variant (interleaved, medians), counts
+    the bytes of every collective in each compiled step (``_sharding.collective_bytes``) and
+    reports XLA's memory analysis of each (per device).
+    """
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fgrad_jax._sharding import collective_bytes
+
+    devices = jax.devices()
+    if len(devices) < mesh_size:
+        raise ValueError(f"--mesh {mesh_size} needs {mesh_size} devices; found {len(devices)}.")
+    mesh = Mesh(np.array(devices[:mesh_size]), ("data",))
+
+    def spec(x):
+        if not fsdp:
+            return P()
+        axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % mesh_size == 0]
+        return P(*["data" if a == (axes[0] if axes else -1) else None for a in range(x.ndim)])
+
+    params = jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
+    )
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    fns: dict[str, Callable[[], None]] = {}
+    tx, st = make_backprop_step(loss_fn, lr)
+    fns["backprop"] = Runner(st, tx, params, batch)
+    out: dict[str, Any] = {
+        "mesh_size": mesh_size,
+        "fsdp": fsdp,
+        "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
+        "variants": [],
+    }
+    compiled = st.lower(params, tx.init(params), batch).compile()
+    out["backprop_collective_bytes"] = collective_bytes(compiled.as_text())
+    out["backprop_memory"] = compiled_memory(compiled)
+    for i, (tan, k) in enumerate(variants):
+        tx, st = make_fg_step(loss_fn, lr, tan, k)
+        fns[f"fg{i}"] = Runner(st, tx, params, batch)
+        compiled = st.lower(params, tx.init(params), batch).compile()
+        out["variants"].append(
+            {
+                "tangent": tan if isinstance(tan, str) else repr(tan),
+                "num_tangents": k,
+                "collective_bytes": collective_bytes(compiled.as_text()),
+                "memory": compiled_memory(compiled),
+            }
+        )
+    times = time_interleaved(fns, reps, warmup)
+    out["t_backprop_s"] = median(times["backprop"])
+    for i, v in enumerate(out["variants"]):
+        v["t_step_s"] = median(times[f"fg{i}"])
+        v["paired_ratio"] = paired_ratio(times[f"fg{i}"], times["backprop"])
+    return out
+
+
+class ThreefryNormal:
+    """A user tangent callable drawing ``jax.random.normal`` per leaf: the naive baseline
+    (the estimator's generic path, the same work as the original implementation)."""
+
+    def __call__(self, key, tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree_util.tree_unflatten(
+            treedef, [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+        )
+
+    def __repr__(self):
+        return "threefry_normal"
+
+
+THREEFRY_NORMAL = ThreefryNormal()
+
+
+def tangents_available(names):
+    return [t for t in names if t in fgrad_jax.TANGENT_NAMES]
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """One benchmark configuration.
+
+    Attributes:
+        name: Name in the results (``mlp_b64``, ...).
+        model: ``"mlp"`` (plain-JAX MLP, 784 inputs) or ``"cnn"`` (28x28 inputs).
+        batch_size: Batch size.
+        variants: ``(tangent, num_tangents)`` pairs of the forward-gradient steps.
+        reps: Timed rounds.
+        warmup: Untimed warm-up rounds.
+        memory: Also read the compiled memory of each step.
+        width: Hidden width of the MLP.
+        depth: Hidden layers of the MLP.
+    """
+
+    name: str
+    model: str
+    batch_size: int
+    variants: list[tuple[Any, int]]
+    reps: int
+    warmup: int = 2
+    memory: bool = True
+    width: int = 1024
+    depth: int = 2
+
+
+def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
+    """Measures one configuration; the :func:`experiments.toolkit.measure_ratios` dict plus its config."""
+    kp, kb = jax.random.split(jax.random.key(0))
+    if cfg.model == "mlp":
+        sizes = [784] + [cfg.width] * cfg.depth + [10]
+        params = init_mlp(kp, sizes)
+        batch = synthetic_batch(kb, cfg.batch_size, (784,))
+        loss = mlp_loss
+    elif cfg.model == "cnn":
+        cnn = CNN()
+        batch = synthetic_batch(kb, cfg.batch_size, (28, 28))
+        params = cnn.init(kp, batch[0][:1])
+        loss = classifier_loss(cnn)
+    else:
+        raise ValueError(f"unknown model {cfg.model!r}; use 'mlp' or 'cnn'.")
+    res = measure_ratios(
+        loss,
+        params,
+        batch,
+        variants=cfg.variants,
+        reps=cfg.reps,
+        warmup=cfg.warmup,
+        memory=cfg.memory,
+    )
+    res.update(
+        name=cfg.name,
+        model=cfg.model,
+        batch_size=cfg.batch_size,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
+    )
+    return res
+
+
+def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents=None):
+    """XLA temp bytes of each step vs depth (compile only, nothing is run)."""
+    tangents = tangents or tangents_available(("rademacher", "normal", "lowrank"))
+    rows = []
+    for depth in depths:
+        kp, kb = jax.random.split(jax.random.key(0))
+        sizes = [784] + [width] * depth + [10]
+        params = init_mlp(kp, sizes)
+        batch = synthetic_batch(kb, batch_size, (784,))
+        row = {
+            "depth": depth,
+            "width": width,
+            "batch_size": batch_size,
+            "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params))),
+        }
+        tx, st = make_backprop_step(mlp_loss, 1e-4)
+        row["backprop"] = memory_of(st, params, tx.init(params), batch)
+        for t in tangents:
+            tx, st = make_fg_step(mlp_loss, 1e-4, t, 1)
+            row[t] = memory_of(st, params, tx.init(params), batch)
+            row[f"{t}_temp_over_backprop"] = row[t]["temp_bytes"] / row["backprop"]["temp_bytes"]
+        rows.append(row)
+    return rows
+
+
+def load_preset(preset: str) -> list[RuntimeConfig]:
+    """The configurations of ``configs/<preset>.json``, each with the variants whose tangent
+    this fgrad_jax has (``threefry_normal``: the naive baseline above)."""
+
+    def variants(pairs):
+        return [
+            (THREEFRY_NORMAL if t == "threefry_normal" else t, k)
+            for t, k in pairs
+            if t == "threefry_normal" or t in fgrad_jax.TANGENT_NAMES
+        ]
+
+    rows = json.loads((CONFIGS / f"{preset}.json").read_text())
+    return [RuntimeConfig(**{**r, "variants": variants(r["variants"])}) for r in rows]

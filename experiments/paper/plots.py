@@ -1,0 +1,280 @@
+"""Figures, drawn only from what the experiments wrote: JSONL metrics, results entries and the
+sampled landscapes of the 2-D functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments.toolkit.analysis import diverged, run_band
+from experiments.toolkit.io import read_jsonl
+
+# One colour and one name per method in every figure ("sgd" is the results' key for the
+# backprop arm: plain (S)GD on jax.value_and_grad).
+COLORS = {"fgd": "tab:blue", "sgd": "tab:red"}
+LABELS = {"fgd": "FGD (forward gradient)", "sgd": "backprop"}
+
+
+class _PlainLog(matplotlib.ticker.LogFormatter):
+    """The log ticks matplotlib would label, as plain numbers ("0.6", not "6e-01")."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _y_scale(ax, values) -> None:
+    """A log y axis when the values span a decade or more, else a linear one: a log axis
+    over less than a decade labels only minor ticks, as "2.31x10^0"."""
+    v = np.asarray([x for x in np.ravel(values) if x is not None and np.isfinite(x) and x > 0])
+    if v.size and v.max() >= 10 * v.min():
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FormatStrFormatter("%g")
+        ax.yaxis.set_major_formatter(plain)
+        # Over a decade or two matplotlib labels some minor ticks too: plainly.
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
+    else:
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _load_arm(path: Path):
+    rows = read_jsonl(path)
+    header = rows[0] if rows and rows[0].get("header") else {}
+    recs = [r for r in rows if not r.get("header")]
+    steps = np.array([r["step"] for r in recs])
+    times = np.array([r["time_s"] for r in recs])
+    loss = np.array([[np.nan if v is None else v for v in r["loss"]] for r in recs], float)
+    params = np.array([r["params"] for r in recs], float) if recs and "params" in recs[0] else None
+    return header, steps, times, loss, params
+
+
+def _arms(run_dir: Path):
+    return sorted(p for p in run_dir.glob("*.jsonl") if not p.name.startswith("tune_"))
+
+
+def loss_figure(out: Path, name: str, entry: dict):
+    """The figure of :func:`plot_loss` (not saved)."""
+    run_dir = out / "runs" / name
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", ":", "-."]
+    arms = [(path, *_load_arm(path)) for path in _arms(run_dir)]
+    # One line style per learning rate, shared by both methods (colour = method).
+    lrs = sorted({a[1].get("lrs", [0.0])[0] for a in arms})
+    for path, header, steps, times, loss, _ in arms:
+        method = header.get("method", path.stem.split("_")[0])
+        lr = header.get("lrs", [None])[0]
+        # Runs as columns -> rows; the mean and band leave diverged runs out, as the
+        # tables do.
+        mean, lo, hi, bad = run_band(loss.T)
+        label = f"{LABELS[method]}, lr {lr:g}" if lr is not None else LABELS[method]
+        if bad:
+            label += f" ({bad} of {loss.shape[1]} runs diverged, left out)"
+        ls = styles[lrs.index(lr if lr is not None else 0.0) % len(styles)]
+        # A short run logs few points: mark them, or a single one would not show.
+        marker = "o" if len(steps) < 30 else None
+        for ax, x in zip(axes, (steps + 1, times)):
+            ax.plot(x, mean, ls, color=COLORS[method], label=label, lw=1.2, marker=marker, ms=4)
+            if loss.shape[1] - bad > 1:
+                ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.15, lw=0)
+    thr = (entry.get("shared_lr") or [{}])[0].get("threshold")
+    for ax in axes:
+        _y_scale(ax, np.concatenate([np.ravel(a[4]) for a in arms]) if arms else [])
+        ax.set_ylabel("training loss")
+        if thr:
+            ax.axhline(thr, color="gray", lw=0.8, ls=":", label="threshold")
+        ax.grid(alpha=0.3)
+    # A curve that hardly falls is not a plotting accident: say so on the figure.
+    drops = [np.nanmean(a[4][-1]) / np.nanmean(a[4][0]) for a in arms if len(a[4]) > 1]
+    if drops and min(drops) > 0.8:
+        axes[0].text(
+            0.02,
+            0.03,
+            f"the loss falls by {max(0.0, 100 * (1 - min(drops))):.0f} % at most: the shared rate and\n"
+            "step count are too small for this model to train far; each method at\n"
+            "its own rate: tuned_sweeps.png",
+            transform=axes[0].transAxes,
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+        )
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{name}: loss vs iterations and vs time (mean over runs, band = min..max)")
+    return fig
+
+
+def plot_loss(out: Path, name: str, entry: dict) -> Path:
+    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
+    their min..max; the legend counts the diverged runs)."""
+    return _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
+
+
+def function_figure(out: Path, name: str, entry: dict):
+    """The figure of :func:`plot_function` (not saved)."""
+    land = np.load(out / "runs" / name / "landscape.npz")
+    xs, ys, zs = land["xs"], land["ys"], land["zs"]
+    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
+    fig, ax = plt.subplots(figsize=(7.2, 5))
+    # A grey landscape, so that the methods keep their colours of every other figure.
+    logz = np.log10(zs + 1e-3)
+    filled = ax.contourf(xs, ys, logz, levels=40, cmap="Greys", alpha=0.7)
+    ax.contour(xs, ys, logz, levels=15, colors="k", linewidths=0.3, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="log10 f(x, y)")
+    start = entry["config"]["start"]
+    for method in ("fgd", "sgd"):
+        _, _, _, loss, params = _load_arm(out / "runs" / name / f"{method}.jsonl")
+        # GD is deterministic: its runs coincide, one is drawn.
+        runs = params.shape[1] if method == "fgd" else 1
+        bad = diverged(loss.T)
+        label = LABELS[method]
+        if method == "fgd":
+            label += f", {runs} runs"
+            if bad.any():
+                label += f" ({int(bad.sum())} diverged: dashed)"
+        for r in range(runs):
+            traj = np.vstack([start, params[:, r]])
+            # The FGD runs thin and solid (each ending in a dot), backprop dotted on top: where
+            # the paths coincide, both stay visible.
+            ax.plot(
+                traj[:, 0],
+                traj[:, 1],
+                ("--" if bad[r] else "-") if method == "fgd" else ":",
+                color=COLORS[method],
+                lw=1.0 if method == "fgd" else 2.5,
+                alpha=0.8,
+                marker="o" if method == "fgd" else None,
+                markevery=[-1],
+                ms=3,
+                zorder=3 if method == "fgd" else 4,
+                label=label if r == 0 else None,
+            )
+    ax.plot(*start, "ko", ms=6, label="start")
+    ax.plot(*entry["minimum"], "*", color="gold", mec="k", ms=14, label="minimum")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.set_title(f"{name}: trajectories of every run")
+    return fig
+
+
+def plot_function(out: Path, name: str, entry: dict) -> Path:
+    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
+    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
+    return _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
+
+
+def tuned_figure(experiments: dict):
+    """The figure of :func:`plot_tuned` (not saved)."""
+    names = [n for n, e in experiments.items() if e.get("tuned")]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, n in zip(axes, names):
+        t = experiments[n]["tuned"]
+        finite = [
+            v
+            for m in ("fgd", "sgd")
+            for v in t["final_loss"][m]
+            if v is not None and np.isfinite(v)
+        ]
+        top = max(finite) if finite else 1.0
+        for m in ("fgd", "sgd"):
+            y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
+            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=LABELS[m])
+            bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
+            if bad:
+                ax.plot(
+                    bad,
+                    [top] * len(bad),
+                    "x",
+                    color=COLORS[m],
+                    ms=9,
+                    mew=2,
+                    label=f"{LABELS[m]}: diverged",
+                )
+            ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(t["lrs"])  # the swept rates, labelled even within one decade
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.tick_params(axis="x", labelrotation=30)
+        _y_scale(ax, finite)
+        ax.set_title(n)
+        ax.set_xlabel("initial learning rate")
+        ax.set_ylabel("final training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
+    return fig
+
+
+def plot_tuned(out: Path, experiments: dict) -> Path:
+    """Final loss vs learning rate of the per-method sweeps."""
+    return _save(tuned_figure(experiments), out / "tuned_sweeps.png")
+
+
+def depth_figure(depth: dict):
+    """The figure of :func:`plot_depth` (not saved)."""
+    rows = depth["rows"]
+    d = [r["depth"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(d, [r["R_f"] for r in rows], "o-", color=COLORS["fgd"], label="R_f (FGD)")
+    axes[0].plot(d, [r["R_b"] for r in rows], "o-", color=COLORS["sgd"], label="R_b (backprop)")
+    axes[0].set_ylabel("cost / cost of f")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(d, [r["fg_over_bp"] for r in rows], "o-", color="k")
+    axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
+    axes[1].set_ylabel("R_f / R_b")
+    mems = {
+        "fgd": [r["variants"][0].get("memory") for r in rows],
+        "sgd": [r["memory"].get("backprop") for r in rows],
+        "f": [r["memory"].get("forward") for r in rows],
+    }
+    for m in ("fgd", "sgd"):
+        axes[2].plot(
+            d,
+            [(x or {}).get("total_bytes", np.nan) for x in mems[m]],
+            "o-",
+            color=COLORS[m],
+            label=f"{LABELS[m]} iteration",
+        )
+    axes[2].plot(
+        d,
+        [(x or {}).get("total_bytes", np.nan) for x in mems["f"]],
+        "o--",
+        color="gray",
+        label="f (forward only)",
+    )
+    axes[2].set_ylabel("XLA compiled memory (bytes)")
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        # Layers are whole numbers: ticks at the measured depths, on a log axis (the
+        # paper's depths run from 1 to 100).
+        ax.set_xscale("log")
+        ax.set_xticks(d)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("number of hidden layers")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"depth scaling: MLP width {depth['config']['width']}, batch {depth['config']['batch']}"
+    )
+    return fig
+
+
+def plot_depth(out: Path, depth: dict) -> Path:
+    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
+    return _save(depth_figure(depth), out / "depth_scaling.png")

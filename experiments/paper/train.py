@@ -1,0 +1,544 @@
+"""The paper's experiments (Baydin et al. 2022): what each one trains and measures.
+
+* Beale and Rosenbrock (Fig. 2): FGD vs gradient descent from a fixed start point (assumed:
+  the paper does not state it), constant learning rate, runs differing only in tangents.
+* Classification (Sec. 5): logistic regression, MLP 1024-1024-10 and a CNN (four 3x3 convs
+  with 64 channels, ReLU, SAME padding, a 2x2 max-pool after every second, dense to 10; the
+  DSSC-projects/veni reimplementation's, since the paper gives none). SGD vs FGD with
+  ``eta_i = eta_0 exp(-i k)``, at a shared rate and each at its own tuned rate; R_f, R_b,
+  memory and T_f/T_b to a common loss threshold. Batches are drawn with replacement from
+  ``fold_in(data_key, step)``, so a run is a pure function of its seed (exact resume).
+* Depth scaling (Fig. 6): R_f, R_b and memory of an MLP vs its depth, on random inputs.
+
+Every experiment trains with the one loop of :func:`experiments.toolkit.train.train_arms`;
+the presets are data, ``configs/<preset>.json``, read and changed by ``configs/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.toolkit import (
+    CNN,
+    FUNCTIONS,
+    MINIMA,
+    MLP,
+    Arm,
+    LogReg,
+    add_estimates,
+    classifier_loss,
+    landscape,
+    measure_runtime,
+    num_params,
+    pick_tuned,
+    summarise_pair,
+    time_per_iter,
+    to_jsonable,
+    train_arms,
+)
+from fgrad_jax import datasets
+
+
+@dataclasses.dataclass
+class ClassifyConfig:
+    """Configuration of one classification experiment.
+
+    Attributes:
+        name: ``"logreg"``, ``"mlp"`` or ``"cnn"``.
+        dataset: ``"digits"`` (scikit-learn, offline), ``"mnist"`` or ``"fashion_mnist"``.
+        data_dir: Directory of IDX files (MNIST: default cache; see fgrad_jax.datasets).
+        lrs: Shared learning rates, each compared FGD vs SGD (paper: logreg 1e-4, MLP 2e-5
+            and 2e-4).
+        steps: Iterations (paper: logreg 25,000, MLP 20,000).
+        batch: Minibatch size (64, from the reimplementations).
+        decay_k: ``k`` of ``eta_i = eta_0 exp(-i k)`` (1e-4).
+        seeds: Runs per arm (paper: 5), vmapped as one program.
+        width: Hidden width of the MLP.
+        channels: Channels of the CNN.
+        chunk: Iterations per timed chunk.
+        log_every: Steps per JSONL record.
+        smooth_window: Moving-average window of the loss curves.
+        tune_factors: Multipliers of ``lrs[0]`` swept per method.
+        tune_seeds: Seeds per swept learning rate.
+        tune_steps: Iterations of the sweep runs (0: ``steps``).
+        runtime_rounds: Rounds of the R_f/R_b measurement.
+        checkpoint_every: Checkpoint every this many chunks (0: no checkpoints).
+        run_axis: ``"vmap"`` (seeds as one vectorised program) or ``"map"`` (a
+            ``lax.map`` loop in one program).
+        scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
+            over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
+            because XLA:CPU runs convolution backward passes inside loops far slower than
+            outside (docs/engineering_log.md); ``lax.scan`` otherwise.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
+        seed: Base seed.
+    """
+
+    name: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    lrs: tuple[float, ...] = (2e-5, 2e-4)
+    steps: int = 20000
+    batch: int = 64
+    decay_k: float = 1e-4
+    seeds: int = 5
+    width: int = 1024
+    channels: int = 64
+    chunk: int = 500
+    log_every: int = 50
+    smooth_window: int = 200
+    tune_factors: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    tune_seeds: int = 2
+    tune_steps: int = 0
+    runtime_rounds: int = 15
+    checkpoint_every: int = 4
+    run_axis: str = "vmap"
+    scan: bool | None = None
+    tangent: str = "normal"
+    seed: int = 0
+
+
+def load_data(cfg: ClassifyConfig) -> datasets.Dataset:
+    """Loads the configured data set."""
+    if cfg.dataset == "digits":
+        return datasets.load_digits()
+    if cfg.dataset == "mnist":
+        return datasets.load_mnist(cfg.data_dir)
+    if cfg.dataset == "fashion_mnist":
+        return datasets.load_fashion_mnist(cfg.data_dir)
+    return datasets.load_idx_dataset(cfg.dataset)
+
+
+def make_model(cfg: ClassifyConfig, num_classes: int) -> nn.Module:
+    """The configured Flax model."""
+    if cfg.name == "logreg":
+        return LogReg(num_classes)
+    if cfg.name == "mlp":
+        return MLP((cfg.width, cfg.width), num_classes)
+    if cfg.name == "cnn":
+        return CNN(cfg.channels, num_classes)
+    raise ValueError(f"unknown model {cfg.name!r}")
+
+
+def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
+    """Returns ``(loss_fn, init_params, sample_batch, model)`` for :func:`toolkit.train_arms`."""
+    model = make_model(cfg, data.num_classes)
+    x = jnp.asarray(data.train_images)
+    y = jnp.asarray(data.train_labels)
+    n = x.shape[0]
+
+    loss_fn = classifier_loss(model)
+
+    def init_params(key):
+        return model.init(key, x[:1])
+
+    def sample_batch(key):
+        idx = jax.random.randint(key, (cfg.batch,), 0, n)
+        return x[idx], y[idx]
+
+    return loss_fn, init_params, sample_batch, model
+
+
+def _accuracy(model, params_stacked, images, labels, batch: int = 1000) -> list[float]:
+    """Test accuracy of each run; the test set goes through in batches, since the CNN's
+    activations for 10,000 28x28 images and every run at once exceed a small host's memory."""
+
+    @jax.jit
+    @functools.partial(jax.vmap, in_axes=(0, None, None))
+    def correct(p, x, y):
+        return (model.apply(p, x).argmax(-1) == y).sum()
+
+    hits = 0
+    for i in range(0, len(labels), batch):
+        x, y = jnp.asarray(images[i : i + batch]), jnp.asarray(labels[i : i + batch])
+        hits = hits + np.asarray(correct(params_stacked, x, y))
+    # In float32, as the mean of a boolean array on the device was (same numbers as before).
+    return [float(np.float32(h) / np.float32(len(labels))) for h in hits]
+
+
+def use_scan(cfg: ClassifyConfig) -> bool:
+    """Resolves ``cfg.scan`` (``None``: no ``lax.scan`` for the CNN on CPU)."""
+    if cfg.scan is not None:
+        return bool(cfg.scan)
+    return not (cfg.name == "cnn" and jax.default_backend() == "cpu")
+
+
+def config_hash(cfg: ClassifyConfig) -> str:
+    """Short hash of the configuration (checkpoints of another config are never reused)."""
+    return hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run(
+    cfg: ClassifyConfig,
+    out: str | Path,
+    progress: bool = True,
+    checkpoint_root: str | Path | None = None,
+    stop_after_chunks: int | None = None,
+):
+    """Runs one classification experiment.
+
+    Args:
+        cfg: The configuration.
+        out: Output directory (JSONL under ``out/runs/<name>/``).
+        progress: Show progress bars.
+        checkpoint_root: Where orbax checkpoints go (default ``out/checkpoints``); the
+            subdirectory is named by the config's hash, so a rerun resumes.
+        stop_after_chunks: Simulate an interruption after this many chunks of the shared
+            comparison (returns ``None``); for testing resume.
+
+    Returns:
+        The experiment's entry of ``results.json`` (or ``None`` when stopped).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    run_dir = out / "runs" / cfg.name
+    data = load_data(cfg)
+    loss_fn, init_params, sample_batch, model = make_problem(cfg, data)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    arms = []
+    for lr in cfg.lrs:
+        tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
+        arms += [
+            Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
+            Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds),
+        ]
+    ckpt = None
+    if cfg.checkpoint_every:
+        root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
+        ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
+    res = train_arms(
+        arms,
+        loss_fn,
+        init_params,
+        sample_batch,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        checkpoint_dir=ckpt,
+        checkpoint_every=max(1, cfg.checkpoint_every),
+        progress=progress,
+        stop_after_chunks=stop_after_chunks,
+        desc=f"{cfg.name} shared lr",
+        run_axis=cfg.run_axis,
+        scan=use_scan(cfg),
+        tangent=cfg.tangent,
+    )
+    if res is None:
+        return None
+
+    key = jax.random.key(cfg.seed)
+    params1 = init_params(key)
+    batch1 = sample_batch(jax.random.fold_in(key, 7))
+    rt = measure_runtime(
+        loss_fn,
+        params1,
+        batch1,
+        lr=cfg.lrs[0],
+        decay_k=cfg.decay_k,
+        rounds=cfg.runtime_rounds,
+        seed=cfg.seed,
+        tangent=cfg.tangent,
+    )
+    per_iter = time_per_iter(rt)
+
+    shared = []
+    for lr in cfg.lrs:
+        tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
+        s = summarise_pair(res[f"fgd{tag}"], res[f"sgd{tag}"], cfg.smooth_window)
+        s["lr"] = lr
+        add_estimates(s, per_iter)
+        for m in ("fgd", "sgd"):
+            s[f"test_accuracy_{m}"] = float(
+                np.mean(
+                    _accuracy(model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)
+                )
+            )
+        shared.append(s)
+
+    tuned = tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter)
+    first = shared[0]
+    return {
+        "R_f": rt["R_f"],
+        "R_b": rt["R_b"],
+        "fg_over_bp": rt["fg_over_bp"],
+        "paired_ratio": rt["paired_ratio"],
+        "T_f": first["T_f"],
+        "T_b": first["T_b"],
+        "T_ratio": first["T_ratio"],
+        "initial_loss": first["initial_loss"],
+        "final_loss_fgd": first["final_loss_fgd"],
+        "final_loss_sgd": first["final_loss_sgd"],
+        "shared_lr": shared,
+        "tuned": tuned,
+        "runtime": rt,
+        "num_params": num_params(params1),
+        "dataset": {
+            "name": data.name,
+            "train": int(data.train_images.shape[0]),
+            "test": int(data.test_images.shape[0]),
+            "image_shape": list(data.train_images.shape[1:]),
+        },
+        "model": repr(model),
+        "scan": use_scan(cfg),
+        "wall_time_s": time.perf_counter() - t_start,
+        "config": to_jsonable(cfg),
+    }
+
+
+def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -> dict:
+    """Per-method learning-rate sweep (lrs x seeds vmapped as one program per method)."""
+    lrs = [cfg.lrs[0] * f for f in cfg.tune_factors]
+    steps = cfg.tune_steps or cfg.steps
+    grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_seeds)]
+    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_seeds)]
+    res = train_arms(
+        [
+            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+        ],
+        loss_fn,
+        init_params,
+        sample_batch,
+        num_steps=steps,
+        decay_k=cfg.decay_k,
+        chunk=min(cfg.chunk, steps),
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        progress=progress,
+        desc=f"{cfg.name} lr sweep",
+        run_axis=cfg.run_axis,
+        scan=use_scan(cfg),
+        tangent=cfg.tangent,
+    )
+    t = pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
+    t["steps"] = steps
+    return t
+
+
+@dataclasses.dataclass
+class FunctionConfig:
+    """Configuration of a Beale or Rosenbrock experiment.
+
+    Attributes:
+        name: ``"beale"`` or ``"rosenbrock"``.
+        lr: Shared learning rate (paper: Beale 0.01, Rosenbrock 5e-4).
+        steps: Iterations (paper: 1,000 and 25,000).
+        runs: Number of runs (paper: 10), vmapped; GD is deterministic, so its runs are
+            identical and only FGD's differ.
+        start: Starting point (assumed; the paper does not state it).
+        decay_k: Learning-rate decay ``k`` (0: constant, as in the paper's Fig. 2).
+        chunk: Iterations per timed chunk.
+        log_every: Steps per JSONL record.
+        tune_factors: Learning-rate multipliers of the per-method sweep.
+        tune_runs: Runs per learning rate in the sweep.
+        runtime_rounds: Rounds of the R_f/R_b measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
+        seed: Base seed.
+    """
+
+    name: str = "beale"
+    lr: float = 0.01
+    steps: int = 1000
+    runs: int = 10
+    start: tuple[float, float] = (1.0, 1.0)
+    decay_k: float = 0.0
+    chunk: int = 100
+    log_every: int = 1
+    tune_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    tune_runs: int = 5
+    runtime_rounds: int = 15
+    tangent: str = "normal"
+    seed: int = 0
+
+
+def _problem(cfg: FunctionConfig):
+    fn = FUNCTIONS[cfg.name]
+    start = jnp.asarray(cfg.start, jnp.float32)
+
+    def loss_fn(p, batch):
+        del batch
+        return fn(p)
+
+    def init_params(key):
+        del key
+        return start
+
+    return loss_fn, init_params
+
+
+def run_function(
+    cfg: FunctionConfig,
+    out: str | Path,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> dict:
+    """Runs one 2-D experiment: shared-lr comparison, tuned comparison, runtime ratios.
+
+    Args:
+        cfg: The configuration.
+        out: Output directory; JSONL files go to ``out/runs/<name>/``.
+        progress: Show progress bars.
+        checkpoint_dir: Optional orbax checkpoint directory (resume).
+
+    Returns:
+        The experiment's entry of ``results.json``.
+    """
+    out = Path(out)
+    loss_fn, init_params = _problem(cfg)
+    run_dir = out / "runs" / cfg.name
+    seeds = [cfg.seed + i for i in range(cfg.runs)]
+    t0 = time.perf_counter()
+    res = train_arms(
+        [
+            Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
+            Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
+        ],
+        loss_fn,
+        init_params,
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.log_every,
+        out_dir=run_dir,
+        checkpoint_dir=checkpoint_dir,
+        record_params=True,
+        progress=progress,
+        desc=f"{cfg.name} shared lr",
+        tangent=cfg.tangent,
+    )
+    xs, ys, zs = landscape(cfg.name)
+    np.savez(run_dir / "landscape.npz", xs=xs, ys=ys, zs=zs)
+    shared = summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
+    shared["lr"] = cfg.lr
+    final_points = {m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")}
+    rt = measure_runtime(
+        loss_fn,
+        init_params(None),
+        None,
+        lr=cfg.lr,
+        decay_k=cfg.decay_k,
+        rounds=cfg.runtime_rounds,
+        seed=cfg.seed,
+        tangent=cfg.tangent,
+    )
+    add_estimates(shared, time_per_iter(rt))
+    tuned = tune_function(cfg, run_dir, progress, rt)
+    entry = {
+        "R_f": rt["R_f"],
+        "R_b": rt["R_b"],
+        "fg_over_bp": rt["fg_over_bp"],
+        "paired_ratio": rt["paired_ratio"],
+        "T_f": shared["T_f"],
+        "T_b": shared["T_b"],
+        "T_ratio": shared["T_ratio"],
+        "initial_loss": shared["initial_loss"],
+        "final_loss_fgd": shared["final_loss_fgd"],
+        "final_loss_sgd": shared["final_loss_sgd"],
+        "shared_lr": [shared],
+        "tuned": tuned,
+        "runtime": rt,
+        "final_points": final_points,
+        "minimum": MINIMA[cfg.name],
+        "num_params": 2,
+        "wall_time_s": time.perf_counter() - t0,
+        "config": to_jsonable(cfg),
+    }
+    return entry
+
+
+def tune_function(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
+    """Per-method learning-rate sweep; compares each method at its own best lr."""
+    lrs = [cfg.lr * f for f in cfg.tune_factors]
+    grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_runs)]
+    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_runs)]
+    res = train_arms(
+        [
+            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
+            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
+        ],
+        *_problem(cfg),
+        None,
+        num_steps=cfg.steps,
+        decay_k=cfg.decay_k,
+        chunk=cfg.chunk,
+        log_every=cfg.steps // 10 or 1,
+        out_dir=run_dir,
+        progress=progress,
+        desc=f"{cfg.name} lr sweep",
+        tangent=cfg.tangent,
+    )
+    return pick_tuned(
+        res,
+        lrs,
+        cfg.tune_runs,
+        smooth_window=1,
+        per_iter=time_per_iter(rt),
+    )
+
+
+@dataclasses.dataclass
+class DepthConfig:
+    """Configuration of the depth-scaling experiment.
+
+    Attributes:
+        width: Hidden width (paper: 1024).
+        depths: Numbers of hidden layers (paper: 1 to 100).
+        batch: Batch size.
+        in_dim: Input features (784 = MNIST).
+        num_classes: Output classes.
+        lr: Learning rate of the timed steps (irrelevant to the timing).
+        runtime_rounds: Rounds per measurement.
+        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
+            ``fgrad_jax.TANGENT_NAMES``).
+        seed: Seed.
+    """
+
+    width: int = 1024
+    depths: tuple[int, ...] = (1, 2, 5, 10, 20, 40, 60, 80, 100)
+    batch: int = 64
+    in_dim: int = 784
+    num_classes: int = 10
+    lr: float = 2e-5
+    runtime_rounds: int = 15
+    tangent: str = "normal"
+    seed: int = 0
+
+
+def run_depth(cfg: DepthConfig, progress: bool = True) -> dict:
+    """Measures every depth; returns ``{"rows": [...], "config": ...}``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    key = jax.random.key(cfg.seed)
+    kx, ky, kp = jax.random.split(key, 3)
+    x = jax.random.uniform(kx, (cfg.batch, cfg.in_dim), jnp.float32)
+    y = jax.random.randint(ky, (cfg.batch,), 0, cfg.num_classes)
+    rows = []
+    for depth in tqdm(cfg.depths, desc="depth", disable=not progress, leave=False):
+        model = MLP((cfg.width,) * depth, cfg.num_classes)
+        params = model.init(kp, x)
+        rt = measure_runtime(
+            classifier_loss(model),
+            params,
+            (x, y),
+            lr=cfg.lr,
+            rounds=cfg.runtime_rounds,
+            seed=cfg.seed,
+            tangent=cfg.tangent,
+        )
+        rows.append({"depth": depth, "num_params": num_params(params), **rt})
+    return {"rows": rows, "config": to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}
