@@ -99,6 +99,20 @@ class Stepper:
         jax.block_until_ready((self.params, loss))
 
 
+class Pipelined(Stepper):
+    """``steps`` calls dispatched back to back, blocking once after the last: how a
+    training loop runs (asynchronous dispatch overlaps the host's work with the device's)."""
+
+    def __init__(self, fn, params, state, batch, steps):
+        super().__init__(fn, params, state, batch)
+        self.steps = steps
+
+    def __call__(self):
+        for _ in range(self.steps):
+            self.params, self.state, loss = self.fn(self.params, self.state, self.batch)
+        jax.block_until_ready((self.params, loss))
+
+
 def timed_rounds(fns, reps, warmup, deadline, chunk=5):
     """``runtime.time_interleaved`` in chunks of rounds until ``reps`` or the deadline."""
     times = {n: [] for n in fns}
@@ -125,7 +139,7 @@ def timing_row(times, names, base, per_call=1):
 # ----------------------------------------------------------------------------- sections 1, 2
 
 
-def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline):
+def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipeline_steps=10):
     kp, kb = jax.random.split(jax.random.key(0))
     params = init_mlp(kp, sizes)
     batch = synthetic_batch(kb, batch_size, (sizes[0],))
@@ -136,11 +150,19 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline):
             for donate in (True, False):
                 fn = jax.jit(step, donate_argnums=(0, 1) if donate else ())
                 fns[f"{kind}/dispatched/{donate}"] = Stepper(fn, params, tx.init(params), batch)
+                if "pipelined" in modes:
+                    fns[f"{kind}/pipelined/{donate}"] = Pipelined(
+                        fn, params, tx.init(params), batch, pipeline_steps
+                    )
         loop = jax.jit(in_loop(step, loop_steps), donate_argnums=(0, 1))
         fns[f"{kind}/loop/True"] = Stepper(loop, params, tx.init(params), batch)
     if "dispatched" in modes:
         fwd = jax.jit(mlp_loss)
         fns["forward/dispatched"] = lambda: jax.block_until_ready(fwd(params, batch))
+        if "pipelined" in modes:
+            fns["forward/pipelined"] = lambda: jax.block_until_ready(
+                [fwd(params, batch) for _ in range(pipeline_steps)]
+            )
     floop = jax.jit(forward_in_loop(mlp_loss, loop_steps))
     fns["forward/loop"] = lambda: jax.block_until_ready(floop(params, batch))
     t0 = time.perf_counter()
@@ -149,6 +171,8 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline):
     for mode, donate, per_call in (
         ("dispatched", True, 1),
         ("dispatched", False, 1),
+        ("pipelined", True, pipeline_steps),
+        ("pipelined", False, pipeline_steps),
         ("loop", True, loop_steps),
     ):
         if mode not in modes:

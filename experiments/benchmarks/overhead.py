@@ -7,7 +7,9 @@ a forward pass, the backprop SGD step and forward-gradient SGD steps (rademacher
 normal, lowrank), each
 
 * dispatched from Python, with and without buffer donation (``nnx.jit`` users do not
-  donate by default), and
+  donate by default), blocking after every call (the developers' harness),
+* ``pipeline_steps`` calls dispatched back to back, blocking once after the last (how a
+  training loop runs: asynchronous dispatch), with and without donation, and
 * ``loop_steps`` steps inside one compiled ``fori_loop`` (the multi-step loop of
   ``docs/getting_started.md``), where dispatch is paid once per call;
 
@@ -41,6 +43,7 @@ class Config:
     """
 
     cases: tuple = (((784, 8, 8, 10), 8, 100), ((784, 1024, 1024, 10), 64, 10))
+    pipeline_steps: int = 10
     rounds: int = 30
     warmup: int = 3
     max_seconds: float = 600.0
@@ -53,11 +56,12 @@ def run(cfg: Config) -> dict:
         case = mlp_case(
             list(sizes),
             batch_size,
-            ("dispatched", "loop"),
+            ("dispatched", "pipelined", "loop"),
             loop_steps,
             cfg.rounds,
             cfg.warmup,
             deadline,
+            cfg.pipeline_steps,
         )
         out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
     return out
@@ -76,9 +80,11 @@ def table(result: dict) -> str:
                 ms = f"{row[label]['ms']:.4g} ms"
                 ratio = row[label].get("over_backprop")
                 cells.append(ms if ratio is None or label == "backprop" else f"{ms} ({ratio:.2f})")
-            mode = (
-                "dispatched" if row["mode"] == "dispatched" else f"loop of {row['steps_per_call']}"
-            )
+            n = row["steps_per_call"]
+            mode = {
+                "dispatched": "dispatched, blocked per call",
+                "pipelined": f"{n} dispatched, blocked once",
+            }.get(row["mode"], f"loop of {n}")
             sizes = "-".join(map(str, case["sizes"]))
             donated = "yes" if row["donated"] else "no"
             lines.append(
@@ -94,7 +100,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default="out/overhead.json")
-    add_overrides(ap, Config, ("rounds", "warmup", "max_seconds"))
+    add_overrides(ap, Config, ("rounds", "warmup", "max_seconds", "pipeline_steps"))
     args = ap.parse_args(argv)
     result = run(apply_overrides(Config(), args))
     result["table"] = table(result)
