@@ -49,7 +49,7 @@ def store_once(x: Array, seed: Array) -> Array:
     duplicate into a broadcasting consumer, so the draw is computed once into a buffer.
     Scaling by a power of two and back is exact: the values are bitwise unchanged.
     """
-    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(jnp.float32)  # 1.0 or 2.0
+    two = (np.uint32(1) << (seed[0] & np.uint32(1))).astype(x.dtype)  # 1 or 2, exact
     return (x * two) / two
 
 
