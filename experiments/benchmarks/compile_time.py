@@ -1,0 +1,134 @@
+"""Compile time of the forward-gradient step against ``jax.grad``'s, every tangent family.
+
+For the 6-block nnx transformer of ``benchmarks/transformer.py`` and the depth-32 MLP of
+the memory results, each program is lowered once and compiled ``rounds`` times in a random
+order per round, with :func:`jax.clear_caches` before every compile (JAX otherwise returns
+the cached executable); the report gives median seconds, the paired ratio to ``jax.grad``
+of the same round, and the optimised program's instruction count::
+
+    python -m experiments.benchmarks.compile_time --out experiments/results/compile_time_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import fgrad_jax
+from experiments.toolkit import (
+    Transformer,
+    add_overrides,
+    apply_overrides,
+    environment,
+    init_mlp,
+    median,
+    mlp_loss,
+    synthetic_batch,
+    write_json,
+)
+
+
+@dataclass
+class Config:
+    """The programs (``models``, ``tangents``) and the number of timed ``rounds``."""
+
+    models: tuple[str, ...] = ("transformer", "mlp32")
+    tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank", "sphere", "orthogonal")
+    rounds: int = 3
+    depth: int = 6
+    width: int = 128
+    heads: int = 4
+    seq_len: int = 32
+    batch: int = 16
+
+
+def _loss_and_params(name: str, cfg: Config):
+    if name == "transformer":
+        graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+        x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq_len, cfg.width))
+        y = jnp.zeros(cfg.batch, jnp.int32)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return loss, params
+    batch = synthetic_batch(jax.random.key(1), 64, (784,))
+    return (lambda p: mlp_loss(p, batch)), init_mlp(jax.random.key(0), [784] + [1024] * 32 + [10])
+
+
+def _user_normal(key, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([jax.random.normal(k, jnp.shape(a)) for k, a in zip(keys, leaves)])
+
+
+def instructions(compiled) -> int:
+    return len(re.findall(r"^\s*(?:ROOT )?%?[\w.\-]+ = ", compiled.as_text(), re.M))
+
+
+def run_model(name: str, cfg: Config) -> dict:
+    loss, params = _loss_and_params(name, cfg)
+    key = jax.random.key(0)
+    lowered = {"jax.grad": jax.jit(jax.grad(loss)).lower(params)}
+    for tangent in (*cfg.tangents, "user"):
+        estimate = fgrad_jax.forward_grad(
+            loss, tangent=_user_normal if tangent == "user" else tangent
+        )
+        lowered[tangent] = jax.jit(estimate).lower(key, params)
+    seconds: dict[str, list[float]] = {n: [] for n in lowered}
+    sizes = {}
+    for r in range(cfg.rounds):
+        order = list(lowered)
+        random.Random(r).shuffle(order)
+        for n in order:
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            compiled = lowered[n].compile()
+            seconds[n].append(time.perf_counter() - t0)
+            sizes[n] = instructions(compiled)
+    rows = {}
+    for n, ts in seconds.items():
+        ratios = [t / g for t, g in zip(ts, seconds["jax.grad"])]
+        rows[n] = {"seconds": median(ts), "over_grad": median(ratios), "instructions": sizes[n]}
+    return {"model": name, "rounds": cfg.rounds, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| model | program | compile s | / jax.grad | HLO instructions |",
+        "|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        for n, row in m["rows"].items():
+            lines.append(
+                f"| {m['model']} | {n} | {row['seconds']:.2f} | {row['over_grad']:.2f} | "
+                f"{row['instructions']:,} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default="out/compile_time.json")
+    add_overrides(ap, Config, ("models", "tangents", "rounds"))
+    cfg = apply_overrides(Config(), ap.parse_args(argv))
+    result = {"config": asdict(cfg), "environment": environment()}
+    result["models"] = [run_model(m, cfg) for m in cfg.models]
+    result["table"] = table(result)
+    write_json(ap.parse_args(argv).out, result)
+    print(result["table"])
+
+
+if __name__ == "__main__":
+    main()
