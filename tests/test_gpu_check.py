@@ -49,7 +49,13 @@ def test_smoke_runs_every_section_and_writes_json_and_markdown(tmp_path):
     mlp = res["sections"]["mlp"]["result"]
     rows = [r for case in mlp["cases"] for r in case["rows"]]
     modes = {(r["mode"], r["donated"]) for r in rows}
-    assert modes == {("dispatched", True), ("dispatched", False), ("loop", True)}
+    assert modes == {
+        ("dispatched", True),
+        ("dispatched", False),
+        ("pipelined", True),
+        ("pipelined", False),
+        ("loop", True),
+    }
     for r in rows:
         assert _positive(r["forward"]["ms"]) and _positive(r["backprop"]["ms"])
         for t in ("rademacher", "normal", "lowrank"):
@@ -91,7 +97,8 @@ def test_smoke_runs_every_section_and_writes_json_and_markdown(tmp_path):
     header = "| model | B | mode | donated | rounds | forward | backprop | fg rademacher (/bp)"
     assert header in md
     table = [ln for ln in md.splitlines() if ln.startswith("| MLP 784-")]
-    assert len(table) == 3 and all(ln.count("|") == 11 for ln in table)
+    assert len(table) == 5 and all(ln.count("|") == 11 for ln in table)
+    assert sum("pipelined (10 dispatched, blocked once)" in ln for ln in table) == 2
     assert "| fg_k4 | yes |" in md
     assert "trains: 2 steps" in md
     assert "section `" not in md  # no failed section listed

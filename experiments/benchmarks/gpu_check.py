@@ -12,7 +12,8 @@ out-of-memory error or a slow compile costs only that section):
 
 * ``mlp``: MLP 784-1024-1024-10, SGD step, B=64 and 1024: forward pass, backprop and forward
   gradient (rademacher, normal, lowrank; K=1), one jitted step per Python call with and
-  without buffer donation, and 100 steps inside one compiled ``fori_loop``.
+  without buffer donation (blocked after each call, and 10 calls pipelined, blocked once),
+  and 100 steps inside one compiled ``fori_loop``.
 * ``wide``: MLP width 4096, depth 4, B=8192, in the compiled loop.
 * ``depth_memory``: XLA temp bytes and compile time of the steps, MLP width 1024, B=1024,
   depth 32 and 2 (compile only).

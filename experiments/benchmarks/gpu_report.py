@@ -36,7 +36,10 @@ def _steps(res, title):
         reps = f"{case.get('reps_done')}" + (" (cut)" if case.get("cut") else "")
         for r in case.get("rows", []):
             per = r.get("steps_per_call", 1)
-            mode = "dispatched" if r["mode"] == "dispatched" else f"in loop ({per}/call)"
+            mode = {
+                "dispatched": "dispatched",
+                "pipelined": f"pipelined ({per} dispatched, blocked once)",
+            }.get(r["mode"], f"in loop ({per}/call)")
             cells = [title, r["batch_size"], mode, _yes(r["donated"]), reps]
             cells += [_ms(r["forward"]["ms"]), _ms(r["backprop"]["ms"])]
             for t in TANGENTS:

@@ -188,13 +188,15 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipel
 
 
 def section_mlp(smoke, deadline, spec, emit):
-    """Paper MLP, SGD step, dispatched (donated or not) and in a compiled loop."""
+    """Paper MLP, SGD step, dispatched or pipelined (donated or not) and in a compiled loop."""
     sizes = [784, 32, 32, 10] if smoke else [784, 1024, 1024, 10]
     loop_steps, reps = (5, 3) if smoke else (100, 30)
     out = {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "tangents": TANGENTS, "cases": []}
     out["environment"] = environment()
     for batch_size in (8,) if smoke else (64, 1024):
-        case = mlp_case(sizes, batch_size, ("dispatched", "loop"), loop_steps, reps, 2, deadline)
+        case = mlp_case(
+            sizes, batch_size, ("dispatched", "pipelined", "loop"), loop_steps, reps, 2, deadline
+        )
         out["cases"].append(case)
         emit(out)
         print(f"  mlp B={batch_size}: {_brief(case['rows'])}", flush=True)
