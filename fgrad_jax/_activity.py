@@ -50,7 +50,7 @@ class ActivityContext(NamedTuple):
     the schedule, the traces of :meth:`~ActivityPerturbation.direction` (the last one is
     the current chunk's, read by ``sum_tangents``) and the leaves' paths for messages."""
 
-    groups: tuple[Any, ...] | None
+    columns: tuple[Any, ...] | None
     schedule: _interpreter.Schedule
     traces: list[Trace]
     names: tuple[str, ...]
@@ -63,12 +63,13 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
     Attributes:
         base: The elementwise distribution of ``u`` and of the weight-perturbed
             leaves' tangents (``_tangents.HashedTangents``: normal or rademacher).
-        activations: ``False`` weight-perturbs every leaf while keeping the per-example
-            (and per-group) derivatives; local losses with ``perturb="weights"`` use it.
-        groups: ``groups(tree) -> pytree of ints`` with the structure of the
-            differentiated argument: the loss then returns shape ``(B, G)`` and leaf ``i``
-            is estimated from column ``groups[i]`` only (block-local losses). An entry may
-            be a :class:`Columns` instead: a block split into patch/group columns.
+        perturb: ``"activations"`` (default) or ``"weights"``: every leaf weight-perturbed
+            while keeping the per-example (and per-column) derivatives; local losses with
+            ``perturb="weights"`` use it.
+        columns: ``columns(tree) -> pytree of ints`` with the structure of the
+            differentiated argument: the loss then returns shape ``(B, L)`` and leaf ``i``
+            is estimated from loss column ``columns[i]`` only (block-local losses). An
+            entry may be a :class:`Columns` instead: a block split into patch/group columns.
         schedule: Overrides the ``_interpreter.Schedule`` (never changes a value).
         fallback: ``"error"`` (default): a dense/conv kernel that cannot be activity-
             perturbed (it reaches its op through something the rules do not see through:
@@ -82,20 +83,22 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
     """
 
     base: Any
-    activations: bool = True
-    groups: Callable[[Any], Any] | None = None
+    perturb: str = "activations"
+    columns: Callable[[Any], Any] | None = None
     schedule: _interpreter.Schedule | None = None
     batch_coupled: bool = False
     fallback: str = "error"
 
     def __post_init__(self):
+        if self.perturb not in PERTURB:
+            raise ValueError(f"perturb must be one of {PERTURB}; got {self.perturb!r}.")
         if self.fallback not in FALLBACK:
             raise ValueError(f"fallback must be one of {FALLBACK}; got {self.fallback!r}.")
 
     def check_value(self, out: Any, fn_name: str) -> Array:
         out = jnp.asarray(out)
-        want = "(B,)" if self.groups is None else "(B, num_groups)"
-        if out.ndim != (1 if self.groups is None else 2) or out.shape[0] == 0:
+        want = "(B,)" if self.columns is None else "(B, num_columns)"
+        if out.ndim != (1 if self.columns is None else 2) or out.shape[0] == 0:
             raise ValueError(
                 f"With perturb='activations' (or local losses) {fn_name} must return the "
                 f"per-example losses, shape {want}, with the batch axis first; got shape "
@@ -106,12 +109,12 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
         return out
 
     def prepare(self, key, primals, num_tangents, selection: Selection):
-        groups = None
-        if self.groups is not None:
+        columns = None
+        if self.columns is not None:
             flat = jax.tree_util.tree_leaves(
-                self.groups(selection.tree), is_leaf=lambda c: isinstance(c, Columns)
+                self.columns(selection.tree), is_leaf=lambda c: isinstance(c, Columns)
             )
-            groups = tuple(
+            columns = tuple(
                 flat[i] if isinstance(flat[i], Columns) else int(flat[i]) for i in selection.indices
             )
         schedule = self.schedule or _interpreter.schedule_for(primals)
@@ -122,32 +125,32 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
         keys = _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32))
         paths = jax.tree_util.tree_flatten_with_path(selection.tree)[0]
         names = tuple(jax.tree_util.keystr(paths[i][0]) for i in selection.indices)
-        return keys, ActivityContext(groups, schedule, traces, names)
+        return keys, ActivityContext(columns, schedule, traces, names)
 
     def direction(self, fun, primals, context: ActivityContext, key) -> Direction:
-        groups, schedule, traces, names = context
+        columns, schedule, traces, names = context
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
         losses_shape = out_shape[0].shape
-        if groups is not None:
+        if columns is not None:
             last = max(
-                (c if isinstance(c, int) else c.start + c.size - 1 for c in groups), default=0
+                (c if isinstance(c, int) else c.start + c.size - 1 for c in columns), default=0
             )
             if last >= losses_shape[1]:
                 raise ValueError(
-                    f"The loss has {losses_shape[1]} columns but the groups name column "
-                    f"{last}; return one column per group."
+                    f"The loss has {losses_shape[1]} columns but the column map names column "
+                    f"{last}; return one column per block."
                 )
         trace, outs, touts = trace_jvp(
-            self, closed, primals, key, losses_shape[0], self.activations, schedule
+            self, closed, primals, key, losses_shape[0], self.perturb == "activations", schedule
         )
         losses, d = outs[0], touts[0]
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)
-        if self.activations and self.fallback == "error":
+        if self.perturb == "activations" and self.fallback == "error":
             check_no_fallback(closed, len(primals), trace.site_eqns, names, losses_shape[0])
         traces.append(trace)
         shared = [site.lhs for site in trace.sites]
-        kept = trace.cotangents(d, groups, self.batch_coupled)
+        kept = trace.cotangents(d, columns, self.batch_coupled)
         return Direction(value, d, aux, kept, shared)
 
     sums_tangents: ClassVar[bool] = True

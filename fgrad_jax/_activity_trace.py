@@ -183,7 +183,7 @@ class Trace:
             return [out], [tangents[i]]
         return None
 
-    def cotangents(self, d: Array, groups: tuple[Any, ...] | None, coupled: bool) -> Kept:
+    def cotangents(self, d: Array, columns: tuple[Any, ...] | None, coupled: bool) -> Kept:
         """This tangent's share of the estimate, before any weight contraction: the
         cotangent ``d ⊙ u`` of every site (float32) and each weight-perturbed leaf's
         ``mean_b(d_b) v``. Both are linear in the tangent, so the K tangents' shares are
@@ -195,13 +195,13 @@ class Trace:
         d_sites = jnp.broadcast_to(jnp.sum(d, axis=0, keepdims=True), d.shape) if coupled else d
 
         def column(leaf, d=d):
-            if groups is None:
+            if columns is None:
                 return d
-            spec = groups[leaf]
+            spec = columns[leaf]
             return d[:, spec] if isinstance(spec, int) else spec.total(d)
 
         def scaled(site):
-            spec = None if groups is None else groups[site.leaf]
+            spec = None if columns is None else columns[site.leaf]
             if isinstance(spec, Columns) and spec.split:
                 return spec.per_element(d_sites, site.u.astype(jnp.float32), site.name)
             dl = column(site.leaf, d_sites)

@@ -55,17 +55,30 @@ def test_mlp_local_estimates_unbiased(perturb):
     x = jax.random.normal(jax.random.key(0), (6, 4))
     y = jnp.array([0, 1, 2, 0, 1, 2])
     local = fgrad_jax.local_losses(mlp_blocks(), num_classes=3)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     assert len(params["blocks"]) == 3 and params["heads"][-1] == {}
     assert local.losses(params, x, y).shape == (6, 3)
     check_unbiased(local, params, x, y, perturb)
+
+
+def test_init_returns_a_new_object_and_changes_none():
+    """init returns an initialised copy per input shape; the object it was called on is
+    unchanged, so one LocalLosses serves two input shapes without mixing their layouts."""
+    local = fgrad_jax.local_losses(cnn_blocks(), num_classes=2, patches=2)
+    _, small = local.init(jax.random.key(0), jnp.ones((2, 4, 4, 1)))
+    _, large = local.init(jax.random.key(0), jnp.ones((2, 8, 8, 1)))
+    assert small.layout == large.layout and small is not large
+    with pytest.raises(ValueError, match=r"local\.init"):
+        _ = local.layout
+    with pytest.raises(ValueError, match=r"local\.init"):
+        local.forward_gradient()
 
 
 def test_cnn_local_estimates_unbiased():
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 1))
     y = jnp.array([0, 1, 1, 0])
     local = fgrad_jax.local_losses(cnn_blocks(), num_classes=2)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     assert [h["kernel"].shape for h in params["heads"]] == [(3, 2), (4, 2)]  # pooled heads
     check_unbiased(local, params, x, y, "activations")
 
@@ -76,7 +89,7 @@ def test_blocks_do_not_see_later_blocks():
     x = jax.random.normal(jax.random.key(0), (6, 4))
     y = jnp.array([0, 1, 2, 0, 1, 2])
     local = fgrad_jax.local_losses(mlp_blocks(), num_classes=3)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     est = fgrad_jax.forward_grad(local.value_fn(x, y), tangent=local.tangent())
     moved = {"blocks": list(params["blocks"]), "heads": params["heads"]}
     moved["blocks"][2] = jax.tree.map(lambda a: 2.0 * a, params["blocks"][2])
@@ -102,9 +115,9 @@ def test_errors():
     local = fgrad_jax.local_losses(mlp_blocks(), num_classes=3)
     with pytest.raises(ValueError, match="init"):
         local.losses({}, x, y)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     summed = lambda p: local.losses(p, x, y).sum(1)  # (B,), not (B, L)
-    with pytest.raises(ValueError, match=r"\(B, num_groups\)"):
+    with pytest.raises(ValueError, match=r"\(B, num_columns\)"):
         fgrad_jax.forward_grad(summed, tangent=local.tangent())(jax.random.key(0), params)
     tx = local.forward_gradient(key=0)
     bad = lambda p: local.losses(p, x, y).at[2, 1].set(jnp.inf)
@@ -162,7 +175,7 @@ def test_local_activity_beats_weight_perturbation_on_digits(standard_promotion):
         )
 
     local = fgrad_jax.local_losses(make(), num_classes=10)
-    params = local.init(jax.random.key(0), xtr[:2])
+    params, local = local.init(jax.random.key(0), xtr[:2])
     params = _train(xtr, ytr, 300, 3e-3, local.forward_gradient(key=0), local.value_fn, params)
     acc_local = float((local.predict(params, xte).argmax(-1) == yte).mean())
 
@@ -185,7 +198,7 @@ def test_parameterless_callables_before_the_first_layer():
     blocks = [lambda x: x.reshape(x.shape[0], -1), nn.Dense(16), jax.nn.relu, nn.Dense(10)]
     local = fgrad_jax.local_losses(blocks, 10)
     x, y = jnp.ones((8, 4, 4)), jnp.zeros(8, jnp.int32)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     assert params["blocks"][0]["kernel"].shape == (16, 16)
     assert local.losses(params, x, y).shape == (8, 2)
 
@@ -197,7 +210,7 @@ def test_forward_gradient_passes_tangent_chunk_through(perturb):
     x = jax.random.normal(jax.random.key(0), (6, 4))
     y = jnp.array([0, 1, 2, 0, 1, 2])
     local = fgrad_jax.local_losses(mlp_blocks(), num_classes=3)
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
 
     def updates(chunk):
         tx = local.forward_gradient(3, num_tangents=4, perturb=perturb, tangent_chunk=chunk)
@@ -225,7 +238,7 @@ def test_sequence_form_reports_metrics_from_the_same_pass(standard_promotion):
     x = jax.random.normal(jax.random.key(0), (16, 4))
     y = jnp.arange(16) % 3
     local = fgrad_jax.local_losses(model, num_classes=3, groups=[2, 1])
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     table, aux = local.losses(params, x, y, with_aux=True)
     np.testing.assert_allclose(table, local.losses(params, x, y), rtol=1e-6)
     means = table.mean(0)

@@ -90,8 +90,9 @@ def test_linen_blocks_columns_and_the_model_s_own_loss():
     local = fgrad_jax.local_losses(model, 10, boundaries=Residual)
     x, y = _images()
     v = local.init(jax.random.key(0), x, train=True)
+    local = v.local
     assert local.block_paths == (("Residual_0",), ("Residual_1",))
-    cols = local.groups(v.params)["model"]
+    cols = local.columns(v.params)["model"]
     # The stem belongs to the first block, the classifier after the last boundary to the last.
     assert cols["Conv_0"]["kernel"] == 0 and cols["BatchNorm_0"]["scale"] == 0
     assert set(jax.tree.leaves(cols["Residual_0"])) == {0}
@@ -110,7 +111,7 @@ def test_linen_blocks_columns_and_the_model_s_own_loss():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert local.batch_coupled  # BatchNorm in training mode
     eval_local = fgrad_jax.local_losses(model, 10, boundaries=Residual)
-    eval_local.init(jax.random.key(0), x, train=False)
+    eval_local = eval_local.init(jax.random.key(0), x, train=False).local
     assert not eval_local.batch_coupled
 
 
@@ -126,7 +127,7 @@ def test_boundaries_by_path_predicate_or_classes(boundaries):
         else boundaries
     )
     local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=spec)
-    local.init(jax.random.key(0), _images()[0], train=True)
+    local = local.init(jax.random.key(0), _images()[0], train=True).local
     assert local.block_paths == (("Residual_0",), ("Residual_1",))
 
 
@@ -140,8 +141,21 @@ def test_errors_name_the_fix():
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=3)
     with pytest.raises(TypeError, match="boundaries=BlockClass"):
         fgrad_jax.local_losses(SmallResNet(), 10)
-    with pytest.raises(ValueError, match="Call init"):
+    with pytest.raises(ValueError, match="use the one init returns"):
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual).tangent()
+
+
+def test_init_returns_a_new_object_and_changes_none():
+    """init returns an initialised copy; the object it was called on stays uninitialised,
+    so a transformation built earlier cannot see a later init's layout."""
+    x, _ = _images()
+    local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual)
+    bound = local.init(jax.random.key(0), x, train=True).local
+    assert bound is not local and bound.block_paths
+    with pytest.raises(ValueError, match="use the one init returns"):
+        _ = local.block_paths
+    again = local.init(jax.random.key(1), x, train=True).local
+    assert again.block_paths == bound.block_paths and again is not bound
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -172,6 +186,7 @@ def test_unbiased_under_batchnorm_coupling(perturb):
     x = jax.random.normal(jax.random.key(5), (8, 5))
     y = jnp.arange(8) % 3
     v = local.init(jax.random.key(0), x, train=True)
+    local = v.local
     assert local.batch_coupled
 
     def objective(p):
@@ -181,7 +196,7 @@ def test_unbiased_under_batchnorm_coupling(perturb):
     samples = _samples(local, v.params, v.state, x, y, local.tangent(perturb), 6000)
     assert _max_z(samples, truth) < 5.0
     if perturb == "activations":
-        naive = ActivityPerturbation(HASHED["rademacher"], True, local.groups)
+        naive = ActivityPerturbation(HASHED["rademacher"], "activations", local.columns)
         assert _max_z(_samples(local, v.params, v.state, x, y, naive, 6000), truth) > 8.0
 
 
@@ -197,7 +212,7 @@ def test_linen_train_state_recipe_updates_batch_stats(standard_promotion):
 
     images, labels = _images()
     local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual)
-    params, batch_stats = local.init(jax.random.key(0), images, train=True)
+    params, batch_stats, local = local.init(jax.random.key(0), images, train=True)
     state = TrainState.create(
         apply_fn=None, params=params, batch_stats=batch_stats, tx=optax.adam(1e-2)
     )
@@ -223,6 +238,7 @@ def test_linen_optax_chain_reports_metrics_in_the_state(standard_promotion):
     x = jax.random.normal(jax.random.key(5), (8, 5))
     y = jnp.arange(8) % 3
     v = local.init(jax.random.key(0), x, train=True)
+    local = v.local
     tx = optax.chain(local.forward_gradient(0, num_tangents=2), optax.adam(1e-2))
 
     @jax.jit
@@ -250,9 +266,9 @@ def test_nnx_recipe_updates_batch_stats_and_dropout_streams(standard_promotion):
     model = NnxNet(nnx.Rngs(0, dropout=1))
     images, labels = _images()
     local = fgrad_jax.local_losses(model, 10, boundaries=NnxBlock)
-    params, state = local.init(jax.random.key(0), images)
+    params, state, local = local.init(jax.random.key(0), images)
     assert local.block_paths == (("blocks", "0"), ("blocks", "1"))
-    assert jax.tree.leaves(local.groups(params)["model"]["out"]) == [2, 2]
+    assert jax.tree.leaves(local.columns(params)["model"]["out"]) == [2, 2]
     tx = optax.chain(local.forward_gradient(key=0, num_tangents=2), optax.adam(1e-2))
     opt_state = tx.init(params)
 
@@ -310,8 +326,9 @@ def test_attention_blocks_unbiased_and_uncoupled():
     x = jax.random.normal(jax.random.key(5), (6, 5, 4))
     y = jnp.arange(6) % 3
     v = local.init(jax.random.key(0), x)
+    local = v.local
     assert local.block_paths == (("blocks", "0"), ("blocks", "1")) and not local.batch_coupled
-    cols = local.groups(v.params)["model"]
+    cols = local.columns(v.params)["model"]
     assert set(jax.tree.leaves(cols["embed"])) == {0} and set(jax.tree.leaves(cols["head"])) == {2}
 
     def objective(p):
@@ -342,6 +359,7 @@ def test_groups_split_through_batchnorm_unbiased_with_less_variance():
     for groups in (1, 3):
         local = fgrad_jax.local_losses(TinyNet(), 3, boundaries=DenseBN, groups=groups)
         v = local.init(jax.random.key(0), x, train=True)
+        local = v.local
 
         def objective(p, local=local, v=v):
             return jnp.sum(jnp.mean(local.losses(p, x, y, v.state, train=True)[0], axis=0))
@@ -363,6 +381,7 @@ def test_split_residual_blocks_score_only_separable_convs():
     images, labels = _images()
     local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, groups=4)
     v = local.init(jax.random.key(0), images, train=True)
+    local = v.local
     assert local.split_params == (
         "Residual_0/Conv_1/kernel",
         "Residual_1/Conv_1/kernel",
@@ -373,12 +392,12 @@ def test_split_residual_blocks_score_only_separable_convs():
     np.testing.assert_allclose(
         aux.block_losses[:2], [losses[:, :4].sum(1).mean(), losses[:, 4:8].sum(1).mean()], rtol=1e-5
     )
-    cols = local.groups(v.params)
+    cols = local.columns(v.params)
     assert cols["model"]["Residual_0"]["Conv_1"]["kernel"].split
     assert not cols["model"]["Residual_0"]["Conv_0"]["kernel"].split
 
     patched = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, patches=2)
-    patched.init(jax.random.key(0), images, train=True)
+    patched = patched.init(jax.random.key(0), images, train=True).local
     assert patched.block_splits == (((2, 2), 1), ((2, 2), 1)) and patched.split_params == ()
 
 
@@ -410,6 +429,7 @@ def test_custom_heads_on_model_blocks():
     images, labels = _images()
     local = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=PoolDense())
     v = local.init(jax.random.key(0), images, train=True)
+    local = v.local
     assert [sorted(h) for h in v.params["heads"]] == [["Dense_0"], ["Dense_0"]]
     want = PoolDense().apply({"params": v.params["heads"][0]}, jnp.zeros((16, 8, 8, 8)))
     assert want.shape == (16, 10)
@@ -417,6 +437,7 @@ def test_custom_heads_on_model_blocks():
     assert losses.shape == (16, 3) and np.isfinite(np.asarray(losses)).all()
     mixed = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=[None, PoolDense()])
     v = mixed.init(jax.random.key(0), images, train=True)
+    mixed = v.local
     assert sorted(v.params["heads"][0]) == ["bias", "kernel"]
     with pytest.raises(ValueError, match="custom head"):
         fgrad_jax.local_losses(

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import fgrad_jax
+from fgrad_jax._activity import Columns
 
 Z_MAX = 6.0
 X = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
@@ -55,12 +56,12 @@ def check_unbiased(local, params, draws, n=20_000):
 
 def test_layout_and_columns_sum_to_the_block_losses():
     local = fgrad_jax.local_losses(conv_blocks(), num_classes=3, patches=2, groups=2)
-    params = local.init(jax.random.key(0), X)
+    params, local = local.init(jax.random.key(0), X)
     assert local.layout == [((2, 2), 2), ((2, 2), 2)]
     cols = jax.jit(local.losses)(params, X, Y)
     assert cols.shape == (4, 16)  # 2 blocks x 4 patches x 2 groups
     plain = fgrad_jax.local_losses(conv_blocks(), num_classes=3)
-    plain.init(jax.random.key(0), X)
+    plain = plain.init(jax.random.key(0), X)[1]
     blockwise = jax.jit(plain.losses)(params, X, Y)
     assert blockwise.shape == (4, 2)
     np.testing.assert_allclose(cols.reshape(4, 2, 8).sum(-1), blockwise, rtol=1e-5)
@@ -76,13 +77,12 @@ def test_layout_and_columns_sum_to_the_block_losses():
          nnx.Linear(256, 6, rngs=nnx.Rngs(2)), nnx.Linear(6, 3, rngs=nnx.Rngs(3))],
         num_classes=3, patches=4, groups=[1, 1, 3, 1],
     )  # fmt: skip
-    p = mixed.init(jax.random.key(0), X)
+    p, mixed = mixed.init(jax.random.key(0), X)
     assert mixed.layout == [((4, 4), 1), ((), 1), ((), 3), ((), 1)]
     assert jax.eval_shape(mixed.losses, p, X, Y).shape == (4, 16 + 1 + 3 + 1)
     mixed.tangent("activations")  # every split block passes the separability check
     seq = fgrad_jax.local_losses([nnx.Linear(1, 6, rngs=nnx.Rngs(0))], 3, patches=2, groups=3)
-    seq.init(jax.random.key(0), X[:, :, 0])  # (B, 8, 1): one spatial axis
-    p = seq.init(jax.random.key(0), X[:, :, 0])
+    p, seq = seq.init(jax.random.key(0), X[:, :, 0])  # (B, 8, 1): one spatial axis
     assert seq.layout == [((2,), 3)]
     assert jax.eval_shape(seq.losses, p, X[:, :, 0], Y).shape == (4, 6)
 
@@ -94,9 +94,9 @@ def test_activity_estimates_unbiased_and_less_noisy(split):
     (every unit scored against its own column, whose derivative carries the noise of that
     patch/group only, and 1/(P G) of the head's). Asserted: more than 4x."""
     plain = fgrad_jax.local_losses(conv_blocks(), num_classes=3)
-    params = plain.init(jax.random.key(0), X)
+    params, plain = plain.init(jax.random.key(0), X)
     local = fgrad_jax.local_losses(conv_blocks(), num_classes=3, **split)
-    local.init(jax.random.key(0), X)
+    local = local.init(jax.random.key(0), X)[1]
     draws = samples(local, params, "activations")
     check_unbiased(local, params, draws)
     base = samples(plain, params, "activations")
@@ -105,9 +105,34 @@ def test_activity_estimates_unbiased_and_less_noisy(split):
         assert var[0] > 4 * var[1], (b, var)
 
 
+class TwoConvs(nnx.Module):
+    def __init__(self):
+        self.first = nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))
+        self.second = nnx.Conv(4, 4, (3, 3), rngs=nnx.Rngs(1))
+
+    def __call__(self, h):
+        return self.second(nnx.relu(self.first(h)))
+
+
+def test_a_block_of_several_layers_splits_where_it_can():
+    """Groups on a block holding two convs: nothing mixes channels after the second conv, so
+    its outputs are scored per group; the second conv mixes the first's channels, so the
+    first is scored by the block's whole loss. Both unbiased (20,000 estimates, 6 standard
+    errors)."""
+    local = fgrad_jax.local_losses([TwoConvs(), nnx.relu, pool2], num_classes=3, groups=2)
+    params, local = local.init(jax.random.key(0), X)
+    (path,) = local.split_params
+    assert "second" in path and "kernel" in path, local.split_params
+    columns = jax.tree_util.tree_leaves(
+        local.columns(params)["blocks"][0], is_leaf=lambda c: isinstance(c, Columns)
+    )
+    assert sum(c.split for c in columns) == 1
+    check_unbiased(local, params, samples(local, params, "activations"))
+
+
 def test_weight_estimates_unbiased():
     local = fgrad_jax.local_losses(conv_blocks(), num_classes=3, patches=2, groups=2)
-    params = local.init(jax.random.key(0), X)
+    params, local = local.init(jax.random.key(0), X)
     check_unbiased(local, params, samples(local, params, "weights"))
 
 
@@ -142,28 +167,35 @@ def test_errors():
          lambda h: nn.max_pool(h, (3, 3), (2, 2), padding="SAME")],
         num_classes=3, patches=2,
     )  # fmt: skip
-    params = overlap.init(jax.random.key(0), X)
+    params, overlap = overlap.init(jax.random.key(0), X)
     with pytest.raises(
-        ValueError, match=r"mixes patches after its dense/conv op.*do not cross patch borders"
+        ValueError,
+        match=r"mixes patches or groups after its dense/conv ops.*do not cross patch borders",
     ):
         overlap.tangent("activations")
     overlap.tangent("weights")
     keys = jax.random.split(jax.random.key(0), 2)
-    overlap._not_separable = {}
-    jax.jit(jax.vmap(lambda k: overlap.init(k, X)))(keys)  # the check also runs when traced
-    assert list(overlap._not_separable) == [0]
+    traced = {}
+
+    def init(k):  # the check also runs when init is traced
+        p, traced["local"] = overlap.init(k, X)
+        return p
+
+    jax.jit(jax.vmap(init))(keys)
+    with pytest.raises(ValueError, match="do not cross patch borders"):
+        traced["local"].tangent("activations")
     norm = fgrad_jax.local_losses(
         [nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(1))],
         num_classes=3, groups=[2, 1],
     )  # fmt: skip
-    norm.init(jax.random.key(0), X)
+    norm = norm.init(jax.random.key(0), X)[1]
     norm.tangent("activations")  # the LayerNorm block is not split
     norm_split = fgrad_jax.local_losses(
         [nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(1))],
         num_classes=3, groups=2,
     )  # fmt: skip
-    norm_split.init(jax.random.key(0), X)
-    with pytest.raises(ValueError, match=r"block 1 .* 0 dense/conv operations"):
+    norm_split = norm_split.init(jax.random.key(0), X)[1]
+    with pytest.raises(ValueError, match=r"block 1 .* no dense/conv operation"):
         norm_split.tangent("activations")
     assert params["heads"][0]["kernel"].shape == (4, 3)
 
@@ -190,7 +222,7 @@ def test_split_local_losses_train_on_digits(standard_promotion):
             nnx.relu,
         )
         local = fgrad_jax.local_losses(blocks, num_classes=10, **split)
-        params = local.init(jax.random.key(0), xtr[:2])
+        params, local = local.init(jax.random.key(0), xtr[:2])
         tx = optax.chain(local.forward_gradient(key=0), optax.adam(1e-2))
 
         @jax.jit
@@ -232,8 +264,8 @@ def test_explicit_blocks_match_the_automatic_grouping():
     auto = fgrad_jax.local_losses(flat, num_classes=3)
     explicit = fgrad_jax.local_losses([flat[:2], flat[2:4], flat[4:]], num_classes=3)
     x = X.reshape(4, -1)
-    params = auto.init(jax.random.key(0), x)
-    same = explicit.init(jax.random.key(0), x)
+    params, auto = auto.init(jax.random.key(0), x)
+    same, explicit = explicit.init(jax.random.key(0), x)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(same)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(auto.losses(params, x, Y), explicit.losses(params, x, Y))
@@ -243,7 +275,7 @@ def test_explicit_boundary_lets_the_second_conv_block_split():
     """With the flatten in the next block, patches=2 reaches the second conv block: its
     column count grows 4x, and the activity estimates stay unbiased."""
     local = fgrad_jax.local_losses(explicit_blocks(), num_classes=3, patches=[2, 2, None])
-    params = local.init(jax.random.key(0), X)
+    params, local = local.init(jax.random.key(0), X)
     assert [grid for grid, _ in local.layout[:2]] == [(2, 2), (2, 2)]
     assert local.losses(params, X, Y).shape == (4, 4 + 4 + 1)
     check_unbiased(local, params, samples(local, params, "activations"))
@@ -272,7 +304,7 @@ def test_compiled_split_estimates_match_eager_with_several_tangents(patches, gro
         [nn.Conv(8, (3, 3)), nn.relu], 10, patches=patches, groups=groups
     )
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
-    params = local.init(jax.random.key(0), x)
+    params, local = local.init(jax.random.key(0), x)
     f = fgrad_jax.forward_grad(
         local.value_fn(x, jnp.arange(4) % 10), num_tangents=3, tangent=local.tangent()
     )

@@ -254,11 +254,11 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         split = SPLITS[model] if "_split_" in name else {}
         if "_splitall_" in name:
             layers, split = model_blocks(model, num_classes), SPLITS_ALL[model]
-        local = fgrad_jax.local_losses(layers, num_classes, **split)
-        local.init(jax.random.key(0), x_example)  # creates the heads' structure
+        unbound = fgrad_jax.local_losses(layers, num_classes, **split)
+        _, local = unbound.init(jax.random.key(0), x_example)  # knows heads and columns
         return Method(
             spec,
-            init=lambda key: local.init(key, x_example),
+            init=lambda key: local.init(key, x_example)[0],
             estimator=lambda key: local.forward_gradient(
                 key,
                 num_tangents=spec.k,

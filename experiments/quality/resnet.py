@@ -117,12 +117,13 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family == "local":
-        local = fgrad_jax.local_losses(
+        unbound = fgrad_jax.local_losses(
             model, num_classes, **resnet_local_options(spec.name, variants)
         )
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
-        local.init(jax.random.key(0), jnp.zeros((8, *x1.shape[1:]), x1.dtype), train=True)
+        batch = jnp.zeros((8, *x1.shape[1:]), x1.dtype)
+        local = unbound.init(jax.random.key(0), batch, train=True).local
         return method_cls(
             spec,
             init=lambda key: local.init(key, x1, train=True).params,

@@ -23,7 +23,7 @@ BATCH_COUPLING = ("correct", "per_example")
 
 
 class LocalVariables(NamedTuple):
-    """What :meth:`ModelLocalLosses.init` returns.
+    """What :meth:`ModelLocalLosses.init` returns: ``params, state, local = local.init(...)``.
 
     Attributes:
         params: ``{"model": <the model's parameters>, "heads": [one dict per tapped block]}``:
@@ -31,10 +31,14 @@ class LocalVariables(NamedTuple):
         state: The model's other variables (linen: every collection but ``params``, e.g.
             ``{"batch_stats": ...}``; nnx: every variable but ``nnx.Param``), updated by
             each step; ``{}`` when there are none.
+        local: A copy of the :class:`ModelLocalLosses` that knows where the blocks end, the
+            loss columns and the batch coupling for inputs shaped like the ``x`` given to
+            ``init``; use it for the losses, the transformation and predictions.
     """
 
     params: dict[str, Any]
     state: Any
+    local: Any
 
 
 class LocalAux(NamedTuple):

@@ -8,8 +8,9 @@ from typing import Any
 import jax
 
 from fgrad_jax._local import split as _split
+from fgrad_jax._local.blocks import automatic_blocks, explicit_block, layer_list
 from fgrad_jax._local.model import ModelLocalLosses
-from fgrad_jax._local.sequence import LOSSES, LocalLosses, block_list_losses
+from fgrad_jax._local.sequence import LOSSES, LocalLosses
 
 Array = jax.Array
 
@@ -35,7 +36,8 @@ def local_losses(
     the flatten in the dense block, so that the second conv block keeps a spatial output
     that ``patches=`` can split. Each block gets a head mapping its output to class scores
     (default: mean over every axis but the first and last, then a linear layer, created by
-    :meth:`LocalLosses.init`); the last block needs none when its output is already
+    :meth:`LocalLosses.init`, which returns the parameters and a copy of the object that
+    knows the heads and loss columns); the last block needs none when its output is already
     ``(B, num_classes)``. Heads are trained by forward gradients of their own block's loss
     too: nothing is backpropagated. The user's modules are not modified (nnx modules get
     new values only through :meth:`LocalLosses.update_model`).
@@ -66,7 +68,9 @@ def local_losses(
             one int per block. Default 1 (no split).
 
     Returns:
-        A :class:`LocalLosses`.
+        A :class:`LocalLosses` (a block list) or a :class:`ModelLocalLosses` (a model with
+        ``boundaries``); neither changes after construction: ``init`` returns a new,
+        initialised copy.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -75,7 +79,7 @@ def local_losses(
         >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
         >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
         >>> local = fgrad_jax.local_losses(model, num_classes=3)
-        >>> params = local.init(jax.random.key(0), x)
+        >>> params, local = local.init(jax.random.key(0), x)  # local: knows the heads
         >>> tx = optax.chain(local.forward_gradient(key=0), optax.adam(1e-2))
         >>> state = tx.init(params)
         >>> updates, state = tx.update(None, state, params, value_fn=local.value_fn(x, y))
@@ -88,7 +92,7 @@ def local_losses(
         >>> cnn = nnx.Sequential(nnx.Conv(1, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.relu)
         >>> split = fgrad_jax.local_losses(cnn, num_classes=3, patches=2, groups=4)
         >>> xs = jnp.ones((4, 8, 8, 1))
-        >>> p = split.init(jax.random.key(0), xs)
+        >>> p, split = split.init(jax.random.key(0), xs)
         >>> split.layout, split.losses(p, xs, jnp.zeros(4, jnp.int32)).shape
         ([((2, 2), 4)], (4, 16))
     """
@@ -108,3 +112,30 @@ def local_losses(
             blocks, num_classes, loss, boundaries, batch_coupling, patches, groups, head
         )
     return block_list_losses(blocks, num_classes, loss, head, patches, groups)
+
+
+def block_list_losses(
+    blocks: Any, num_classes: int, loss: Any, head: Any, patches: Any, groups: Any
+) -> LocalLosses:
+    """:func:`fgrad_jax.local_losses` for a block list (boundaries at the parameterised
+    modules, or drawn by nested lists)."""
+    layers = layer_list(blocks)
+    nested = [isinstance(layer, (list, tuple)) for layer in layers]
+    if layers and all(nested):
+        grouped = [explicit_block(i, entries) for i, entries in enumerate(layers)]
+    elif any(nested):
+        raise TypeError(
+            "blocks mixes lists and single layers: pass either a flat sequence of layers "
+            "(boundaries drawn at every module with parameters) or a list of blocks, each a "
+            "list with one module with parameters, e.g. [[conv, relu], [flatten, dense]]."
+        )
+    else:
+        grouped = automatic_blocks(layers)
+    if isinstance(head, (list, tuple)) and len(head) != len(grouped):
+        raise ValueError(
+            f"head has {len(head)} entries but the model has {len(grouped)} blocks "
+            "(one per module with parameters); give one head (or None) per block."
+        )
+    _split.check_spec(patches, "patches", len(grouped))
+    _split.check_spec(groups, "groups", len(grouped))
+    return LocalLosses(grouped, num_classes, loss, head, patches, groups)

@@ -17,6 +17,7 @@ Mutable collections (linen ``batch_stats``, nnx ``BatchStat`` and RNG counters) 
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any, cast
@@ -76,7 +77,7 @@ class ModelLocalLosses:
         ...         return nn.Dense(3)(Block()(x, train))
         >>> local = fgrad_jax.local_losses(Net(), 3, boundaries=Block)
         >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
-        >>> params, batch_stats = local.init(jax.random.key(0), x, train=True)
+        >>> params, batch_stats, local = local.init(jax.random.key(0), x, train=True)
         >>> local.block_paths, local.batch_coupled
         ((('Block_0',), ('Block_1',)), True)
         >>> tx = optax.chain(local.forward_gradient(key=0, num_tangents=4), optax.adam(1e-2))
@@ -114,10 +115,13 @@ class ModelLocalLosses:
         self.boundaries, self._match = boundaries, matcher(boundaries)
         self.patches, self.groups_per_block, self.head = patches, groups, head
         self._linen = isinstance(model, nn.Module)
+        # Set only on the copy that init returns; never changed afterwards.
         self._graphdef: Any = None
         self._layout: Layout | None = None
-        self._analysed: Any = None  # the init signature the layout was found for
-        self._inits: dict[str, Any] = {}  # linen: the jitted model.init per call signature
+        # Memos shared by the copies (pure functions of their keys): the layout per init
+        # signature, and linen's jitted model.init per call signature.
+        self._layouts: dict[Any, Layout] = {}
+        self._inits: dict[str, Any] = {}
 
     # -- running the model ------------------------------------------------------------
 
@@ -135,10 +139,16 @@ class ModelLocalLosses:
 
     def init(self, key: Array, x: Array, **kwargs: Any) -> LocalVariables:
         """The model's parameters (linen: initialised from ``key``; nnx: the module's
-        current values), its state, and fresh heads; records where the blocks end and
-        which loss column each parameter feeds. ``kwargs`` go to the model's call (e.g.
-        ``train=True``). The analysis runs once per input shape and ``kwargs``: later calls
-        (new seeds) only initialise."""
+        current values), its state, fresh heads, and a copy of this object that knows
+        where the blocks end and which loss column each parameter feeds:
+        ``params, state, local = local.init(key, x)``. ``kwargs`` go to the model's call
+        (e.g. ``train=True``). This object is not changed; the analysis runs once per
+        input shape and ``kwargs`` (later calls with new seeds only initialise)."""
+        return copy.copy(self)._initialise(key, x, kwargs)
+
+    def _initialise(self, key: Array, x: Array, kwargs: dict[str, Any]) -> LocalVariables:
+        """:meth:`init` on the fresh copy that it returns (the only time a copy changes)."""
+        self._layout = None
         k_model, k_drop, k_heads = jax.random.split(key, 3)
         state: Any
         if self._linen:
@@ -188,11 +198,12 @@ class ModelLocalLosses:
             jax.tree_util.tree_structure((model_params, state)),
             tuple(jnp.shape(a) for a in jax.tree.leaves((model_params, state))),
         )
-        if self._layout is None or self._analysed != signature:
-            self._layout = None
-            self._layout = self._analyse(params, state, x, rngs, kwargs, found[0].paths, outputs)
-            self._analysed = signature
-        return LocalVariables(params, state)
+        if signature not in self._layouts:
+            self._layouts[signature] = self._analyse(
+                params, state, x, rngs, kwargs, found[0].paths, outputs
+            )
+        self._layout = self._layouts[signature]
+        return LocalVariables(params, state, self)
 
     def _analyse(self, params, state, x, rngs, kwargs, tapped_paths, outputs) -> Layout:
         """Where the blocks end, each parameter's block, the splits, the coupling."""
@@ -222,7 +233,7 @@ class ModelLocalLosses:
 
                 split_leaves = _split.separable_leaves(
                     tapped, probe_leaves, 4, blocks, splits, seed=7919
-                )
+                ).split
                 layout = layout._replace(split_leaves=split_leaves)
             self._layout = layout  # losses() below reads the columns
             y4 = jnp.zeros((4,), jnp.int32)
@@ -261,7 +272,10 @@ class ModelLocalLosses:
 
     def _checked_layout(self) -> Layout:
         if self._layout is None:
-            raise ValueError("Call init(key, x) first: it creates the heads' parameters.")
+            raise ValueError(
+                "This object has no layout yet: use the one init returns, "
+                "params, state, local = local.init(key, x)."
+            )
         return self._layout
 
     @property
@@ -334,7 +348,7 @@ class ModelLocalLosses:
             return cast(Array, self.model.apply(variables, x, **kwargs))
         return nnx.merge(self._graphdef, params["model"], state, copy=True)(x, **kwargs)
 
-    def groups(self, params: Any) -> dict[str, Any]:
+    def columns(self, params: Any) -> dict[str, Any]:
         """The loss column of every parameter leaf (tree like ``params``)."""
         layout = self._checked_layout()
         treedef = jax.tree_util.tree_structure(params["model"])
@@ -353,9 +367,7 @@ class ModelLocalLosses:
         """The tangent strategy: every leaf estimated from its own block's loss column."""
         base = local_tangent_base(perturb, tangent)
         coupled = self._checked_layout().coupled and self.batch_coupling == "correct"
-        return ActivityPerturbation(
-            base, perturb == "activations", self.groups, batch_coupled=coupled
-        )
+        return ActivityPerturbation(base, perturb, self.columns, batch_coupled=coupled)
 
     def forward_gradient(
         self,

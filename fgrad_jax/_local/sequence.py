@@ -12,10 +12,9 @@ one JVP gives L independent local estimates (no mixing of the blocks' noise).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+import copy
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,10 +24,10 @@ import optax
 from flax import nnx
 
 from fgrad_jax._activity import ActivityPerturbation, Columns
-from fgrad_jax._flax import split_wrt
 from fgrad_jax._local import split as _split
 from fgrad_jax._local.common import LocalAux, accuracy, local_tangent_base
 from fgrad_jax._local.heads import apply_head, head_kind, init_head
+from fgrad_jax._local.taps import stand_in_batch, stand_ins
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
@@ -36,96 +35,6 @@ Array = jax.Array
 LOSSES: dict[str, Callable[[Array, Array], Array]] = {
     "softmax_cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
 }
-
-
-@dataclasses.dataclass
-class _Block:
-    """One parametrised layer and the parameterless callables that follow it."""
-
-    layer: Any
-    tail: list[Callable[[Array], Array]]
-    pre: list[Callable[[Array], Array]] = dataclasses.field(default_factory=list)
-
-    def apply(self, params: Any, h: Array) -> Array:
-        for fn in self.pre:
-            h = fn(h)
-        h = self.layer_apply(params, h)
-        for fn in self.tail:
-            h = fn(h)
-        return h
-
-    def layer_apply(self, params: Any, h: Array) -> Array:
-        if isinstance(self.layer, nn.Module):
-            # cast: without mutable=, apply returns the output alone (not (out, state)).
-            return cast(Array, self.layer.apply({"params": params}, h))
-        graphdef, _, rest = split_wrt(self.layer, nnx.Param)
-        return nnx.merge(graphdef, params, rest, copy=True)(h)
-
-
-def _const(value: Any, _: Any) -> Any:
-    return value
-
-
-def _has_params(layer: Any) -> bool:
-    if isinstance(layer, nn.Module):
-        return True
-    if isinstance(layer, nnx.Module):
-        return bool(jax.tree_util.tree_leaves(nnx.state(layer, nnx.Param)))
-    return False
-
-
-def _layers(blocks: Any) -> list[Any]:
-    if isinstance(blocks, (nnx.Sequential, nn.Sequential)):
-        return list(blocks.layers)
-    if isinstance(blocks, (nnx.Module, nn.Module)) or not isinstance(blocks, Sequence):
-        raise TypeError(
-            "local_losses needs the model as an ordered sequence of blocks (an "
-            "nnx.Sequential, an nn.Sequential, or a list of nnx/linen modules and "
-            f"parameterless callables); got {type(blocks).__name__}. For a model class, say "
-            "where its blocks end: local_losses(model, num_classes, boundaries=BlockClass)."
-        )
-    return list(blocks)
-
-
-def _explicit_block(index: int, entries: Sequence[Any]) -> _Block:
-    """One block given as a list: its one module with parameters and the callables
-    before (``pre``) and after (``tail``) it."""
-    owners = [j for j, entry in enumerate(entries) if _has_params(entry)]
-    if len(owners) != 1:
-        raise ValueError(
-            f"Block {index} holds {len(owners)} modules with parameters; each block of an "
-            "explicit list needs exactly one (split it into that many blocks, or wrap the "
-            "layers in one module)."
-        )
-    for entry in entries:
-        if not callable(entry):
-            raise TypeError(f"Block entries must be modules or callables; got {entry!r}.")
-    j = owners[0]
-    return _Block(entries[j], list(entries[j + 1 :]), list(entries[:j]))
-
-
-def _automatic_blocks(layers: list[Any]) -> list[_Block]:
-    """Blocks starting at every module with parameters; parameterless entries join the block
-    before them (the first block's ``pre`` when they come first)."""
-    grouped: list[_Block] = []
-    leading: list[Callable[[Array], Array]] = []
-    for layer in layers:
-        if _has_params(layer):
-            grouped.append(_Block(layer, []))
-        elif not callable(layer):
-            raise TypeError(f"Block entries must be modules or callables; got {layer!r}.")
-        elif grouped:
-            grouped[-1].tail.append(layer)
-        else:
-            leading.append(layer)
-    if not grouped:
-        raise ValueError(
-            "local_losses needs at least one block with parameters; got "
-            f"{len(layers)} entries and none has parameters. Pass the model's layers in "
-            "order, e.g. nnx.Sequential(nnx.Linear(...), nnx.relu, nnx.Linear(...))."
-        )
-    grouped[0].pre = leading
-    return grouped
 
 
 class LocalLosses:
@@ -142,13 +51,29 @@ class LocalLosses:
         self.loss = loss
         self.head = head
         self.patches, self.groups_per_block = patches, groups
+        # Set only on the copy that init returns; never changed afterwards.
         self._heads: list[Any] | None = None  # per block: None (none), "default" or a module
-        self.layout: list[tuple[tuple[int, ...], int]] = []  # per block: (patch grid, groups)
+        self._layout: list[tuple[tuple[int, ...], int]] | None = None  # (patch grid, groups)
         self._starts: list[int] = []  # per block: its first loss column
         self._not_separable: dict[int, str] = {}  # block -> why activations can't split it
+        self._split_leaves: frozenset[int] = frozenset()  # leaves scored per patch/group
+        self._split_paths: tuple[str, ...] = ()
 
-    def init(self, key: Array, x: Array) -> dict[str, list[Any]]:
-        """Parameters of the blocks (nnx: the modules' current values) and fresh heads."""
+    @property
+    def layout(self) -> list[tuple[tuple[int, ...], int]]:
+        """Per block, ``(patches per spatial axis, channel groups)``: the split of its loss
+        into columns (on the object :meth:`init` returns)."""
+        self._check_init()
+        assert self._layout is not None
+        return list(self._layout)
+
+    def init(self, key: Array, x: Array) -> tuple[dict[str, list[Any]], LocalLosses]:
+        """Parameters of the blocks (nnx: the modules' current values) and fresh heads.
+
+        Returns ``(params, local)``: ``local`` is a copy of this object that knows the
+        heads and the loss columns for inputs shaped like ``x``; use it for everything
+        else (``losses``, ``forward_gradient``, ``predict``). This object is not changed.
+        """
         keys = jax.random.split(key, 2 * len(self.blocks))
         params: list[Any] = []
         heads: list[Any] = []
@@ -163,8 +88,10 @@ class LocalLosses:
                 if set(variables) - {"params"}:
                     raise ValueError(
                         f"Block {i} ({type(block.layer).__name__}) has variable collections "
-                        f"{sorted(set(variables) - {'params'})}; local_losses supports linen "
-                        "blocks with 'params' only (use an nnx module for mutable state)."
+                        f"{sorted(set(variables) - {'params'})}; a block list supports linen "
+                        "blocks with 'params' only. For BatchNorm and other state, pass the "
+                        "model class with boundaries= (local_losses(model, num_classes, "
+                        "boundaries=BlockClass)), which updates the statistics."
                     )
                 zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
                 p = block.layer.init(keys[2 * i], zeros)["params"]
@@ -178,50 +105,80 @@ class LocalLosses:
                 kind = None  # the last block's output is already the class scores
             kinds.append(kind)
             heads.append(init_head(kind, keys[2 * i + 1], h, self.num_classes))
-        self._heads = kinds
-        self._split_layout(x, params)
-        return {"blocks": params, "heads": heads}
+        bound = copy.copy(self)
+        bound._heads = kinds
+        found = self._split_layout(kinds, x, params)
+        bound._layout, bound._starts, bound._not_separable, bound._split_leaves = found
+        paths = [
+            jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+        bound._split_paths = tuple(paths[n] for n in sorted(found[3]))
+        return {"blocks": params, "heads": heads}, bound
 
-    def _split_layout(self, x: Array, params: list[Any]) -> None:
-        """Patch/group layout per block, its first column, and the activity-split check."""
-        kinds = self._check_init()
-        layout, starts, problems, start = [], [], {}, 0
+    def _split_layout(
+        self, kinds: list[Any], x: Array, params: list[Any]
+    ) -> tuple[list[tuple[tuple[int, ...], int]], list[int], dict[int, str], frozenset[int]]:
+        """Patch/group layout per block, its first column, why a split block cannot be
+        scored per column (per block), and which leaves are (indices over all blocks)."""
+        layout, starts, start = [], [], 0
         h = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
         for i, block in enumerate(self.blocks):
-            h_layer = h
-            for fn in block.pre:
-                h_layer = jax.eval_shape(fn, h_layer)
             h = jax.eval_shape(block.apply, params[i], h)
             head = "none" if kinds[i] is None else "default" if kinds[i] == "default" else "custom"
             grid, g = _split.block_layout(i, h.shape, self.patches, self.groups_per_block, head)
             layout.append((grid, g))
             starts.append(start)
             start += int(np.prod(grid, dtype=np.int64)) * g
-            if start - starts[-1] > 1:
-                # Concrete stand-ins, evaluated now: init may run under jit/vmap, and the
-                # check reads values.
-                with jax.ensure_compile_time_eval():
-                    zeros = jnp.zeros((1, *h_layer.shape[1:]), h_layer.dtype)  # one example
-                    stand_in = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params[i])
-                    why = _split.check_separable(
-                        block.layer_apply, block.tail, stand_in, zeros, grid, g, 7919 + i,
-                    )  # fmt: skip
-                if why is not None:
-                    problems[i] = why
         scalar = self.patches is not None and not isinstance(self.patches, list)
         if scalar and self.patches != 1 and all(int(np.prod(grid)) == 1 for grid, _ in layout):
             raise ValueError(
                 f"patches={self.patches!r}: no block has a default head and an output "
                 "with spatial axes (B, H, W, C) to split into patches. Use patches=None."
             )
-        self.layout, self._starts, self._not_separable = layout, starts, problems
+        split_blocks = [i for i, (grid, g) in enumerate(layout) if int(np.prod(grid)) * g > 1]
+        if not split_blocks:
+            return layout, starts, {}, frozenset()
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        block_of_leaf = [i for i, p in enumerate(params) for _ in jax.tree_util.tree_leaves(p)]
+
+        def outputs(flat):
+            h, outs = jnp.asarray(stand_in_batch(x)), []
+            for block, p in zip(self.blocks, jax.tree_util.tree_unflatten(treedef, flat)):
+                h = block.apply(p, jax.lax.stop_gradient(h))
+                outs.append(h)
+            return outs
+
+        # Concrete stand-ins, evaluated now: init may run under jit/vmap, and the check
+        # reads values.
+        with jax.ensure_compile_time_eval():
+            found = _split.separable_leaves(
+                outputs, stand_ins(leaves), 4, block_of_leaf, layout, seed=7919
+            )
+        problems = {}
+        for i in split_blocks:
+            mine = {n for n, b in enumerate(block_of_leaf) if b == i}
+            if not mine & found.perturbed:
+                problems[i] = (
+                    "has no dense/conv operation on its parameters (patches and groups split "
+                    "the outputs of a block's dense/conv operations)"
+                )
+            elif not mine & found.split:
+                problems[i] = (
+                    "mixes patches or groups after its dense/conv ops: a change in one patch "
+                    "or group of their outputs moves others of the block output (e.g. "
+                    "overlapping pooling, a norm over channels)"
+                )
+        return layout, starts, problems, found.split
 
     def _head(self, i: int, params: Any, h: Array) -> Array:
         return apply_head(self._check_init()[i], params, h)
 
     def _check_init(self) -> list[Any]:
         if self._heads is None:
-            raise ValueError("Call init(key, x) first: it creates the heads' parameters.")
+            raise ValueError(
+                "This LocalLosses has no heads yet: use the object init returns, "
+                "params, local = local.init(key, x)."
+            )
         return self._heads
 
     def losses(
@@ -272,24 +229,39 @@ class LocalLosses:
             h = block.apply(params["blocks"][i], h)
         return self._head(len(self.blocks) - 1, params["heads"][-1], h)
 
-    def groups(self, params: Any) -> dict[str, list[Any]]:
+    def columns(self, params: Any) -> dict[str, list[Any]]:
         """The loss column of every parameter leaf: its block's index, or for a block split
         into patches/groups a :class:`~fgrad_jax._activity.Columns` naming its columns."""
         self._check_init()
+        sizes = [len(jax.tree_util.tree_leaves(p)) for p in params["blocks"]]
+        offsets = np.cumsum([0, *sizes[:-1]])
 
-        def spec(part: str, i: int) -> Any:
+        def specs(part: str, i: int, tree: Any) -> Any:
             grid, g = self.layout[i]
+            leaves, treedef = jax.tree_util.tree_flatten(tree)
             if int(np.prod(grid)) * g == 1:
-                return self._starts[i]
-            return Columns(self._starts[i], grid, g, part == "blocks")
+                return jax.tree_util.tree_unflatten(treedef, [self._starts[i]] * len(leaves))
+            split = [
+                part == "blocks" and offsets[i] + n in self._split_leaves
+                for n in range(len(leaves))
+            ]
+            return jax.tree_util.tree_unflatten(
+                treedef, [Columns(self._starts[i], grid, g, bool(f)) for f in split]
+            )
 
         return {
-            part: [
-                jax.tree.map(functools.partial(_const, spec(part, i)), p)
-                for i, p in enumerate(params[part])
-            ]
+            part: [specs(part, i, p) for i, p in enumerate(params[part])]
             for part in ("blocks", "heads")
         }
+
+    @property
+    def split_params(self) -> tuple[str, ...]:
+        """The block parameters (paths like ``[1]['kernel']``: block, then leaf) whose
+        dense/conv outputs are scored per patch/group column; a split block's other
+        parameters are scored by the block's whole loss (unbiased, without the variance
+        reduction)."""
+        self._check_init()
+        return self._split_paths
 
     def _check_separable(self) -> None:
         for i, why in self._not_separable.items():
@@ -303,10 +275,6 @@ class LocalLosses:
                 "objective, no variance reduction)."
             )
 
-    def _columns(self, params: Any) -> dict[str, list[Any]]:
-        self._check_separable()
-        return self.groups(params)
-
     def tangent(
         self, perturb: str = "activations", tangent: str = "rademacher"
     ) -> ActivityPerturbation:
@@ -317,11 +285,11 @@ class LocalLosses:
         ``tangent=`` to :func:`fgrad_jax.forward_grad` or :func:`fgrad_jax.forward_gradient`.
         """
         base = local_tangent_base(perturb, tangent)
+        self._check_init()
         if perturb == "weights":
-            return ActivityPerturbation(base, False, self.groups)
-        if self._heads is not None:
-            self._check_separable()
-        return ActivityPerturbation(base, True, self._columns)
+            return ActivityPerturbation(base, "weights", self.columns)
+        self._check_separable()
+        return ActivityPerturbation(base, "activations", self.columns)
 
     def forward_gradient(
         self,
@@ -357,30 +325,3 @@ class LocalLosses:
         for block, p in zip(self.blocks, params["blocks"]):
             if isinstance(block.layer, nnx.Module):
                 nnx.update(block.layer, p)
-
-
-def block_list_losses(
-    blocks: Any, num_classes: int, loss: Any, head: Any, patches: Any, groups: Any
-) -> LocalLosses:
-    """:func:`fgrad_jax.local_losses` for a block list (boundaries at the parameterised
-    modules, or drawn by nested lists)."""
-    layers = _layers(blocks)
-    nested = [isinstance(layer, (list, tuple)) for layer in layers]
-    if layers and all(nested):
-        grouped = [_explicit_block(i, entries) for i, entries in enumerate(layers)]
-    elif any(nested):
-        raise TypeError(
-            "blocks mixes lists and single layers: pass either a flat sequence of layers "
-            "(boundaries drawn at every module with parameters) or a list of blocks, each a "
-            "list with one module with parameters, e.g. [[conv, relu], [flatten, dense]]."
-        )
-    else:
-        grouped = _automatic_blocks(layers)
-    if isinstance(head, (list, tuple)) and len(head) != len(grouped):
-        raise ValueError(
-            f"head has {len(head)} entries but the model has {len(grouped)} blocks "
-            "(one per module with parameters); give one head (or None) per block."
-        )
-    _split.check_spec(patches, "patches", len(grouped))
-    _split.check_spec(groups, "groups", len(grouped))
-    return LocalLosses(grouped, num_classes, loss, head, patches, groups)

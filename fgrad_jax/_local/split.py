@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,6 @@ import numpy as np
 from fgrad_jax import _activity_trace, _interpreter
 
 Array = jax.Array
-_KERNEL_OPS = ("dot_general", "conv_general_dilated")
 
 
 def _positive(value: Any, what: str) -> int:
@@ -172,87 +171,6 @@ def _column_ids(shape: tuple[int, ...], grid: tuple[int, ...], groups: int):
     return np.broadcast_to(pid, shape), np.broadcast_to(gid, shape)
 
 
-def check_separable(
-    layer_apply: Callable[[Any, Array], Array],
-    tail: Sequence[Callable[[Array], Array]],
-    params: Any,
-    h: Array,
-    grid: tuple[int, ...],
-    groups: int,
-    seed: int,
-) -> str | None:
-    """Why activity perturbation cannot score the block's op output per column, or None.
-
-    Needs exactly one dense/conv op on the block's parameters, with an output that splits
-    like the block output, and everything after it (in the layer and the callables that
-    follow) keeping each patch's positions and each group's channels to themselves. Checked
-    numerically: random tangents on one patch (group) of the op output, pushed through the
-    rest of the block at two random op outputs, must stay inside that patch (group).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    fn = lambda ls, x: layer_apply(jax.tree_util.tree_unflatten(treedef, ls), x)
-    closed = jax.make_jaxpr(fn)(leaves, h)
-    primals = [*leaves, h]
-    tangents = [jnp.zeros_like(v) for v in leaves] + [None]
-    seen: list[Any] = []
-
-    def record(eqn, ps, ts):
-        seen.append(eqn.outvars[0].aval.shape)
-
-    rules = {op: [record] for op in _KERNEL_OPS}
-    outs, _ = _interpreter.jvp_jaxpr(closed, primals, tangents, rules=rules)
-    if len(seen) != 1:
-        return (
-            f"has {len(seen)} dense/conv operations on its parameters (patches and groups "
-            "need exactly one per block, whose outputs are perturbed)"
-        )
-    y_shape = tuple(seen[0])
-    a_shape = tuple(jax.eval_shape(lambda v: _apply_all(tail, v), outs[0]).shape)
-    if (
-        len(y_shape) != len(a_shape)
-        or any(s % q for s, q in zip(y_shape[1:-1], grid))
-        or y_shape[-1] % groups
-    ):
-        return (
-            f"has a dense/conv output of shape {y_shape} that does not split into the patches "
-            f"{grid} and {groups} groups of its block output {a_shape}"
-        )
-    ids_y, ids_a = _column_ids(y_shape, grid, groups), _column_ids(a_shape, grid, groups)
-
-    @jax.jit
-    def through(y, t):
-        replace = lambda eqn, ps, ts: ([y], [t])
-        rules = {op: [replace] for op in _KERNEL_OPS}
-        outs, touts = _interpreter.jvp_jaxpr(closed, primals, tangents, rules=rules)
-        return jax.jvp(lambda v: _apply_all(tail, v), (outs[0],), (touts[0],))[1]
-
-    checks = [(0, "patch", int(np.prod(grid, dtype=np.int64))), (1, "group", groups)]
-    for trial in range(2):
-        rng = np.random.default_rng([seed, trial])  # numpy: no compile (see stand_in_batch)
-        y = jnp.asarray(rng.standard_normal(y_shape), outs[0].dtype)
-        for axis, what, count in checks:
-            for j in range(count if count > 1 else 0):
-                noise = jnp.asarray(rng.standard_normal(y_shape), y.dtype)
-                t = jnp.where(ids_y[axis] == j, noise, 0)
-                leak = np.asarray(jnp.abs(through(y, t))) * (ids_a[axis] != j)
-                if leak.max() > 0:
-                    ending = "es" if what == "patch" else "s"
-                    return (
-                        f"mixes {what}{ending} after its dense/conv op: a change in {what} {j} of "
-                        f"that op's output {y_shape} moves other {what}{ending} of the block "
-                        f"output "
-                        f"{a_shape} (e.g. overlapping pooling, a second linear layer, a norm "
-                        "over channels)"
-                    )
-    return None
-
-
-def _apply_all(fns: Sequence[Callable[[Array], Array]], h: Array) -> Array:
-    for f in fns:
-        h = f(h)
-    return h
-
-
 class _Probe(_activity_trace.Trace):
     """An activity-perturbation trace whose site tangents are given (``pattern``) and whose
     weight-perturbed leaves get none: it pushes chosen output perturbations forward."""
@@ -268,6 +186,13 @@ class _Probe(_activity_trace.Trace):
         return jnp.zeros(jnp.shape(self.primals[leaf]), jnp.result_type(self.primals[leaf]))
 
 
+class Separability(NamedTuple):
+    """Which leaves of the split blocks activity perturbation scores per column."""
+
+    split: frozenset[int]  # every dense/conv output of the leaf splits like its block's
+    perturbed: frozenset[int]  # the leaves of split blocks that feed a dense/conv op
+
+
 def separable_leaves(
     run: Callable[[list[Array]], list[Array]],
     leaves: list[Array],
@@ -275,7 +200,7 @@ def separable_leaves(
     block_of_leaf: Sequence[int],
     splits: Sequence[tuple[tuple[int, ...], int]],
     seed: int,
-) -> frozenset[int]:
+) -> Separability:
     """The leaves whose every dense/conv output splits like its block's output.
 
     ``run(leaves)`` returns the blocks' outputs (tapped before their ``stop_gradient``) on a
@@ -344,4 +269,4 @@ def separable_leaves(
         leaky |= {int(s) for s, bad in zip(table[:, 0], leaks > 0) if bad}
     blocked = {sites[s][0] for s in leaky}
     checked = {sites[s][0] for s in fits}
-    return frozenset(checked - blocked)
+    return Separability(frozenset(checked - blocked), frozenset(checked))
