@@ -97,3 +97,26 @@ def test_gpt_memory_small_shape(tmp_path):
         assert rec["peak"] == rec["temp"] + rec["argument"] + rec["output"] - rec["alias"] > 0
     assert progs["fg_lora_k1"]["temp"] < progs["backprop_lora"]["temp"]
     assert (tmp_path / "gpt_memory.md").exists()
+
+
+def test_gpt_chunked_cross_entropy_matches_unchunked():
+    """The sequence-chunked cross-entropy of the GPT memory script is the plain mean
+    cross-entropy of the tied-output logits, value and forward-mode derivative."""
+    import jax
+    import optax
+
+    from experiments.finetune.gpt_memory import chunked_xent
+
+    kh, kt, ky, kv = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(kh, (2, 8, 5))
+    table = jax.random.normal(kt, (11, 5))
+    y = jax.random.randint(ky, (2, 8), 0, 11)
+    v = jax.random.normal(kv, table.shape)
+
+    def plain(t):
+        return optax.softmax_cross_entropy_with_integer_labels(h @ t.T, y).mean()
+
+    want = jax.jvp(plain, (table,), (v,))
+    got = jax.jvp(lambda t: chunked_xent(h, t, y, 4), (table,), (v,))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
