@@ -47,16 +47,17 @@ REQUIRED = {"test_acc", "peak_bytes", "inference_bytes", "forward_passes", "seco
 @pytest.mark.usefixtures("standard_promotion", "fashion_mnist")
 def test_benchmark_test_preset_writes_the_schema(tmp_path):
     """``--preset test`` (tiny CNN, a few steps; one method per kind of step: backprop, the
-    forward gradient full / LoRA / head, SPSA on LoRA) writes ``finetune.json`` with the
-    schema of issue 19, the report and its figures, and reuses its checkpoint."""
+    forward gradient full / LoRA / head with activity perturbation, SPSA on LoRA) writes
+    ``finetune.json`` with the schema of issue 19, the report and its figures, and reuses
+    its checkpoint."""
     from experiments.finetune import main
 
     out = tmp_path / "out"
-    methods = "backprop,fg_full,fg_lora,fg_head,spsa_lora"
+    methods = "backprop,fg_full,fg_lora,fg_head_act,spsa_lora"
     main.main(["--preset", "test", "--out", str(out), "--methods", methods])
     results = json.loads((out / "finetune.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"backprop", "fg_full", "fg_lora", "fg_head", "spsa_lora"}
+    assert set(methods) == {"backprop", "fg_full", "fg_lora", "fg_head_act", "spsa_lora"}
     for name, per_setting in methods.items():
         assert set(per_setting) == {"cnn_fewshot", "cnn_full"}, name
         for rec in per_setting.values():
@@ -65,12 +66,18 @@ def test_benchmark_test_preset_writes_the_schema(tmp_path):
             assert rec["peak_bytes"] > 0 and rec["inference_bytes"] > 0
             assert rec["forward_passes"] > 0 and rec["seconds"] >= 0
             assert len(rec["curve"]["forward_passes"]) == len(rec["curve"]["test_acc"])
-    # Every method sees the same pretrained model; LoRA and head train fewer parameters.
     rec = {n: methods[n]["cnn_fewshot"] for n in methods}
+    # Every method starts from the same fresh zero head: equal logits, the same step-0
+    # prediction whatever the adapters.
+    assert len({r["pretrained_test_acc"] for r in rec.values()}) == 1
     assert rec["fg_lora"]["trained_parameters"] < rec["fg_full"]["trained_parameters"]
-    assert rec["fg_head"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
-    assert rec["spsa_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]
-    assert rec["fg_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]  # K = 2
+    assert rec["fg_head_act"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
+    assert rec["fg_head_act"]["perturb"] == "activations"
+    # Methods without a backward pass get steps_factor (2) times backprop's steps; forward
+    # passes count K = 2 tangents or 2n = 2 evaluations per step.
+    assert rec["spsa_lora"]["steps"] == rec["fg_lora"]["steps"] == 2 * rec["backprop"]["steps"]
+    assert rec["spsa_lora"]["forward_passes"] == 4 * rec["backprop"]["forward_passes"]
+    assert rec["fg_lora"]["forward_passes"] == 4 * rec["backprop"]["forward_passes"]
     assert not results["pretrain"]["cnn"]["restored"]
     report = (out / "report.md").read_text()
     assert "## Targets" in report and (out / "accuracy_vs_forward_passes.png").exists()
