@@ -187,8 +187,8 @@ def programs(
     for name, (step, state) in {
         "fg_lora_k1": lora_step(fg(1)),
         "fg_lora_k4": lora_step(fg(4)),
-        # One tangent stream at a time: the automatic chunking only acts above 1 GiB of
-        # intermediates, which the chunked loss stays under.
+        # One tangent stream at a time: the automatic chunking fits streams to 1 GiB of
+        # the largest intermediate, and with the loss chunked that is the attention scores.
         "fg_lora_k4_seq": lora_step(fg(4, 1)),
         "spsa_lora": lora_step(spsa),
         "backprop_lora": backprop_lora(),
