@@ -205,6 +205,9 @@ def make_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callab
     return tx.init, step
 
 
+_FORWARD: dict[tuple, Any] = {}
+
+
 def step_memory(
     module: Any, method: MethodConfig, preset: Preset, trainable: dict, frozen: dict, x, y
 ) -> dict:
@@ -217,8 +220,14 @@ def step_memory(
     compiled = (
         jax.jit(step, donate_argnums=(0, 1)).lower(trainable, state, frozen, x, y, 1e-3).compile()
     )
-    params = unflatten_dict({**frozen, **trainable})
-    fwd = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
+    key = (type(module).__name__, module.cfg, module.lora_rank, x.shape)
+    if key not in _FORWARD:
+        # The forward pass is the same for every method on a model (and LoRA rank):
+        # compiled once per run, the largest fixed cost of a quick run being compiles.
+        params = unflatten_dict({**frozen, **trainable})
+        fwd = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
+        _FORWARD[key] = fwd
+    fwd = _FORWARD[key]
 
     def needs(c):
         m = c.memory_analysis()
