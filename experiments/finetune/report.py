@@ -23,19 +23,27 @@ def _targets(results: dict[str, Any]) -> list[str]:
         }
         if not no_bwd:
             continue
-        name, best = max(no_bwd.items(), key=lambda kv: kv[1]["test_acc"])
+        # Chosen on validation accuracy, like each method's learning rate: picking the
+        # best test accuracy out of ten methods would flatter the gap.
+        name, best = max(no_bwd.items(), key=lambda kv: kv[1]["val_acc"])
         gap = 100 * (bp["test_acc"] - best["test_acc"])
         ratio = best["peak_bytes"] / best["inference_bytes"]
         cheap = {n: r for n, r in no_bwd.items() if r["peak_bytes"] <= 1.3 * r["inference_bytes"]}
         lines.append(
             f"* `{setting}`: backprop {100 * bp['test_acc']:.2f} % (peak "
             f"{bp['peak_bytes'] / bp['inference_bytes']:.2f}x inference); best without a "
-            f"backward pass `{name}` {100 * best['test_acc']:.2f} % at {ratio:.2f}x: "
+            f"backward pass (by validation) `{name}` {100 * best['test_acc']:.2f} % at {ratio:.2f}x: "
             f"{'**met**' if gap <= 1 and ratio <= 1.3 else '**missed**'} "
             f"(gap {gap:+.2f} points, target <= 1; memory target <= 1.3x)"
         )
+        probe = methods.get("backprop_head", {}).get(setting)
+        if probe:
+            lines.append(
+                f"  - linear probe (`backprop_head`, the frozen features' ceiling for a head): "
+                f"{100 * probe['test_acc']:.2f} %"
+            )
         if cheap:
-            cn, cb = max(cheap.items(), key=lambda kv: kv[1]["test_acc"])
+            cn, cb = max(cheap.items(), key=lambda kv: kv[1]["val_acc"])
             lines.append(
                 f"  - best within 1.3x inference: `{cn}` {100 * cb['test_acc']:.2f} % "
                 f"({100 * (bp['test_acc'] - cb['test_acc']):+.2f} points behind backprop)"
@@ -150,6 +158,8 @@ def _figures(results: dict[str, Any], out: str) -> list[str]:
                 style = "--" if name.startswith("spsa") else ":" if "backprop" in name else "-"
                 ax.plot(c["forward_passes"], [100 * a for a in c["test_acc"]], style, label=name)
         ax.set_title(s)
+        # Budgets differ 16x between backprop and the rest: a log axis shows both.
+        ax.set_xscale("symlog", linthresh=100)
         ax.set_xlabel("forward passes")
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
