@@ -119,16 +119,12 @@ def accuracy(module: Any, params: Params, x: np.ndarray, y: np.ndarray) -> float
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def is_trained(path: tuple[str, ...], trained: str, last: str = "") -> bool:
-    """Whether the leaf at ``path`` (a flattened linen parameter path) is trained;
-    ``last`` names the module of the last LoRA layer (``lora_last``)."""
+def is_trained(path: tuple[str, ...], trained: str) -> bool:
+    """Whether the leaf at ``path`` (a flattened linen parameter path) is trained."""
     if trained == "full":
         return True
     if trained == "lora":
         return path[-1] in ("lora_a", "lora_b") or path[0] == "head"
-    if trained == "lora_last":
-        # Tangents entering late keep the step near inference memory.
-        return (path[-1] in ("lora_a", "lora_b") and path[0] == last) or path[0] == "head"
     if trained == "head":
         return path[0] == "head"
     raise ValueError(f"unknown trained set {trained!r}")
@@ -139,7 +135,7 @@ def adapted_params(
 ) -> tuple[Any, dict, dict]:
     """``(module, trainable, frozen)``: flat dicts of the pretrained parameters plus fresh
     adapters (``lora_a`` ~ N(0, 1/in), ``lora_b`` = 0) for LoRA methods."""
-    rank = preset.lora_rank if method.trained.startswith("lora") else 0
+    rank = preset.lora_rank if method.trained == "lora" else 0
     module = models.build(cfg, rank)
     shapes = flatten_dict(
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
@@ -155,9 +151,8 @@ def adapted_params(
             flat[path] = z / np.sqrt(s.shape[0])
         elif path[-1] == "lora_b":
             flat[path] = jnp.zeros(s.shape, s.dtype)
-    last = max((k[0] for k in flat if k[-1] == "lora_a"), key=lambda n: (len(n), n), default="")
-    trainable = {k: v for k, v in flat.items() if is_trained(k, method.trained, last)}
-    frozen = {k: v for k, v in flat.items() if not is_trained(k, method.trained, last)}
+    trainable = {k: v for k, v in flat.items() if is_trained(k, method.trained)}
+    frozen = {k: v for k, v in flat.items() if not is_trained(k, method.trained)}
     return module, trainable, frozen
 
 
