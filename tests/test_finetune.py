@@ -47,16 +47,17 @@ REQUIRED = {"test_acc", "peak_bytes", "inference_bytes", "forward_passes", "seco
 @pytest.mark.usefixtures("standard_promotion", "fashion_mnist")
 def test_benchmark_test_preset_writes_the_schema(tmp_path):
     """``--preset test`` (tiny CNN, a few steps; one method per kind of step: backprop, the
-    forward gradient full / LoRA / head, SPSA on LoRA) writes ``finetune.json`` with the
-    schema of issue 19, the report and its figures, and reuses its checkpoint."""
+    forward gradient full / LoRA / head with activity perturbation, SPSA on LoRA) writes
+    ``finetune.json`` with the schema of issue 19, the report and its figures, and reuses
+    its checkpoint."""
     from experiments.finetune import main
 
     out = tmp_path / "out"
-    methods = "backprop,fg_full,fg_lora,fg_head,spsa_lora"
+    methods = "backprop,fg_full,fg_lora,fg_head_act,spsa_lora"
     main.main(["--preset", "test", "--out", str(out), "--methods", methods])
     results = json.loads((out / "finetune.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"backprop", "fg_full", "fg_lora", "fg_head", "spsa_lora"}
+    assert set(methods) == {"backprop", "fg_full", "fg_lora", "fg_head_act", "spsa_lora"}
     for name, per_setting in methods.items():
         assert set(per_setting) == {"cnn_fewshot", "cnn_full"}, name
         for rec in per_setting.values():
@@ -65,12 +66,18 @@ def test_benchmark_test_preset_writes_the_schema(tmp_path):
             assert rec["peak_bytes"] > 0 and rec["inference_bytes"] > 0
             assert rec["forward_passes"] > 0 and rec["seconds"] >= 0
             assert len(rec["curve"]["forward_passes"]) == len(rec["curve"]["test_acc"])
-    # Every method sees the same pretrained model; LoRA and head train fewer parameters.
     rec = {n: methods[n]["cnn_fewshot"] for n in methods}
+    # Every method starts from the same fresh zero head: equal logits, the same step-0
+    # prediction whatever the adapters.
+    assert len({r["pretrained_test_acc"] for r in rec.values()}) == 1
     assert rec["fg_lora"]["trained_parameters"] < rec["fg_full"]["trained_parameters"]
-    assert rec["fg_head"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
-    assert rec["spsa_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]
-    assert rec["fg_lora"]["forward_passes"] == 2 * rec["backprop"]["forward_passes"]  # K = 2
+    assert rec["fg_head_act"]["trained_parameters"] < rec["fg_lora"]["trained_parameters"]
+    assert rec["fg_head_act"]["perturb"] == "activations"
+    # Methods without a backward pass get steps_factor (2) times backprop's steps; forward
+    # passes count K = 2 tangents or 2n = 2 evaluations per step.
+    assert rec["spsa_lora"]["steps"] == rec["fg_lora"]["steps"] == 2 * rec["backprop"]["steps"]
+    assert rec["spsa_lora"]["forward_passes"] == 4 * rec["backprop"]["forward_passes"]
+    assert rec["fg_lora"]["forward_passes"] == 4 * rec["backprop"]["forward_passes"]
     assert not results["pretrain"]["cnn"]["restored"]
     report = (out / "report.md").read_text()
     assert "## Targets" in report and (out / "accuracy_vs_forward_passes.png").exists()
@@ -97,3 +104,26 @@ def test_gpt_memory_small_shape(tmp_path):
         assert rec["peak"] == rec["temp"] + rec["argument"] + rec["output"] - rec["alias"] > 0
     assert progs["fg_lora_k1"]["temp"] < progs["backprop_lora"]["temp"]
     assert (tmp_path / "gpt_memory.md").exists()
+
+
+def test_gpt_chunked_cross_entropy_matches_unchunked():
+    """The sequence-chunked cross-entropy of the GPT memory script is the plain mean
+    cross-entropy of the tied-output logits, value and forward-mode derivative."""
+    import jax
+    import optax
+
+    from experiments.finetune.gpt_memory import chunked_xent
+
+    kh, kt, ky, kv = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(kh, (2, 8, 5))
+    table = jax.random.normal(kt, (11, 5))
+    y = jax.random.randint(ky, (2, 8), 0, 11)
+    v = jax.random.normal(kv, table.shape)
+
+    def plain(t):
+        return optax.softmax_cross_entropy_with_integer_labels(h @ t.T, y).mean()
+
+    want = jax.jvp(plain, (table,), (v,))
+    got = jax.jvp(lambda t: chunked_xent(h, t, y, 4), (table,), (v,))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)

@@ -23,37 +23,64 @@ def _targets(results: dict[str, Any]) -> list[str]:
         }
         if not no_bwd:
             continue
-        name, best = max(no_bwd.items(), key=lambda kv: kv[1]["test_acc"])
+        # Chosen on validation accuracy, like each method's learning rate: picking the
+        # best test accuracy out of ten methods would flatter the gap.
+        name, best = max(no_bwd.items(), key=lambda kv: kv[1]["val_acc"])
         gap = 100 * (bp["test_acc"] - best["test_acc"])
         ratio = best["peak_bytes"] / best["inference_bytes"]
         cheap = {n: r for n, r in no_bwd.items() if r["peak_bytes"] <= 1.3 * r["inference_bytes"]}
         lines.append(
             f"* `{setting}`: backprop {100 * bp['test_acc']:.2f} % (peak "
             f"{bp['peak_bytes'] / bp['inference_bytes']:.2f}x inference); best without a "
-            f"backward pass `{name}` {100 * best['test_acc']:.2f} % at {ratio:.2f}x: "
+            f"backward pass (by validation) `{name}` {100 * best['test_acc']:.2f} % at {ratio:.2f}x: "
             f"{'**met**' if gap <= 1 and ratio <= 1.3 else '**missed**'} "
             f"(gap {gap:+.2f} points, target <= 1; memory target <= 1.3x)"
         )
+        probe = methods.get("backprop_head", {}).get(setting)
+        if probe:
+            lines.append(
+                f"  - linear probe (`backprop_head`, the frozen features' ceiling for a head): "
+                f"{100 * probe['test_acc']:.2f} %"
+            )
         if cheap:
-            cn, cb = max(cheap.items(), key=lambda kv: kv[1]["test_acc"])
+            cn, cb = max(cheap.items(), key=lambda kv: kv[1]["val_acc"])
             lines.append(
                 f"  - best within 1.3x inference: `{cn}` {100 * cb['test_acc']:.2f} % "
                 f"({100 * (bp['test_acc'] - cb['test_acc']):+.2f} points behind backprop)"
             )
-        for fg_name, sp_name in (
-            ("fg_full", "spsa_full"),
-            ("fg_full_sgd", "spsa_full"),
-            ("fg_lora", "spsa_lora"),
-        ):
-            fg = methods.get(fg_name, {}).get(setting)
-            sp = methods.get(sp_name, {}).get(setting)
-            if fg and sp:
-                lines.append(
-                    f"  - `{fg_name}` {100 * fg['test_acc']:.2f} % vs `{sp_name}` "
-                    f"{100 * sp['test_acc']:.2f} % after {fg['forward_passes']} / "
-                    f"{sp['forward_passes']} forward passes"
-                )
+        for fg_name, sp_name, fg, sp, x, a_fg, a_sp in _fg_vs_spsa(methods, setting):
+            lines.append(
+                f"  - `{fg_name}` {100 * a_fg:.2f} % vs `{sp_name}` {100 * a_sp:.2f} % at "
+                f"{x} forward passes ({100 * (a_fg - a_sp):+.2f} points; finals "
+                f"{100 * fg['test_acc']:.2f} / {100 * sp['test_acc']:.2f} % after "
+                f"{fg['forward_passes']} / {sp['forward_passes']})"
+            )
     return lines
+
+
+def acc_at(rec: dict[str, Any], passes: int) -> float:
+    """Test accuracy of a run's curve at its last evaluation within ``passes`` forward
+    passes (the curve of the learning rate the run reports)."""
+    c = rec["curve"]
+    within = [a for x, a in zip(c["forward_passes"], c["test_acc"]) if x <= passes]
+    return within[-1]
+
+
+def _fg_vs_spsa(methods: dict[str, Any], setting: str) -> list[tuple]:
+    """``(fg_name, spsa_name, fg_rec, spsa_rec, passes, fg_acc, spsa_acc)`` for every
+    forward-gradient method and the SPSA method training the same parameters, both read at
+    the smaller of their two budgets in forward passes."""
+    out = []
+    for fg_name, per in methods.items():
+        fg = per.get(setting)
+        if not fg or fg.get("estimator") != "fg":
+            continue
+        for sp_name, sper in methods.items():
+            sp = sper.get(setting)
+            if sp and sp.get("estimator") == "spsa" and sp["trained"] == fg["trained"]:
+                x = min(fg["forward_passes"], sp["forward_passes"])
+                out.append((fg_name, sp_name, fg, sp, x, acc_at(fg, x), acc_at(sp, x)))
+    return out
 
 
 def write_report(results: dict[str, Any], out: str) -> str:
@@ -63,7 +90,8 @@ def write_report(results: dict[str, Any], out: str) -> str:
     lines = [
         f"# Fine-tuning benchmark, preset `{results['preset']}`",
         "",
-        f"Wall time {results['wall_seconds']:.0f} s; jax {results['env']['jax']}, "
+        f"Wall time {results['wall_seconds']:.0f} s (CPU time of the process "
+        f"{results.get('cpu_seconds', float('nan')):.0f} s); jax {results['env']['jax']}, "
         f"{results['env']['device']}; commit {results['env'].get('commit', '?')}.",
         "",
         "Pretraining (backprop on Fashion-MNIST, orbax checkpoint): "
@@ -90,7 +118,8 @@ def write_report(results: dict[str, Any], out: str) -> str:
                 "-"
                 if r is None
                 else f"{100 * r['test_acc']:.2f} %, {r['peak_bytes'] / MiB:.2f} MiB "
-                f"({r['peak_bytes'] / r['inference_bytes']:.2f}x), lr {r['learning_rate']:g}"
+                f"({r['peak_bytes'] / r['inference_bytes']:.2f}x), lr {r['learning_rate']:g}, "
+                f"{r.get('steps', '?')} steps / {r['forward_passes']} fwd"
             )
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += [
@@ -129,6 +158,8 @@ def _figures(results: dict[str, Any], out: str) -> list[str]:
                 style = "--" if name.startswith("spsa") else ":" if "backprop" in name else "-"
                 ax.plot(c["forward_passes"], [100 * a for a in c["test_acc"]], style, label=name)
         ax.set_title(s)
+        # Budgets differ 16x between backprop and the rest: a log axis shows both.
+        ax.set_xscale("symlog", linthresh=100)
         ax.set_xlabel("forward passes")
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)

@@ -23,8 +23,9 @@ from experiments.finetune.configs import PRESETS
 
 def temp_mib(fn: Any, *args: Any) -> float:
     """XLA's temporary bytes of ``jax.jit(fn)`` at ``args`` (abstract), in MiB."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    assert analysis is not None  # None only on backends without a memory analysis
+    return analysis.temp_size_in_bytes / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
