@@ -1,13 +1,10 @@
 """Cost of K tangents with activity perturbation, side by side with backprop (issue 16).
 
-Activity perturbation's estimate of a kernel is ``(1/B) Jᵀ Σ_k (d_k ⊙ u_k) / K``: linear in
-the per-tangent cotangent, so the K tangents' cotangents are summed before one weight
-contraction per layer. This measures, in one process with interleaved rounds (medians of
-paired ratios), the quality benchmark's steps (Adam, one compiled step per call, not
-donated): backprop, ``fg_act_k1``, ``fg_act_k16``, ``local_a_split_k16``, on the MLP (and
-optionally the CNN); and with ``--mesh N`` (N host devices, data parallel: batch sharded,
-parameters replicated) the bytes of every collective in the compiled activity-perturbed
-step against backprop's::
+The quality benchmark's steps (Adam, one compiled step per call, not donated) timed in
+interleaved rounds (medians of paired ratios): backprop, ``fg_act_k1``, ``fg_act_k16``,
+``local_a_split_k16``; with ``--mesh N`` (N host devices, batch sharded, parameters
+replicated) the bytes of every collective in the compiled steps against backprop's
+(docs/performance.md)::
 
     python -m experiments.benchmarks.activity_cost --out experiments/results/activity_cost_cpu.json
 """

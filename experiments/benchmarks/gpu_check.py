@@ -5,32 +5,12 @@
     python -m experiments.benchmarks.gpu_check --sections mlp,oom --out out/gpu
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (markdown tables for
-docs/performance.md) after every section, so a run cut short keeps what it measured.
-
-Sections (each in its own process, with its own time limit, so that a crash, an
-out-of-memory error or a slow compile costs only that section):
-
-* ``mlp``: MLP 784-1024-1024-10, SGD step, B=64 and 1024: forward pass, backprop and forward
-  gradient (rademacher, normal, lowrank; K=1), one jitted step per Python call with and
-  without buffer donation (blocked after each call, and 10 calls pipelined, blocked once),
-  and 100 steps inside one compiled ``fori_loop``.
-* ``wide``: MLP width 4096, depth 4, B=8192, in the compiled loop.
-* ``depth_memory``: XLA temp bytes and compile time of the steps, MLP width 1024, B=1024,
-  depth 32 and 2 (compile only).
-* ``transformer``: ``transformer.py``'s 6-block nnx transformer: gradient time against
-  ``jax.grad`` and compile time.
-* ``gpt2_memory``: GPT-2-small shape (12 blocks, width 768, sequence 1024, batch 8, vocabulary
-  50257): peak device memory (``peak_bytes_in_use``) and XLA temp bytes of a forward pass, a
-  backprop step and forward-gradient steps with K=1 and 4, each in a process of its own
-  (``XLA_PYTHON_CLIENT_PREALLOCATE=false``; autotuning off, since its trial buffers would set
-  the peak), the four run concurrently.
-* ``oom``: a GPT (12 blocks, width 1024, sequence 2048, vocabulary 16384) with the batch
-  picked from the device's memory so that backprop exceeds it: backprop's step is run and
-  its RESOURCE_EXHAUSTED recorded, then the forward gradient trains at the same size
-  (preallocation on, ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-
-Timings are medians of interleaved rounds in a fresh random order each
-(``runtime.time_interleaved``); ratios are paired within rounds.
+docs/performance.md) after every section, so a run cut short keeps what it measured. Each
+section (``mlp``, ``wide``, ``depth_memory``, ``transformer``, ``gpt2_memory``, ``oom``;
+what they measure: docs/performance.md, "One-command GPU check") runs in its own process
+with its own time limit, so that a crash, an out-of-memory error or a slow compile costs
+only that section. Timings are medians of interleaved rounds in a fresh random order each;
+ratios are paired within rounds.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ def _yes(flag):
 
 
 def _table(header, rows):
+    """A markdown table; ``header``: the column names, a list or separated by `` | ``."""
+    header = header.split(" | ") if isinstance(header, str) else header
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
@@ -92,8 +94,7 @@ def transformer_table(sections):
         "gradient alone (`jax.grad` vs `forward_grad`, no optimizer, no donation):",
         "",
         *_table(
-            ["program", "median", "/ forward", "/ backprop", "compile", "compile / bp", "donated"],
-            rows,
+            "program | median | / forward | / backprop | compile | compile / bp | donated", rows
         ),
         "",
     ]
@@ -150,8 +151,8 @@ def gpt2_table(sections):
         )
     c = res.get("config", {})
     params = next((p["result"].get("num_params") for p in progs.values() if p.get("result")), None)
-    header = ["program", "donated", "peak device memory", "/ forward", "/ backprop"]
-    header += ["XLA temp", "compile", "outcome"]
+    header = "program | donated | peak device memory | / forward | / backprop | XLA temp | compile"
+    header += " | outcome"
     return [
         f"GPT ({c.get('depth')} blocks, width {c.get('width')}, sequence {c.get('seq_len')}, "
         f"batch {c.get('batch')}, vocabulary {c.get('vocab')}, {params} parameters), one process "
@@ -200,15 +201,8 @@ def oom_table(sections):
         bp_cell,
         fg_cell,
     ]
-    header = [
-        "GPT",
-        "batch",
-        "parameters",
-        "bytes_limit",
-        "donated",
-        "backprop step",
-        "forward gradient (rademacher, K=1)",
-    ]
+    header = "GPT | batch | parameters | bytes_limit | donated | backprop step"
+    header += " | forward gradient (rademacher, K=1)"
     return [
         "Backprop out of memory, the forward gradient training (one process each, preallocation on, "
         "`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`):",

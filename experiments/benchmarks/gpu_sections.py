@@ -24,6 +24,7 @@ from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import run as run_transformer
 from experiments.toolkit import (
     Block,
+    Runner,
     compiled_memory,
     environment,
     init_mlp,
@@ -84,35 +85,6 @@ def forward_in_loop(loss_fn, n):
     return run
 
 
-class Stepper:
-    """Calls a jitted ``(params, state, batch) -> (params, state, loss)`` on its own copy of
-    the parameters, threading the (possibly donated) buffers from call to call."""
-
-    def __init__(self, fn, params, state, batch):
-        self.fn, self.batch = fn, batch
-        # Own copies: a donated call deletes its inputs (tx.init returns the same key array
-        # to every caller).
-        self.params, self.state = jax.tree_util.tree_map(jnp.copy, (params, state))
-
-    def __call__(self):
-        self.params, self.state, loss = self.fn(self.params, self.state, self.batch)
-        jax.block_until_ready((self.params, loss))
-
-
-class Pipelined(Stepper):
-    """``steps`` calls dispatched back to back, blocking once after the last: how a
-    training loop runs (asynchronous dispatch overlaps the host's work with the device's)."""
-
-    def __init__(self, fn, params, state, batch, steps):
-        super().__init__(fn, params, state, batch)
-        self.steps = steps
-
-    def __call__(self):
-        for _ in range(self.steps):
-            self.params, self.state, loss = self.fn(self.params, self.state, self.batch)
-        jax.block_until_ready((self.params, loss))
-
-
 def timed_rounds(fns, reps, warmup, deadline, chunk=5):
     """``runtime.time_interleaved`` in chunks of rounds until ``reps`` or the deadline."""
     times = {n: [] for n in fns}
@@ -149,13 +121,13 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipel
         if "dispatched" in modes:
             for donate in (True, False):
                 fn = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-                fns[f"{kind}/dispatched/{donate}"] = Stepper(fn, params, tx.init(params), batch)
+                fns[f"{kind}/dispatched/{donate}"] = Runner(tx, fn, params, batch)
                 if "pipelined" in modes:
-                    fns[f"{kind}/pipelined/{donate}"] = Pipelined(
-                        fn, params, tx.init(params), batch, pipeline_steps
+                    fns[f"{kind}/pipelined/{donate}"] = Runner(
+                        tx, fn, params, batch, pipeline_steps
                     )
         loop = jax.jit(in_loop(step, loop_steps), donate_argnums=(0, 1))
-        fns[f"{kind}/loop/True"] = Stepper(loop, params, tx.init(params), batch)
+        fns[f"{kind}/loop/True"] = Runner(tx, loop, params, batch)
     if "dispatched" in modes:
         fwd = jax.jit(mlp_loss)
         fns["forward/dispatched"] = lambda: jax.block_until_ready(fwd(params, batch))
@@ -309,12 +281,6 @@ def _oom_bytes(message: str):
     return int(m.group(1)) if m else None
 
 
-def _needs(mem):
-    if not mem:
-        return None
-    return mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
-
-
 def _compile_gpt(cfg, spec, graphdef, params, out):
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq_len + 1), 0, cfg.vocab)
     batch = (tokens[:, :-1], tokens[:, 1:])
@@ -335,7 +301,7 @@ def _compile_gpt(cfg, spec, graphdef, params, out):
     compiled = jitted.lower(*args).compile()
     out.update(batch=cfg.batch, donated=state is not None, compile_s=time.perf_counter() - t0)
     out["memory"] = compiled_memory(compiled)
-    out["xla_needs_bytes"] = _needs(out["memory"])
+    out["xla_needs_bytes"] = (out["memory"] or {}).get("total_bytes")
     return compiled, state, batch
 
 

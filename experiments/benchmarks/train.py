@@ -20,9 +20,8 @@ from experiments.toolkit import (
     Runner,
     classifier_loss,
     compiled_memory,
+    donated_step,
     init_mlp,
-    make_backprop_step,
-    make_fg_step,
     measure_ratios,
     median,
     memory_of,
@@ -75,28 +74,27 @@ def measure_sharded(
         lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
     )
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    fns: dict[str, Callable[[], None]] = {}
-    tx, st = make_backprop_step(loss_fn, lr)
-    fns["backprop"] = Runner(st, tx, params, batch)
+    steps = {"backprop": donated_step(loss_fn, lr)}
+    steps |= {f"fg{i}": donated_step(loss_fn, lr, t, k) for i, (t, k) in enumerate(variants)}
+    fns: dict[str, Callable[[], Any]] = {n: Runner(*s, params, batch) for n, s in steps.items()}
+    compiled = {
+        n: st.lower(params, tx.init(params), batch).compile() for n, (tx, st) in steps.items()
+    }
     out: dict[str, Any] = {
         "mesh_size": mesh_size,
         "fsdp": fsdp,
         "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
+        "backprop_collective_bytes": collective_bytes(compiled["backprop"].as_text()),
+        "backprop_memory": compiled_memory(compiled["backprop"]),
         "variants": [],
     }
-    compiled = st.lower(params, tx.init(params), batch).compile()
-    out["backprop_collective_bytes"] = collective_bytes(compiled.as_text())
-    out["backprop_memory"] = compiled_memory(compiled)
     for i, (tan, k) in enumerate(variants):
-        tx, st = make_fg_step(loss_fn, lr, tan, k)
-        fns[f"fg{i}"] = Runner(st, tx, params, batch)
-        compiled = st.lower(params, tx.init(params), batch).compile()
         out["variants"].append(
             {
                 "tangent": tan if isinstance(tan, str) else repr(tan),
                 "num_tangents": k,
-                "collective_bytes": collective_bytes(compiled.as_text()),
-                "memory": compiled_memory(compiled),
+                "collective_bytes": collective_bytes(compiled[f"fg{i}"].as_text()),
+                "memory": compiled_memory(compiled[f"fg{i}"]),
             }
         )
     times = time_interleaved(fns, reps, warmup)
@@ -131,19 +129,10 @@ def tangents_available(names):
 
 @dataclasses.dataclass
 class RuntimeConfig:
-    """One benchmark configuration.
-
-    Attributes:
-        name: Name in the results (``mlp_b64``, ...).
-        model: ``"mlp"`` (plain-JAX MLP, 784 inputs) or ``"cnn"`` (28x28 inputs).
-        batch_size: Batch size.
-        variants: ``(tangent, num_tangents)`` pairs of the forward-gradient steps.
-        reps: Timed rounds.
-        warmup: Untimed warm-up rounds.
-        memory: Also read the compiled memory of each step.
-        width: Hidden width of the MLP.
-        depth: Hidden layers of the MLP.
-    """
+    """One benchmark configuration, named ``name`` in the results: ``model`` ``"mlp"`` (the
+    plain-JAX MLP, 784 inputs, ``depth`` hidden layers of ``width``) or ``"cnn"`` (28x28
+    inputs), the forward-gradient steps' ``(tangent, num_tangents)`` ``variants``, timed
+    ``reps`` rounds after ``warmup``; ``memory``: also each step's compiled memory."""
 
     name: str
     model: str
@@ -206,10 +195,10 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
             "batch_size": batch_size,
             "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params))),
         }
-        tx, st = make_backprop_step(mlp_loss, 1e-4)
+        tx, st = donated_step(mlp_loss, 1e-4)
         row["backprop"] = memory_of(st, params, tx.init(params), batch)
         for t in tangents:
-            tx, st = make_fg_step(mlp_loss, 1e-4, t, 1)
+            tx, st = donated_step(mlp_loss, 1e-4, t)
             row[t] = memory_of(st, params, tx.init(params), batch)
             row[f"{t}_temp_over_backprop"] = row[t]["temp_bytes"] / row["backprop"]["temp_bytes"]
         rows.append(row)

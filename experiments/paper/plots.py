@@ -41,11 +41,10 @@ def _y_scale(ax, values) -> None:
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def _load_arm(path: Path):
@@ -64,7 +63,8 @@ def _arms(run_dir: Path):
 
 
 def loss_figure(out: Path, name: str, entry: dict):
-    """The figure of :func:`plot_loss` (not saved)."""
+    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
+    their min..max; the legend counts the diverged runs)."""
     run_dir = out / "runs" / name
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", ":", "-."]
@@ -114,14 +114,9 @@ def loss_figure(out: Path, name: str, entry: dict):
     return fig
 
 
-def plot_loss(out: Path, name: str, entry: dict) -> Path:
-    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
-    their min..max; the legend counts the diverged runs)."""
-    return _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
-
-
 def function_figure(out: Path, name: str, entry: dict):
-    """The figure of :func:`plot_function` (not saved)."""
+    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
+    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
     land = np.load(out / "runs" / name / "landscape.npz")
     xs, ys, zs = land["xs"], land["ys"], land["zs"]
     (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
@@ -170,14 +165,8 @@ def function_figure(out: Path, name: str, entry: dict):
     return fig
 
 
-def plot_function(out: Path, name: str, entry: dict) -> Path:
-    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
-    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
-    return _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
-
-
 def tuned_figure(experiments: dict):
-    """The figure of :func:`plot_tuned` (not saved)."""
+    """Final loss vs learning rate of the per-method sweeps."""
     names = [n for n, e in experiments.items() if e.get("tuned")]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
     axes = np.atleast_1d(axes)
@@ -220,13 +209,8 @@ def tuned_figure(experiments: dict):
     return fig
 
 
-def plot_tuned(out: Path, experiments: dict) -> Path:
-    """Final loss vs learning rate of the per-method sweeps."""
-    return _save(tuned_figure(experiments), out / "tuned_sweeps.png")
-
-
 def depth_figure(depth: dict):
-    """The figure of :func:`plot_depth` (not saved)."""
+    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
     rows = depth["rows"]
     d = [r["depth"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -237,26 +221,17 @@ def depth_figure(depth: dict):
     axes[1].plot(d, [r["fg_over_bp"] for r in rows], "o-", color="k")
     axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes[1].set_ylabel("R_f / R_b")
-    mems = {
-        "fgd": [r["variants"][0].get("memory") for r in rows],
-        "sgd": [r["memory"].get("backprop") for r in rows],
-        "f": [r["memory"].get("forward") for r in rows],
-    }
-    for m in ("fgd", "sgd"):
-        axes[2].plot(
-            d,
-            [(x or {}).get("total_bytes", np.nan) for x in mems[m]],
-            "o-",
-            color=COLORS[m],
-            label=f"{LABELS[m]} iteration",
-        )
-    axes[2].plot(
-        d,
-        [(x or {}).get("total_bytes", np.nan) for x in mems["f"]],
-        "o--",
-        color="gray",
-        label="f (forward only)",
+    lines = (
+        ([r["variants"][0].get("memory") for r in rows], "o-", "fgd"),
+        ([r["memory"].get("backprop") for r in rows], "o-", "sgd"),
+        ([r["memory"].get("forward") for r in rows], "o--", "f"),
     )
+    for mems, style, m in lines:
+        total = [(x or {}).get("total_bytes", np.nan) for x in mems]
+        color, label = (
+            ("gray", "f (forward only)") if m == "f" else (COLORS[m], f"{LABELS[m]} iteration")
+        )
+        axes[2].plot(d, total, style, color=color, label=label)
     axes[2].set_ylabel("XLA compiled memory (bytes)")
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
@@ -275,6 +250,14 @@ def depth_figure(depth: dict):
     return fig
 
 
-def plot_depth(out: Path, depth: dict) -> Path:
-    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
-    return _save(depth_figure(depth), out / "depth_scaling.png")
+def plot_all(out: Path, results: dict) -> None:
+    """Draws every figure of a run from its ``results.json`` dict and what it wrote."""
+    experiments = results["experiments"]
+    for name, entry in experiments.items():
+        if name in ("beale", "rosenbrock"):
+            _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
+        _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
+    if results.get("depth"):
+        _save(depth_figure(results["depth"]), out / "depth_scaling.png")
+    if experiments:
+        _save(tuned_figure(experiments), out / "tuned_sweeps.png")

@@ -4,20 +4,10 @@ brings it, written as an ordinary linen class, trained unchanged.
 The architecture is that of the Flax ImageNet example's ``ResNet18`` (7x7/2 stem with
 BatchNorm and a 3x3/2 max pool, four stages of two basic residual blocks, widths
 ``num_filters * (1, 2, 4, 8)``, global mean, dense classifier), here with 16 filters on
-28x28 Fashion-MNIST. Methods:
-
-* ``backprop``: the reference;
-* ``fg_<tangent>_k<K>``: the weight-perturbed forward gradient on the unchanged model, the
-  recipe that runs on any model (new BatchNorm statistics come back as the aux);
-* ``local_a_k<K>`` / ``local_w_k<K>``: block-local losses with ``boundaries=ResidualBlock``
-  (:class:`fgrad_jax.ModelLocalLosses`), activities or weights perturbed;
-* ``local_a_layer_k<K>``: a block per convolution (``boundaries=nn.BatchNorm``), activity
-  perturbations scored per example (``batch_coupling="per_example"``);
-* ``local_a_split_k<K>``: a block per convolution, each split into 4 channel-group loss
-  columns (``groups=4``; BatchNorm keeps channels apart), scored unbiasedly;
-* ``local_a_splitall_k<K>``: the same, scored per example;
-* ``local_a_channels_k<K>``: 16 groups (one channel per column in the first stage), scored
-  per example.
+28x28 Fashion-MNIST. Methods: ``backprop``; ``fg_<tangent>_k<K>`` (weights perturbed on the
+unchanged model, the new BatchNorm statistics as the aux); and block-local losses,
+``local_a_k<K>`` / ``local_w_k<K>`` with ``boundaries=ResidualBlock`` and the variants of
+``RESNET_LOCAL`` (a block per convolution, channel groups, per-example scoring).
 """
 
 from __future__ import annotations
@@ -75,7 +65,10 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-# The local-loss variants on the resnet, by the method name's infix (see the docstring).
+# The local-loss variants on the resnet, by the method name's infix: ``_layer_``, a block per
+# convolution scored per example; ``_split_``, each split into 4 channel-group columns
+# (BatchNorm keeps channels apart), scored unbiasedly; ``_splitall_``, the same per example;
+# ``_channels_``, 16 groups (one channel per column in the first stage), per example.
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},

@@ -11,9 +11,7 @@ that the timing scripts run without it).
 # ruff: noqa: F401  (this module re-exports)
 from .analysis import (
     add_estimates,
-    diverged,
     first_crossing,
-    fmt,
     format_entry,
     mean_curve,
     num_params,
@@ -25,8 +23,8 @@ from .analysis import (
 )
 from .config import add_overrides, apply_overrides, from_dict
 from .env import environment
-from .io import Checkpointer, JsonlLogger, read_json, read_jsonl, to_jsonable, write_json
-from .memory import compiled_memory, device_peak_bytes, memory_of
+from .io import read_json, read_jsonl, to_jsonable, write_json
+from .memory import compiled_memory, memory_of
 from .models import (
     CNN,
     FUNCTIONS,
@@ -35,24 +33,12 @@ from .models import (
     Block,
     LogReg,
     Transformer,
-    beale,
     classifier_loss,
     init_mlp,
     landscape,
-    mlp_apply,
     mlp_loss,
-    rosenbrock,
     synthetic_batch,
-    xent,
 )
-from .ratios import (
-    make_backprop_step,
-    make_fg_step,
-    make_forward,
-    measure_ratios,
-    measure_runtime,
-    summarise,
-)
-from .records import RatioResult, Record, VariantTiming
+from .ratios import donated_step, measure_ratios, measure_runtime
 from .timing import Runner, median, paired_ratio, time_interleaved
-from .train import METHODS, Arm, ArmResult, make_step, make_tx, train_arms
+from .train import Arm, train_arms

@@ -44,23 +44,10 @@ def _cpu_model() -> str | None:
 
 
 def environment(config: Any = None) -> dict[str, Any]:
-    """Describes the machine, the library versions and the git commit.
-
-    Versions are read from the installed distributions, so recording them imports nothing
-    (torch in particular, which is slow to import and only used by the runtime peer); torch's
-    thread count is recorded only when torch is already imported.
-
-    Args:
-        config: The full configuration of the run, stored verbatim.
-
-    Returns:
-        A JSON-friendly dict.
-
-    Example:
-        >>> env = environment({"preset": "test"})
-        >>> env["config"], env["num_devices"] >= 1
-        ({'preset': 'test'}, True)
-    """
+    """The machine, the library versions, the git commit and ``config`` (the run's full
+    configuration, stored verbatim), JSON-friendly. Versions are read from the installed
+    distributions, so recording them imports nothing (torch is slow to import); torch's
+    thread count is recorded only when torch is already imported."""
     import fgrad_jax
 
     dev = jax.devices()[0]

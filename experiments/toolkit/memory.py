@@ -10,26 +10,11 @@ _FIELDS = ("temp", "argument", "output", "alias", "generated_code")
 
 
 def compiled_memory(compiled: Any) -> dict[str, int] | None:
-    """XLA's memory analysis of a compiled program, in bytes.
-
-    ``temp_bytes`` is the working memory beyond arguments and outputs;
+    """XLA's memory analysis of ``jax.jit(f).lower(...).compile()``, in bytes (``None`` on a
+    backend without one): ``temp_bytes`` (the working memory beyond arguments and outputs),
+    ``argument_bytes``, ``output_bytes``, ``alias_bytes``, ``generated_code_bytes`` and
     ``total_bytes = temp + argument + output - alias`` (aliased outputs reuse donated
-    arguments, so they are counted once).
-
-    Args:
-        compiled: The result of ``jax.jit(f).lower(...).compile()``.
-
-    Returns:
-        ``{"temp_bytes", "argument_bytes", "output_bytes", "alias_bytes",
-        "generated_code_bytes", "total_bytes"}``, or ``None`` on a backend without memory
-        analysis.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> m = compiled_memory(jax.jit(jnp.sin).lower(jnp.zeros(256)).compile())
-        >>> m["argument_bytes"]
-        1024
-    """
+    arguments, so they are counted once)."""
     try:
         ma = compiled.memory_analysis()
     except Exception:  # a backend without memory analysis raises instead of returning None

@@ -9,8 +9,13 @@ Every result file of ``experiments/`` uses these keys with these meanings:
 * ``fg_over_bp = R_f / R_b`` (the ratio of the medians; the paper's MLP: 2.329 / 3.971 =
   0.586);
 * ``paired_ratio``: the median over rounds of (fg step time / backprop step time) within the
-  same round;
+  same round; ``paired_over_k1`` (K > 1): the same of this step over the same tangent's K = 1
+  step;
 * memory dicts are :func:`toolkit.memory.compiled_memory` (``temp_bytes``, ``total_bytes``, ...).
+
+A :class:`RatioResult`'s top-level ``R_f``, ``fg_over_bp`` and ``paired_ratio`` are its first
+variant's; ``extra`` holds other callables timed in the same rounds, ``device_peak_bytes`` the
+device's peak memory in use (``None`` on CPU).
 """
 
 from __future__ import annotations
@@ -18,32 +23,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .io import to_jsonable
-
-
-class Record:
-    """Base of the records: ``to_json()`` gives the JSON-friendly dict that is written."""
-
-    def to_json(self) -> dict[str, Any]:
-        return to_jsonable(self)
-
 
 @dataclasses.dataclass
-class VariantTiming(Record):
-    """One forward-gradient step variant, timed in the same rounds as f and backprop.
-
-    Attributes:
-        tangent: Tangent distribution (a name, or the ``repr`` of a callable).
-        num_tangents: Tangents per step (K).
-        t_step_s: Median seconds of one step.
-        R_f: ``t_step_s / t_forward_s``.
-        fg_over_bp: ``t_step_s / t_backprop_s`` (= ``R_f / R_b``).
-        paired_ratio: Median over rounds of (this step / backprop step) in the same round.
-        final_loss: The loss the step reported last (from its own JVP), when it has state.
-        paired_over_k1: For K > 1: median over rounds of (this step / the same tangent's
-            K = 1 step), when that is timed too.
-        memory: Compiled memory of the step.
-    """
+class VariantTiming:
+    """One forward-gradient step variant (``tangent``: a name, or the ``repr`` of a callable),
+    timed in the same rounds as f and backprop."""
 
     tangent: str
     num_tangents: int
@@ -57,25 +41,8 @@ class VariantTiming(Record):
 
 
 @dataclasses.dataclass
-class RatioResult(Record):
-    """f, backprop and forward-gradient steps timed side by side (see the module docstring).
-
-    The top-level ``R_f``, ``fg_over_bp`` and ``paired_ratio`` are the first variant's.
-
-    Attributes:
-        t_forward_s: Median seconds of one evaluation of f.
-        t_backprop_s: Median seconds of one backprop step.
-        R_b: ``t_backprop_s / t_forward_s``.
-        R_f: First variant's ``R_f``.
-        fg_over_bp: First variant's ``fg_over_bp``.
-        paired_ratio: First variant's ``paired_ratio``.
-        reps: Timed rounds.
-        variants: One :class:`VariantTiming` per forward-gradient step.
-        memory: ``{"forward": ..., "backprop": ...}`` compiled memory (variants hold theirs).
-        extra: Other callables timed in the same rounds: ``{name: {"t_s", "over_jax_backprop"}}``.
-        calls_per_measurement: Calls per timed measurement of each candidate.
-        device_peak_bytes: The device's peak memory in use (``None`` on CPU).
-    """
+class RatioResult:
+    """f, backprop and forward-gradient steps timed side by side (see the module docstring)."""
 
     t_forward_s: float
     t_backprop_s: float
