@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.quality.methods import make_method, step
+from experiments.quality.methods import adam_cosine, make_method, step
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 from experiments.toolkit.timing import paired_ratio, time_interleaved
 from fgrad_jax._sharding import collective_bytes
@@ -64,9 +64,7 @@ def _compiled_step(name: str, model: str, x: jax.Array, y: jax.Array, sharding=N
     key = jax.random.key(0)
     params = method.init(key)
     est_state = () if method.estimator is None else method.estimator(key).init(params)
-    from experiments.quality.methods import adam_cosine
-
-    state = (est_state, adam_cosine(1e-3, 1.0).init(params))
+    state = (est_state, adam_cosine(1e-3, 1.0).init(params), ())  # no model state
     if sharding is not None:
         x, y = jax.device_put((x, y), sharding)
     fn = jax.jit(lambda p, s, x, y: step(method, 1e-3, 1000.0, p, s, x, y))

@@ -24,21 +24,15 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from experiments.benchmarks.gpu_report import last_line, markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ORDER = ("mlp", "wide", "depth_memory", "transformer", "gpt2_memory", "oom")
-# Hard time limits (s). They add up to more than TOTAL_BUDGET_S: most sections finish well
-# inside theirs, and the total deadline caps what the last ones get.
-BUDGET_S = {
-    "mlp": 90,
-    "wide": 40,
-    "depth_memory": 100,
-    "transformer": 80,
-    "gpt2_memory": 75,
-    "oom": 100,
-}
+# The sections in order, with hard time limits (s). They add up to more than TOTAL_BUDGET_S:
+# most sections finish well inside theirs, and the total deadline caps what the last ones get.
+BUDGET_S = dict(mlp=90, wide=40, depth_memory=100, transformer=80, gpt2_memory=75, oom=100)
+ORDER = tuple(BUDGET_S)
 TOTAL_BUDGET_S = 380
 NO_PREALLOCATE = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 GPT2_SMALL = {"vocab": 50257, "width": 768, "depth": 12, "heads": 12, "seq_len": 1024, "batch": 8}
@@ -274,19 +268,14 @@ def main(argv=None):
         results["sections"][name] = sec
         results["device"] = device_from(results["sections"])
         results["wall_s"] = time.time() - start
-        write_outputs(args.out, results)
+        # After every section, so that a run cut short keeps what it measured.
+        (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
+        (Path(args.out) / "gpu_check.md").write_text(markdown(results))
         print(f"[{time.time() - start:6.1f} s] section {name}: {sec['status']}", flush=True)
         if sec.get("error"):
             print("   " + last_line(sec["error"]), flush=True)
     print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {time.time() - start:.0f} s")
     return 0
-
-
-def write_outputs(out_dir, results):
-    with open(os.path.join(out_dir, "gpu_check.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(out_dir, "gpu_check.md"), "w") as fh:
-        fh.write(markdown(results))
 
 
 if __name__ == "__main__":

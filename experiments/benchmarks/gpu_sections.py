@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments.benchmarks.gpu_report import TANGENTS, _gib
 from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import run as run_transformer
 from experiments.toolkit import (
@@ -33,11 +34,9 @@ from experiments.toolkit import (
     synthetic_batch,
     time_interleaved,
 )
-from experiments.toolkit.ratios import sgd_step
+from experiments.toolkit.ratios import memory_stats, sgd_step
 
-TANGENTS = ("rademacher", "normal", "lowrank")
 LR = 1e-4
-GIB = 2**30
 
 
 def device_info() -> dict:
@@ -45,13 +44,6 @@ def device_info() -> dict:
     info = {"device_kind": d.device_kind, "platform": d.platform, "jax": jax.__version__}
     info["bytes_limit"] = memory_stats().get("bytes_limit")
     return info
-
-
-def memory_stats() -> dict:
-    try:
-        return dict(jax.devices()[0].memory_stats() or {})
-    except Exception:  # backends without allocator statistics (CPU)
-        return {}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -366,10 +358,6 @@ def gpt_measure(smoke, deadline, spec, emit):
         flush=True,
     )
     return out
-
-
-def _gib(b):
-    return "n/a" if b is None else f"{b / GIB:.2f} GiB"
 
 
 SECTIONS = {

@@ -2,7 +2,7 @@
 
 Everything is measured in one process, jitted, warmed up, the candidates interleaved in a
 seeded random order each round, reported as medians (:func:`experiments.toolkit.measure_ratios`;
-the keys and their meanings: :mod:`experiments.toolkit.records`). This script holds the
+the keys and their meanings: :mod:`experiments.toolkit.ratios`). This script holds the
 configurations (``configs/<preset>.json``), the data-parallel variant (``--mesh``) and the
 memory sweep (XLA's compiled memory analysis)::
 

@@ -43,16 +43,9 @@ def run(cfg: Config) -> dict:
     out = {"config": asdict(cfg), "environment": environment(), "cases": []}
     deadline = time.time() + cfg.max_seconds
     for sizes, batch_size, loop_steps in cfg.cases:
-        case = mlp_case(
-            list(sizes),
-            batch_size,
-            ("dispatched", "pipelined", "loop"),
-            loop_steps,
-            cfg.rounds,
-            cfg.warmup,
-            deadline,
-            cfg.pipeline_steps,
-        )
+        modes = ("dispatched", "pipelined", "loop")
+        timing = (cfg.rounds, cfg.warmup, deadline, cfg.pipeline_steps)
+        case = mlp_case(list(sizes), batch_size, modes, loop_steps, *timing)
         out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,13 @@ import numpy as np
 import fgrad_jax
 from experiments.toolkit import (
     CNN,
-    Runner,
     classifier_loss,
-    compiled_memory,
     donated_step,
     init_mlp,
     measure_ratios,
-    median,
     memory_of,
     mlp_loss,
-    paired_ratio,
     synthetic_batch,
-    time_interleaved,
 )
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -50,9 +44,9 @@ def measure_sharded(
     (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
     mesh divides; leaves with none stay replicated).
 
-    Times the backprop step and each forward-gradient variant (interleaved, medians), counts
-    the bytes of every collective in each compiled step (``_sharding.collective_bytes``) and
-    reports XLA's memory analysis of each (per device).
+    Times the steps with :func:`experiments.toolkit.measure_ratios` (XLA's memory analysis
+    per device) and counts the bytes of every collective in each compiled step
+    (``_sharding.collective_bytes``).
     """
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -74,35 +68,18 @@ def measure_sharded(
         lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
     )
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    steps = {"backprop": donated_step(loss_fn, lr)}
-    steps |= {f"fg{i}": donated_step(loss_fn, lr, t, k) for i, (t, k) in enumerate(variants)}
-    fns: dict[str, Callable[[], Any]] = {n: Runner(*s, params, batch) for n, s in steps.items()}
-    compiled = {
-        n: st.lower(params, tx.init(params), batch).compile() for n, (tx, st) in steps.items()
-    }
-    out: dict[str, Any] = {
-        "mesh_size": mesh_size,
-        "fsdp": fsdp,
-        "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
-        "backprop_collective_bytes": collective_bytes(compiled["backprop"].as_text()),
-        "backprop_memory": compiled_memory(compiled["backprop"]),
-        "variants": [],
-    }
-    for i, (tan, k) in enumerate(variants):
-        out["variants"].append(
-            {
-                "tangent": tan if isinstance(tan, str) else repr(tan),
-                "num_tangents": k,
-                "collective_bytes": collective_bytes(compiled[f"fg{i}"].as_text()),
-                "memory": compiled_memory(compiled[f"fg{i}"]),
-            }
-        )
-    times = time_interleaved(fns, reps, warmup)
-    out["t_backprop_s"] = median(times["backprop"])
-    for i, v in enumerate(out["variants"]):
-        v["t_step_s"] = median(times[f"fg{i}"])
-        v["paired_ratio"] = paired_ratio(times[f"fg{i}"], times["backprop"])
-    return out
+    res = measure_ratios(loss_fn, params, batch, variants=variants, lr=lr, reps=reps, warmup=warmup)
+
+    def collectives(tangent=None, k=1):
+        tx, st = donated_step(loss_fn, lr, tangent, k)
+        return collective_bytes(st.lower(params, tx.init(params), batch).compile().as_text())
+
+    res.update(mesh_size=mesh_size, fsdp=fsdp, backprop_collective_bytes=collectives())
+    res["param_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    res["backprop_memory"] = res["memory"]["backprop"]
+    for v, (tangent, k) in zip(res["variants"], variants):
+        v["collective_bytes"] = collectives(tangent, k)
+    return res
 
 
 class ThreefryNormal:

@@ -85,9 +85,7 @@ def main(argv=None) -> dict:
     }
 
     experiments = {}
-    for name in EXPERIMENTS:
-        if name not in selected:
-            continue
+    for name in [n for n in EXPERIMENTS if n in selected]:
         t = time.perf_counter()
         run = train.run_function if name in ("beale", "rosenbrock") else train.run
         experiments[name] = entry = run(configs[name], out, progress=progress)

@@ -41,6 +41,14 @@ def _y_scale(ax, values) -> None:
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
+def _log_ticks(ax, ticks, fmt: str) -> None:
+    """A log x axis with ticks exactly at ``ticks``, labelled ``fmt``, no minor ticks."""
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter(fmt))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -119,7 +127,6 @@ def function_figure(out: Path, name: str, entry: dict):
     FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
     land = np.load(out / "runs" / name / "landscape.npz")
     xs, ys, zs = land["xs"], land["ys"], land["zs"]
-    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
     fig, ax = plt.subplots(figsize=(7.2, 5))
     # A grey landscape, so that the methods keep their colours of every other figure.
     logz = np.log10(zs + 1e-3)
@@ -156,10 +163,7 @@ def function_figure(out: Path, name: str, entry: dict):
             )
     ax.plot(*start, "ko", ms=6, label="start")
     ax.plot(*entry["minimum"], "*", color="gold", mec="k", ms=14, label="minimum")
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
+    ax.set(xlim=(xs.min(), xs.max()), ylim=(ys.min(), ys.max()), xlabel="x", ylabel="y")
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     ax.set_title(f"{name}: trajectories of every run")
     return fig
@@ -172,37 +176,21 @@ def tuned_figure(experiments: dict):
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, names):
         t = experiments[n]["tuned"]
-        finite = [
-            v
-            for m in ("fgd", "sgd")
-            for v in t["final_loss"][m]
-            if v is not None and np.isfinite(v)
-        ]
+        y = {m: np.array(t["final_loss"][m], float) for m in ("fgd", "sgd")}  # None -> nan
+        finite = [v for m in y for v in y[m] if np.isfinite(v)]
         top = max(finite) if finite else 1.0
-        for m in ("fgd", "sgd"):
-            y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
-            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=LABELS[m])
-            bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
+        for m, c in COLORS.items():
+            y[m][~np.isfinite(y[m])] = np.nan
+            ax.plot(t["lrs"], y[m], "o-", color=c, label=LABELS[m])
+            bad = [lr for lr, v in zip(t["lrs"], y[m]) if np.isnan(v)]
             if bad:
-                ax.plot(
-                    bad,
-                    [top] * len(bad),
-                    "x",
-                    color=COLORS[m],
-                    ms=9,
-                    mew=2,
-                    label=f"{LABELS[m]}: diverged",
-                )
-            ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks(t["lrs"])  # the swept rates, labelled even within one decade
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                label = f"{LABELS[m]}: diverged"
+                ax.plot(bad, [top] * len(bad), "x", color=c, ms=9, mew=2, label=label)
+            ax.axvline(t["best_lr"][m], color=c, ls=":", lw=0.8)
+        _log_ticks(ax, t["lrs"], "%g")  # the swept rates, labelled even within one decade
         ax.tick_params(axis="x", labelrotation=30)
         _y_scale(ax, finite)
-        ax.set_title(n)
-        ax.set_xlabel("initial learning rate")
-        ax.set_ylabel("final training loss")
+        ax.set(title=n, xlabel="initial learning rate", ylabel="final training loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
@@ -221,27 +209,20 @@ def depth_figure(depth: dict):
     axes[1].plot(d, [r["fg_over_bp"] for r in rows], "o-", color="k")
     axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes[1].set_ylabel("R_f / R_b")
-    lines = (
-        ([r["variants"][0].get("memory") for r in rows], "o-", "fgd"),
-        ([r["memory"].get("backprop") for r in rows], "o-", "sgd"),
-        ([r["memory"].get("forward") for r in rows], "o--", "f"),
-    )
-    for mems, style, m in lines:
-        total = [(x or {}).get("total_bytes", np.nan) for x in mems]
-        color, label = (
-            ("gray", "f (forward only)") if m == "f" else (COLORS[m], f"{LABELS[m]} iteration")
-        )
-        axes[2].plot(d, total, style, color=color, label=label)
-    axes[2].set_ylabel("XLA compiled memory (bytes)")
-    axes[2].set_yscale("log")
+    mems = {
+        f"{LABELS['fgd']} iteration": [r["variants"][0].get("memory") for r in rows],
+        f"{LABELS['sgd']} iteration": [r["memory"].get("backprop") for r in rows],
+        "f (forward only)": [r["memory"].get("forward") for r in rows],
+    }
+    for (label, ms), color in zip(mems.items(), (COLORS["fgd"], COLORS["sgd"], "gray")):
+        total = [(x or {}).get("total_bytes", np.nan) for x in ms]
+        axes[2].plot(d, total, "o--" if color == "gray" else "o-", color=color, label=label)
+    axes[2].set(ylabel="XLA compiled memory (bytes)", yscale="log")
     axes[2].legend(fontsize=8)
     for ax in axes:
         # Layers are whole numbers: ticks at the measured depths, on a log axis (the
         # paper's depths run from 1 to 100).
-        ax.set_xscale("log")
-        ax.set_xticks(d)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        _log_ticks(ax, d, "%d")
         ax.set_xlabel("number of hidden layers")
         ax.grid(alpha=0.3)
     fig.suptitle(

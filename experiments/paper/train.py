@@ -182,22 +182,15 @@ def _headline(rt: dict, first: dict) -> dict:
     }
 
 
-def tune(cfg, base_lr, runs, problem, smooth_window, per_iter, run_dir, progress, **kw) -> dict:
+def tune(cfg, base_lr, runs, problem, smooth_window, per_iter, **kw) -> dict:
     """Per-method learning-rate sweep (rates x ``runs`` seeds vmapped as one program per
-    method); compares each method at its own best rate (:func:`toolkit.pick_tuned`)."""
+    method, ``kw`` for :func:`toolkit.train_arms`); compares each method at its own best rate
+    (:func:`toolkit.pick_tuned`)."""
     lrs = [base_lr * f for f in cfg.tune_factors]
     grid_lrs = [lr for lr in lrs for _ in range(runs)]
     grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(runs)]
-    res = train_arms(
-        [Arm(f"tune_{m}", m, grid_lrs, grid_seeds) for m in ("fgd", "sgd")],
-        *problem,
-        decay_k=cfg.decay_k,
-        out_dir=run_dir,
-        progress=progress,
-        desc=f"{cfg.name} lr sweep",
-        tangent=cfg.tangent,
-        **kw,
-    )
+    arms = [Arm(f"tune_{m}", m, grid_lrs, grid_seeds) for m in ("fgd", "sgd")]
+    res = train_arms(arms, *problem, desc=f"{cfg.name} lr sweep", **kw)
     return pick_tuned(res, lrs, runs, smooth_window, per_iter)
 
 
@@ -225,24 +218,20 @@ def run(
     if cfg.checkpoint_every:
         root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
         ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
+    problem = (loss_fn, init_params, sample_batch)
+    kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
+    kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
+    kw["scan"] = use_scan(cfg)
     res = train_arms(
         _shared_arms(cfg.lrs, seeds),
-        loss_fn,
-        init_params,
-        sample_batch,
+        *problem,
         num_steps=cfg.steps,
-        decay_k=cfg.decay_k,
         chunk=cfg.chunk,
-        log_every=cfg.log_every,
-        out_dir=run_dir,
         checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every),
-        progress=progress,
         stop_after_chunks=stop_after_chunks,
         desc=f"{cfg.name} shared lr",
-        run_axis=cfg.run_axis,
-        scan=use_scan(cfg),
-        tangent=cfg.tangent,
+        **kw,
     )
     if res is None:
         return None
@@ -265,22 +254,8 @@ def run(
         shared.append(s)
 
     steps = cfg.tune_steps or cfg.steps
-    problem = (loss_fn, init_params, sample_batch)
-    tuned = tune(
-        cfg,
-        cfg.lrs[0],
-        cfg.tune_seeds,
-        problem,
-        cfg.smooth_window,
-        per_iter,
-        run_dir,
-        progress,
-        num_steps=steps,
-        chunk=min(cfg.chunk, steps),
-        log_every=cfg.log_every,
-        run_axis=cfg.run_axis,
-        scan=use_scan(cfg),
-    )
+    kw |= {"num_steps": steps, "chunk": min(cfg.chunk, steps)}
+    tuned = tune(cfg, cfg.lrs[0], cfg.tune_seeds, problem, cfg.smooth_window, per_iter, **kw)
     tuned["steps"] = steps
     return {
         **_headline(rt, shared[0]),
@@ -354,19 +329,11 @@ def run_function(cfg: FunctionConfig, out: str | Path, progress: bool = True) ->
     run_dir = Path(out) / "runs" / cfg.name
     problem = _problem(cfg)
     t0 = time.perf_counter()
-    res = train_arms(
-        _shared_arms([cfg.lr], [cfg.seed + i for i in range(cfg.runs)]),
-        *problem,
-        num_steps=cfg.steps,
-        decay_k=cfg.decay_k,
-        chunk=cfg.chunk,
-        log_every=cfg.log_every,
-        out_dir=run_dir,
-        record_params=True,
-        progress=progress,
-        desc=f"{cfg.name} shared lr",
-        tangent=cfg.tangent,
-    )
+    kw = {"num_steps": cfg.steps, "decay_k": cfg.decay_k, "chunk": cfg.chunk, "out_dir": run_dir}
+    kw |= {"progress": progress, "tangent": cfg.tangent}
+    arms = _shared_arms([cfg.lr], [cfg.seed + i for i in range(cfg.runs)])
+    desc = f"{cfg.name} shared lr"
+    res = train_arms(arms, *problem, log_every=cfg.log_every, record_params=True, desc=desc, **kw)
     xs, ys, zs = landscape(cfg.name)
     np.savez(run_dir / "landscape.npz", xs=xs, ys=ys, zs=zs)
     shared = summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
@@ -376,17 +343,7 @@ def run_function(cfg: FunctionConfig, out: str | Path, progress: bool = True) ->
     per_iter = time_per_iter(rt)
     add_estimates(shared, per_iter)
     tuned = tune(
-        cfg,
-        cfg.lr,
-        cfg.tune_runs,
-        problem,
-        1,
-        per_iter,
-        run_dir,
-        progress,
-        num_steps=cfg.steps,
-        chunk=cfg.chunk,
-        log_every=cfg.steps // 10 or 1,
+        cfg, cfg.lr, cfg.tune_runs, problem, 1, per_iter, log_every=cfg.steps // 10 or 1, **kw
     )
     return {
         **_headline(rt, shared),

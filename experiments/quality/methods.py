@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import fgrad_jax
-from experiments.quality.resnet import _xent
+from experiments.quality.resnet import _xent, local_estimator, make_resnet_method
 from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
@@ -224,8 +224,6 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     """
     spec = parse_method(name)
     if model in ("resnet", "vit"):
-        from .resnet import make_resnet_method
-
         return make_resnet_method(spec, Method, x_example, num_classes, opts, model)
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
@@ -240,13 +238,7 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         return Method(
             spec,
             init=lambda key: local.init(key, x_example)[0],
-            estimator=lambda key: local.forward_gradient(
-                key,
-                num_tangents=spec.k,
-                perturb=spec.perturb,
-                tangent=spec.tangent,
-                tangent_chunk=chunk,
-            ),
+            estimator=local_estimator(local, spec, chunk),
             objective=lambda p, x, y: local.losses(p, x, y),
             predict=local.predict,
             model=model,

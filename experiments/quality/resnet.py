@@ -89,20 +89,22 @@ def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def class_model(name: str, num_classes: int) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """The benchmark's model class ``name`` (``resnet`` or ``vit``) and its local variants."""
-    if name == "vit":
-        from .vit import VIT_LOCAL, ViT
-
-        return ViT(num_classes), VIT_LOCAL
-    return ResNet18(num_classes), RESNET_LOCAL
+def local_estimator(local: Any, spec: Any, chunk: int | None):
+    """``estimator(key)`` of a local-loss method: the forward gradient of its block losses
+    with its K, perturbation and tangent."""
+    kw = {"num_tangents": spec.k, "perturb": spec.perturb, "tangent": spec.tangent}
+    return lambda key: local.forward_gradient(key, tangent_chunk=chunk, **kw)
 
 
 def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classes: int,
                        opts: dict, name: str = "resnet") -> Any:  # fmt: skip
     """The :class:`experiments.quality.methods.Method` ``spec`` on :class:`ResNet18` (16 filters), or on
-    another model class (``name="vit"``: :class:`toolkit.vit.ViT`), trained unchanged."""
-    model, variants = class_model(name, num_classes)
+    another model class (``name="vit"``: :class:`quality.vit.ViT`), trained unchanged."""
+    model, variants = ResNet18(num_classes), RESNET_LOCAL
+    if name == "vit":
+        from .vit import VIT_LOCAL, ViT
+
+        model, variants = ViT(num_classes), VIT_LOCAL
     x1 = x_example[:1]
     chunk = spec.k if opts.get("tangents_at_once", False) else None
 
@@ -120,13 +122,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return method_cls(
             spec,
             init=lambda key: local.init(key, x1, train=True).params,
-            estimator=lambda key: local.forward_gradient(
-                key,
-                num_tangents=spec.k,
-                perturb=spec.perturb,
-                tangent=spec.tangent,
-                tangent_chunk=chunk,
-            ),
+            estimator=local_estimator(local, spec, chunk),
             objective=lambda p, x, y, s: local.losses(p, x, y, s, train=True),
             predict=lambda p, x, s: local.predict(p, x, s, train=False),
             model=name,

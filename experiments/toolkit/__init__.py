@@ -2,10 +2,10 @@
 the model zoo, IO, dataclass configs with one override helper, the one training loop and
 typed result records (``from experiments.toolkit import ...``).
 
-Layering (each module imports only those above it): ``io`` -> ``env``, ``memory``,
-``timing``, ``records``, ``config``, ``models`` -> ``train`` -> ``analysis``, ``ratios`` ->
-the experiments' own ``plots`` and ``report`` modules (matplotlib is never imported here, so
-that the timing scripts run without it).
+Layering (each module imports only those above it): ``io`` -> ``timing``,
+``config``, ``models`` -> ``train`` -> ``analysis``, ``ratios`` (with the memory reader and
+the result records) -> the experiments' own ``plots`` and ``report`` modules (matplotlib is
+never imported here, so that the timing scripts run without it).
 """
 
 # ruff: noqa: F401  (this module re-exports)
@@ -22,9 +22,7 @@ from .analysis import (
     time_per_iter,
 )
 from .config import add_overrides, apply_overrides, from_dict
-from .env import environment
-from .io import read_json, read_jsonl, to_jsonable, write_json
-from .memory import compiled_memory, memory_of
+from .io import environment, read_json, read_jsonl, to_jsonable, write_json
 from .models import (
     CNN,
     FUNCTIONS,
@@ -39,6 +37,6 @@ from .models import (
     mlp_loss,
     synthetic_batch,
 )
-from .ratios import donated_step, measure_ratios, measure_runtime
+from .ratios import compiled_memory, donated_step, measure_ratios, measure_runtime, memory_of
 from .timing import Runner, median, paired_ratio, time_interleaved
 from .train import Arm, train_arms

@@ -32,20 +32,13 @@ def diverged(losses: np.ndarray) -> np.ndarray:
 
 def mean_curve(losses: np.ndarray) -> np.ndarray:
     """Mean loss curve over the runs that did not diverge (all ``inf`` if none is left)."""
-    losses = np.asarray(losses, np.float64)
-    ok = ~diverged(losses)
-    if not ok.any():
-        return np.full(losses.shape[1], np.inf)
-    return losses[ok].mean(axis=0)
+    mean = run_band(losses)[0]
+    return np.where(np.isnan(mean), np.inf, mean)
 
 
 def run_band(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(mean, low, high, n_diverged)`` of loss curves (rows = runs) for a figure.
-
-    The mean, min and max are taken over the runs that did not diverge, as in
-    :func:`mean_curve` (the analysis the tables come from): a run that blew up is counted,
-    not averaged in. With every run diverged, all three curves are ``nan`` (nothing drawn).
-    """
+    """``(mean, low, high, n_diverged)`` of loss curves (rows = runs) for a figure, over the
+    runs that did not diverge as in :func:`mean_curve`; all ``nan`` when every run diverged."""
     losses = np.asarray(losses, np.float64)
     ok = ~diverged(losses)
     if not ok.any():
@@ -118,12 +111,9 @@ def time_per_iter(runtime: dict[str, Any]) -> dict[str, float]:
 
 
 def add_estimates(summary: dict, per_iter: dict[str, float]) -> dict:
-    """Adds ``T_fgd_est``, ``T_sgd_est`` and ``T_ratio_est`` to a :func:`summarise_pair` dict.
-
-    The estimate is iterations to the threshold x the median time of one un-vmapped
-    iteration: the per-run time the paper reports, free of how ``jax.vmap`` over runs
-    changes each method's cost.
-    """
+    """Adds ``T_fgd_est``, ``T_sgd_est``, ``T_ratio_est`` to a :func:`summarise_pair` dict:
+    iterations to the threshold x the median time of one un-vmapped iteration (the paper's
+    per-run time, free of how ``jax.vmap`` over runs changes each method's cost)."""
     for m in METHODS:
         i = summary[f"iters_to_threshold_{m}"]
         summary[f"T_{m}_est"] = (i + 1) * per_iter[m] if i is not None else None

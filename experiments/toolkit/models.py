@@ -1,12 +1,7 @@
-"""The model zoo of the experiments: 2-D test functions, MLPs, the CNN and an nnx transformer.
-
-* :func:`beale`, :func:`rosenbrock`: the paper's Fig. 2 objectives.
-* :func:`init_mlp` / :func:`mlp_loss`: a plain-JAX ReLU MLP (a list of ``{"w", "b"}``
-  layers), the model of the runtime benchmarks.
-* :class:`LogReg`, :class:`MLP`, :class:`CNN`: the Flax linen models of the classification
-  experiments. The CNN is the one convolutional model of the experiments; the paper does not
-  print its architecture, so it follows the DSSC-projects/veni reimplementation.
-* :class:`Transformer`: a Flax nnx transformer encoder (beyond the paper's models).
+"""The model zoo of the experiments: the paper's 2-D test functions (Fig. 2), a plain-JAX ReLU
+MLP (a list of ``{"w", "b"}`` layers, the runtime benchmarks' model), the classification
+experiments' Flax linen models (the CNN follows the DSSC-projects/veni reimplementation: the
+paper does not print its architecture) and a Flax nnx transformer encoder.
 """
 
 from __future__ import annotations

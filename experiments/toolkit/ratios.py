@@ -1,17 +1,35 @@
 """R_f, R_b and the forward-gradient / backprop ratios, measured side by side in one process.
 
 Two protocols share the harness (:func:`toolkit.timing.time_interleaved`) and the record
-(:class:`toolkit.records.RatioResult`), so every result file means the same by each key:
+(:class:`RatioResult`), so every result file means the same by each key:
 
 * :func:`measure_ratios`: the benchmark steps (constant-rate SGD; donated buffers threaded
   through each step), any number of tangent variants, one call per measurement;
 * :func:`measure_runtime`: the training step of :mod:`toolkit.train` itself (FGD or SGD with
   the experiment's schedule), so that iterations x time per iteration estimates a run's
   time; repeated calls per measurement, because the 2-D functions' steps take microseconds.
+
+Every result file of ``experiments/`` uses these keys with these meanings:
+
+* ``t_forward_s``, ``t_backprop_s``, ``t_step_s``: median seconds of one evaluation of f, one
+  backprop SGD step and one forward-gradient SGD step;
+* ``R_f = t_step_s / t_forward_s`` and ``R_b = t_backprop_s / t_forward_s`` (Baydin et al.
+  2022, Sec. 5);
+* ``fg_over_bp = R_f / R_b`` (the ratio of the medians; the paper's MLP: 2.329 / 3.971 =
+  0.586);
+* ``paired_ratio``: the median over rounds of (fg step time / backprop step time) within the
+  same round; ``paired_over_k1`` (K > 1): the same of this step over the same tangent's K = 1
+  step;
+* memory dicts are :func:`compiled_memory` (``temp_bytes``, ``total_bytes``, ...).
+
+A :class:`RatioResult`'s top-level ``R_f``, ``fg_over_bp`` and ``paired_ratio`` are its first
+variant's; ``extra`` holds other callables timed in the same rounds, ``device_peak_bytes`` the
+device's peak memory in use (``None`` on CPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,10 +41,89 @@ import optax
 import fgrad_jax
 
 from .io import to_jsonable
-from .memory import compiled_memory, device_peak_bytes, memory_of
-from .records import RatioResult, VariantTiming
 from .timing import Runner, median, paired_ratio, time_interleaved
 from .train import apply_step, make_step, make_tx
+
+_FIELDS = ("temp", "argument", "output", "alias", "generated_code")
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of ``jax.jit(f).lower(...).compile()``, in bytes (``None`` on a
+    backend without one): ``temp_bytes`` (the working memory beyond arguments and outputs),
+    ``argument_bytes``, ``output_bytes``, ``alias_bytes``, ``generated_code_bytes`` and
+    ``total_bytes = temp + argument + output - alias`` (aliased outputs reuse donated
+    arguments, so they are counted once)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # a backend without memory analysis raises instead of returning None
+        return None
+    if ma is None:
+        return None
+    out = {
+        f"{name}_bytes": int(getattr(ma, f"{name}_size_in_bytes"))
+        for name in _FIELDS
+        if hasattr(ma, f"{name}_size_in_bytes")
+    }
+    out["total_bytes"] = (
+        out.get("temp_bytes", 0)
+        + out.get("argument_bytes", 0)
+        + out.get("output_bytes", 0)
+        - out.get("alias_bytes", 0)
+    )
+    return out
+
+
+def memory_of(jitted: Any, *args: Any) -> dict[str, int] | None:
+    """:func:`compiled_memory` of ``jitted`` compiled for ``args`` (nothing is run)."""
+    return compiled_memory(jitted.lower(*args).compile())
+
+
+def memory_stats() -> dict:
+    """The first device's allocator statistics (empty where unsupported, e.g. CPU)."""
+    try:
+        return dict(jax.devices()[0].memory_stats() or {})
+    except Exception:  # backends without allocator statistics raise
+        return {}
+
+
+def device_peak_bytes() -> int | None:
+    """The first device's peak memory in use so far (``None`` where unsupported)."""
+    peak = memory_stats().get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
+@dataclasses.dataclass
+class VariantTiming:
+    """One forward-gradient step variant (``tangent``: a name, or the ``repr`` of a callable),
+    timed in the same rounds as f and backprop."""
+
+    tangent: str
+    num_tangents: int
+    t_step_s: float
+    R_f: float
+    fg_over_bp: float
+    paired_ratio: float
+    final_loss: float | None = None
+    paired_over_k1: float | None = None
+    memory: dict[str, int] | None = None
+
+
+@dataclasses.dataclass
+class RatioResult:
+    """f, backprop and forward-gradient steps timed side by side (see the module docstring)."""
+
+    t_forward_s: float
+    t_backprop_s: float
+    R_b: float
+    R_f: float
+    fg_over_bp: float
+    paired_ratio: float
+    reps: int
+    variants: list[VariantTiming]
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calls_per_measurement: dict[str, int] | None = None
+    device_peak_bytes: int | None = None
 
 
 def sgd_step(
@@ -106,7 +203,7 @@ def measure_ratios(
     ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds (default:
     the one pair ``tangent``, ``num_tangents``). The caller's ``params`` are copied, never
     donated. ``memory``: also XLA's compiled memory analysis of each program. Returns a
-    :class:`toolkit.records.RatioResult` as a dict.
+    :class:`RatioResult` as a dict.
     """
     if variants is None:
         variants = [(tangent, num_tangents)]
@@ -153,7 +250,7 @@ def measure_runtime(
     :func:`toolkit.train.make_step` builds it for training. Every call starts from the same
     inputs (nothing is donated or threaded); a measurement lasts at least ``min_time``
     seconds (:func:`time_interleaved`); ``seed`` seeds the call order and the FGD key.
-    Returns a :class:`toolkit.records.RatioResult` as a dict, with one variant (the FGD
+    Returns a :class:`RatioResult` as a dict, with one variant (the FGD
     step), ``calls_per_measurement`` and ``device_peak_bytes``.
     """
     fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)

@@ -1,11 +1,9 @@
 """The one timing harness: interleaved rounds in a seeded random order, medians, paired ratios.
 
 Every candidate is timed once per round, in a fresh random order each round, so that a noisy
-shared machine slows all candidates alike, and no candidate always follows the same
-neighbour (a neighbour's leftover threads would slow its successor in every round). The
-ratios of the medians over rounds are reported, and the *paired* ratio: the median over
-rounds of the ratio of two candidates' times within the same round, the most noise-robust
-form on a loaded machine.
+shared machine slows all candidates alike and none always follows the same neighbour (whose
+leftover threads would slow it every round). The *paired* ratio, the median over rounds of
+two candidates' ratio within a round, is the most noise-robust form on a loaded machine.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""Training several *arms* side by side: compile, restore, run (timed, logged, checkpointed),
-collect.
-
-An arm is a method (``"fgd"``: :func:`fgrad_jax.fgd`, Algorithm 1 of Baydin et al. 2022;
-``"sgd"``: :func:`optax.sgd` on :func:`jax.value_and_grad`) with a grid of runs, each run a
-(learning rate, seed) pair, all with the schedule ``eta_i = eta_0 * exp(-i * k)``. All runs of
-an arm are one ``jax.vmap``-ed (or ``lax.map``-ed) compiled program; the arms' chunks are
-interleaved and timed (compilation excluded), checkpointed with orbax and resumable with
-bit-identical results.
-
-Run ``r`` of every arm starts from ``init_params(fold_in(key(seed_r), 0))``, draws its
-minibatch at step ``i`` with ``sample_batch(fold_in(fold_in(key(seed_r), 2), i))`` (identical
-for FGD and SGD), and FGD draws tangents from ``fold_in(key(seed_r), 1)``. So a run is a pure
-function of its seed, and resuming from a checkpoint reproduces an uninterrupted run exactly.
+"""Training several *arms* side by side: an arm is a method (``"fgd"``: :func:`fgrad_jax.fgd`;
+``"sgd"``: :func:`optax.sgd` on :func:`jax.value_and_grad`) on a grid of (learning rate,
+seed) runs, all one compiled program; the arms' chunks are interleaved, timed, logged and
+checkpointed. Run ``r`` of every arm starts from ``init_params(fold_in(key(seed_r), 0))``,
+draws its minibatch at step ``i`` with ``sample_batch(fold_in(fold_in(key(seed_r), 2), i))``
+(the same for FGD and SGD), and FGD its tangents from ``fold_in(key(seed_r), 1)``: a run is a
+pure function of its seed, and resuming from a checkpoint reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -341,10 +334,8 @@ def train_arms(
     training; ``stop_after_chunks`` stops as if interrupted (returns ``None``), for tests.
     ``run_axis="map"`` runs an arm's runs in a ``lax.map`` loop instead of ``vmap`` (vmapped
     convolutions become grouped ones, slow on CPU) and ``scan=False`` a chunk as calls of
-    one compiled step (:func:`make_chunk`); both give the same numbers.
-
-    Returns:
-        ``{arm.name: ArmResult}``, or ``None`` if stopped early.
+    one compiled step (:func:`make_chunk`); both give the same numbers. Returns
+    ``{arm.name: ArmResult}``, or ``None`` if stopped early.
     """
     from tqdm.auto import tqdm
 
