@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.quality.methods import adam_cosine, make_method, step
+from experiments.quality.methods import init_run, make_method, step
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 from experiments.toolkit.timing import paired_ratio, time_interleaved
 from fgrad_jax._sharding import collective_bytes
@@ -61,10 +61,7 @@ def _example(model: str, batch: int) -> tuple[jax.Array, jax.Array]:
 
 def _compiled_step(name: str, model: str, x: jax.Array, y: jax.Array, sharding=None):
     method = make_method(name, model, x[:1] if model == "mlp" else x)
-    key = jax.random.key(0)
-    params = method.init(key)
-    est_state = () if method.estimator is None else method.estimator(key).init(params)
-    state = (est_state, adam_cosine(1e-3, 1.0).init(params), ())  # no model state
+    params, state = init_run(method, 1e-3, 0)
     if sharding is not None:
         x, y = jax.device_put((x, y), sharding)
     fn = jax.jit(lambda p, s, x, y: step(method, 1e-3, 1000.0, p, s, x, y))

@@ -62,17 +62,15 @@ class Worker:
     """One measurement process: ``gpu_check --worker NAME`` writing its result file."""
 
     def __init__(self, args, name, tag, spec, env, timeout):
-        parts = os.path.join(args.out, "parts")
-        os.makedirs(parts, exist_ok=True)
-        self.path = os.path.join(parts, f"{tag}.json")
-        self.log_path = os.path.join(parts, f"{tag}.stderr")
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        parts = Path(args.out) / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        self.path, self.log_path = parts / f"{tag}.json", parts / f"{tag}.stderr"
+        self.path.unlink(missing_ok=True)
         self.start = time.time()
         self.deadline = self.start + timeout
         # The soft deadline leaves a quarter of the limit for the work that cannot be cut.
         cmd = [sys.executable, "-m", "experiments.benchmarks.gpu_check", "--worker", name]
-        cmd += ["--result", self.path]
+        cmd += ["--result", str(self.path)]
         cmd += ["--deadline", str(self.start + 0.75 * timeout), "--spec", json.dumps(spec)]
         cmd += ["--smoke"] if args.smoke else []
         self.env = env
@@ -94,8 +92,7 @@ class Worker:
             status = "timeout"
         LIVE.discard(self.proc)
         try:
-            with open(self.path) as fh:
-                part = json.load(fh)
+            part = json.loads(self.path.read_text())
         except (OSError, ValueError):
             part = {}
         out = {
@@ -111,8 +108,7 @@ class Worker:
         if status == "timeout":
             out["error"] = f"killed at its time limit ({out['time_limit_s']:.0f} s)"
         elif out["status"] != "ok":
-            with open(self.log_path, errors="replace") as fh:
-                tail = fh.read()[-3000:]
+            tail = self.log_path.read_text(errors="replace")[-3000:]
             out["error"] = part.get("error") or f"exit code {self.proc.returncode}: {tail}"
         return out
 

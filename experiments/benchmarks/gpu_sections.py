@@ -132,22 +132,15 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipel
     t0 = time.perf_counter()
     times, reps_info = timed_rounds(fns, reps, warmup, deadline)
     rows = []
-    for mode, donate, per_call in (
-        ("dispatched", True, 1),
-        ("dispatched", False, 1),
-        ("pipelined", True, pipeline_steps),
-        ("pipelined", False, pipeline_steps),
-        ("loop", True, loop_steps),
-    ):
-        if mode not in modes:
+    per_call = {"dispatched": 1, "pipelined": pipeline_steps, "loop": loop_steps}
+    for mode, donate in [(m, d) for m in per_call if m in modes for d in (True, False)]:
+        if mode == "loop" and not donate:
             continue
         names = {"forward": f"forward/{mode}"}
         names |= {k: f"{k}/{mode}/{donate}" for k in ("backprop", *TANGENTS)}
-        row = timing_row(times, names, f"backprop/{mode}/{donate}", per_call)
-        rows.append(
-            {"batch_size": batch_size, "mode": mode, "donated": donate, "steps_per_call": per_call}
-            | row
-        )
+        row = timing_row(times, names, f"backprop/{mode}/{donate}", per_call[mode])
+        info = {"batch_size": batch_size, "mode": mode, "donated": donate}
+        rows.append(info | {"steps_per_call": per_call[mode]} | row)
     return {"rows": rows, "wall_s": time.perf_counter() - t0, **reps_info}
 
 

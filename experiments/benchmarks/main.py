@@ -84,19 +84,14 @@ def main(argv=None):
                 variants=[(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
                 + [("rademacher", 4), ("normal", 4)],
             )
-            res["batch_size"] = bsz
+            res.update(name=f"mesh {args.mesh}, B={bsz}", batch_size=bsz)
             results["mesh"].append(res)
-            print(
-                f"== mesh {args.mesh}, B={bsz}: backprop {res['t_backprop_s'] * 1e3:.2f} ms, "
-                f"collectives {res['backprop_collective_bytes']} (params {res['param_bytes']} B)",
-                flush=True,
-            )
-            for v in res["variants"]:
-                print(
-                    f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:.2f} ms "
-                    f"(paired {v['paired_ratio']:.2f}), collectives {v['collective_bytes']}",
-                    flush=True,
-                )
+            print(format_result(res), flush=True)
+            sent = [
+                res["backprop_collective_bytes"],
+                *(v["collective_bytes"] for v in res["variants"]),
+            ]
+            print(f"   collective bytes (backprop, then each variant): {sent}", flush=True)
     for cfg in load_preset(args.preset):
         if args.only and cfg.name not in args.only:
             continue

@@ -70,8 +70,7 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     exps = results["experiments"]
     env = results["environment"]
     cfg = env.get("config", {})
-    L = []
-    L.append("# Forward gradients vs backprop: reproduction report\n")
+    L = ["# Forward gradients vs backprop: reproduction report\n"]
     # Anything that makes this run differ from the preset (another data set, fewer
     # iterations) comes first, so that no reader takes it for the paper's setting.
     for note in results.get("notes") or []:
@@ -87,10 +86,8 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     tangents = sorted(
         {v.get("tangent", "normal") for v in cfg.values() if isinstance(v, dict) and "seed" in v}
     )
-    L.append(
-        f"FGD tangent distribution: {', '.join(tangents) or 'normal'}"
-        f"{' (the paper' + chr(39) + 's)' if tangents in ([], ['normal']) else ' (not the paper' + chr(39) + 's normal)'}."
-    )
+    whose = "the paper's" if tangents in ([], ["normal"]) else "not the paper's normal"
+    L.append(f"FGD tangent distribution: {', '.join(tangents) or 'normal'} ({whose}).")
     if wall_time is not None:
         L.append(f"Total wall time: {wall_time:.0f} s.")
     L.append("")

@@ -110,11 +110,10 @@ def load_data(cfg: ClassifyConfig) -> datasets.Dataset:
 def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
     """Returns ``(loss_fn, init_params, sample_batch, model)`` for :func:`toolkit.train_arms`."""
     k = data.num_classes
-    if cfg.name not in ("logreg", "mlp", "cnn"):
+    models = {"logreg": LogReg(k), "mlp": MLP((cfg.width,) * 2, k), "cnn": CNN(cfg.channels, k)}
+    if cfg.name not in models:
         raise ValueError(f"unknown model {cfg.name!r}")
-    model = {"logreg": LogReg(k), "mlp": MLP((cfg.width,) * 2, k), "cnn": CNN(cfg.channels, k)}[
-        cfg.name
-    ]
+    model = models[cfg.name]
     x, y = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
 
     def init_params(key):

@@ -281,21 +281,22 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
 # ----------------------------------------------------------------------------- steps
 
 
-def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
-    """Stacked parameters and states ``(estimator state or (), adam state, model state or
+def init_run(method: Method, lr: Array | float, seed: Array | int) -> tuple[Any, Any]:
+    """One run's parameters and state ``(estimator state or (), adam state, model state or
     ())``."""
+    base = jax.random.key(seed)
+    params = method.init(jax.random.fold_in(base, 0))
+    if method.estimator is None:
+        est_state = ()
+    else:
+        est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
+    model_state = () if method.init_state is None else method.init_state(base)
+    return params, (est_state, adam_cosine(lr, 1.0).init(params), model_state)
 
-    def one(lr, seed):
-        base = jax.random.key(seed)
-        params = method.init(jax.random.fold_in(base, 0))
-        if method.estimator is None:
-            est_state = ()
-        else:
-            est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
-        model_state = () if method.init_state is None else method.init_state(base)
-        return params, (est_state, adam_cosine(lr, 1.0).init(params), model_state)
 
-    return jax.jit(jax.vmap(one))(lrs, seeds)
+def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
+    """:func:`init_run` of every run, stacked."""
+    return jax.jit(jax.vmap(lambda lr, seed: init_run(method, lr, seed)))(lrs, seeds)
 
 
 def adam_cosine(lr: Array | float, total: Array | float) -> optax.GradientTransformation:

@@ -1,11 +1,8 @@
-"""What every experiment shares: one timing harness, one memory reader, one ``environment()``,
-the model zoo, IO, dataclass configs with one override helper, the one training loop and
-typed result records (``from experiments.toolkit import ...``).
-
-Layering (each module imports only those above it): ``io`` -> ``timing``,
-``config``, ``models`` -> ``train`` -> ``analysis``, ``ratios`` (with the memory reader and
-the result records) -> the experiments' own ``plots`` and ``report`` modules (matplotlib is
-never imported here, so that the timing scripts run without it).
+"""What every experiment shares (``from experiments.toolkit import ...``): IO and the run's
+environment, one timing harness, dataclass configs with one override helper, the model zoo,
+the one training loop, its analysis, and the runtime ratios with their memory reader and
+result records. Each module imports only those before it in that order; matplotlib is never
+imported here, so that the timing scripts run without it.
 """
 
 # ruff: noqa: F401  (this module re-exports)

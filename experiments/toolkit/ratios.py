@@ -243,16 +243,11 @@ def measure_runtime(
     seed: int = 0,
     tangent: str = "normal",
 ) -> dict[str, Any]:
-    """R_f and R_b of the experiments' own training step (paper Sec. 5), side by side.
-
-    Three compiled programs on the same (unstacked) parameters and batch: one evaluation of
-    f, one full FGD iteration and one full backprop iteration, each as
-    :func:`toolkit.train.make_step` builds it for training. Every call starts from the same
-    inputs (nothing is donated or threaded); a measurement lasts at least ``min_time``
-    seconds (:func:`time_interleaved`); ``seed`` seeds the call order and the FGD key.
-    Returns a :class:`RatioResult` as a dict, with one variant (the FGD
-    step), ``calls_per_measurement`` and ``device_peak_bytes``.
-    """
+    """R_f and R_b of the experiments' own training step (paper Sec. 5): f, one FGD and one
+    backprop iteration (:func:`toolkit.train.make_step`) on the same unstacked parameters and
+    batch, each call from the same inputs, a measurement at least ``min_time`` seconds long;
+    ``seed`` seeds the call order and the FGD key. A :class:`RatioResult` as a dict, its one
+    variant the FGD step."""
     fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
     sgd_tx = make_tx("sgd", lr, decay_k)
     lr_arr = jnp.float32(lr)

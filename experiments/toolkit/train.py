@@ -150,18 +150,14 @@ def make_chunk(
     one_step: Callable, chunk: int, *, scan: bool = True, run_axis: str = "vmap", example=None
 ) -> Callable:
     """The one training loop's compiled part, which every experiment uses: ``chunk`` steps of
-    every run.
-
-    ``one_step(run, carry, data, i) -> (carry, out)`` is step ``i`` of one run: ``run`` holds
-    its constants (learning rate, data key or shuffle), ``carry`` what a step updates
-    (parameters, optimiser state), ``data`` what all runs read (a training set). The result,
-    ``chunk_fn(runs, carry, data, start) -> (carry, outs)``, takes every run's ``run`` and
-    ``carry`` stacked on axis 0 and returns ``outs`` as ``(runs, chunk, ...)``. Runs are one
-    ``jax.vmap``-ed program (``run_axis="vmap"``) or a ``lax.map`` loop (``"map"``).
-    ``scan=True``: one compiled ``lax.scan`` over the chunk; ``False``: ``chunk`` calls of one
-    compiled step from Python, since XLA:CPU runs the backward pass of a convolution inside a
-    compiled loop far slower. With ``example=(runs, carry, data)`` the program is compiled
-    ahead of time (so that a timed call never compiles).
+    every run. ``one_step(run, carry, data, i) -> (carry, out)`` is step ``i`` of one run
+    (``run``: its constants, such as its learning rate and data key; ``carry``: parameters and
+    optimiser state; ``data``: what all runs read). The result, ``chunk_fn(runs, carry, data,
+    start) -> (carry, outs)``, takes the runs' ``run`` and ``carry`` stacked on axis 0 and
+    returns ``outs`` as ``(runs, chunk, ...)``, the runs vmapped or in a ``lax.map`` loop
+    (``run_axis="map"``), the chunk one ``lax.scan`` or (``scan=False``, for convolutions on
+    XLA:CPU) ``chunk`` calls of one compiled step. ``example=(runs, carry, data)`` compiles
+    ahead of time, so that a timed call never compiles.
     """
 
     def run_one(run, carry, data, start):
