@@ -1,13 +1,10 @@
 """Cost of K tangents with activity perturbation, side by side with backprop (issue 16).
 
-Activity perturbation's estimate of a kernel is ``(1/B) Jᵀ Σ_k (d_k ⊙ u_k) / K``: linear in
-the per-tangent cotangent, so the K tangents' cotangents are summed before one weight
-contraction per layer. This measures, in one process with interleaved rounds (medians of
-paired ratios), the quality benchmark's steps (Adam, one compiled step per call, not
-donated): backprop, ``fg_act_k1``, ``fg_act_k16``, ``local_a_split_k16``, on the MLP (and
-optionally the CNN); and with ``--mesh N`` (N host devices, data parallel: batch sharded,
-parameters replicated) the bytes of every collective in the compiled activity-perturbed
-step against backprop's::
+The quality benchmark's steps (Adam, one compiled step per call, not donated) timed in
+interleaved rounds (medians of paired ratios): backprop, ``fg_act_k1``, ``fg_act_k16``,
+``local_a_split_k16``; with ``--mesh N`` (N host devices, batch sharded, parameters
+replicated) the bytes of every collective in the compiled steps against backprop's
+(docs/performance.md)::
 
     python -m experiments.benchmarks.activity_cost --out experiments/results/activity_cost_cpu.json
 """
@@ -29,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.quality.methods import make_method, step
+from experiments.quality.methods import init_run, make_method, step
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 from experiments.toolkit.timing import paired_ratio, time_interleaved
 from fgrad_jax._sharding import collective_bytes
@@ -64,12 +61,7 @@ def _example(model: str, batch: int) -> tuple[jax.Array, jax.Array]:
 
 def _compiled_step(name: str, model: str, x: jax.Array, y: jax.Array, sharding=None):
     method = make_method(name, model, x[:1] if model == "mlp" else x)
-    key = jax.random.key(0)
-    params = method.init(key)
-    est_state = () if method.estimator is None else method.estimator(key).init(params)
-    from experiments.quality.methods import adam_cosine
-
-    state = (est_state, adam_cosine(1e-3, 1.0).init(params))
+    params, state = init_run(method, 1e-3, 0)
     if sharding is not None:
         x, y = jax.device_put((x, y), sharding)
     fn = jax.jit(lambda p, s, x, y: step(method, 1e-3, 1000.0, p, s, x, y))

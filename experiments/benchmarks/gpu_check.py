@@ -5,32 +5,12 @@
     python -m experiments.benchmarks.gpu_check --sections mlp,oom --out out/gpu
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (markdown tables for
-docs/performance.md) after every section, so a run cut short keeps what it measured.
-
-Sections (each in its own process, with its own time limit, so that a crash, an
-out-of-memory error or a slow compile costs only that section):
-
-* ``mlp``: MLP 784-1024-1024-10, SGD step, B=64 and 1024: forward pass, backprop and forward
-  gradient (rademacher, normal, lowrank; K=1), one jitted step per Python call with and
-  without buffer donation (blocked after each call, and 10 calls pipelined, blocked once),
-  and 100 steps inside one compiled ``fori_loop``.
-* ``wide``: MLP width 4096, depth 4, B=8192, in the compiled loop.
-* ``depth_memory``: XLA temp bytes and compile time of the steps, MLP width 1024, B=1024,
-  depth 32 and 2 (compile only).
-* ``transformer``: ``transformer.py``'s 6-block nnx transformer: gradient time against
-  ``jax.grad`` and compile time.
-* ``gpt2_memory``: GPT-2-small shape (12 blocks, width 768, sequence 1024, batch 8, vocabulary
-  50257): peak device memory (``peak_bytes_in_use``) and XLA temp bytes of a forward pass, a
-  backprop step and forward-gradient steps with K=1 and 4, each in a process of its own
-  (``XLA_PYTHON_CLIENT_PREALLOCATE=false``; autotuning off, since its trial buffers would set
-  the peak), the four run concurrently.
-* ``oom``: a GPT (12 blocks, width 1024, sequence 2048, vocabulary 16384) with the batch
-  picked from the device's memory so that backprop exceeds it: backprop's step is run and
-  its RESOURCE_EXHAUSTED recorded, then the forward gradient trains at the same size
-  (preallocation on, ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-
-Timings are medians of interleaved rounds in a fresh random order each
-(``runtime.time_interleaved``); ratios are paired within rounds.
+docs/performance.md) after every section, so a run cut short keeps what it measured. Each
+section (``mlp``, ``wide``, ``depth_memory``, ``transformer``, ``gpt2_memory``, ``oom``;
+what they measure: docs/performance.md, "One-command GPU check") runs in its own process
+with its own time limit, so that a crash, an out-of-memory error or a slow compile costs
+only that section. Timings are medians of interleaved rounds in a fresh random order each;
+ratios are paired within rounds.
 """
 
 from __future__ import annotations
@@ -44,21 +24,15 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from experiments.benchmarks.gpu_report import last_line, markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ORDER = ("mlp", "wide", "depth_memory", "transformer", "gpt2_memory", "oom")
-# Hard time limits (s). They add up to more than TOTAL_BUDGET_S: most sections finish well
-# inside theirs, and the total deadline caps what the last ones get.
-BUDGET_S = {
-    "mlp": 90,
-    "wide": 40,
-    "depth_memory": 100,
-    "transformer": 80,
-    "gpt2_memory": 75,
-    "oom": 100,
-}
+# The sections in order, with hard time limits (s). They add up to more than TOTAL_BUDGET_S:
+# most sections finish well inside theirs, and the total deadline caps what the last ones get.
+BUDGET_S = dict(mlp=90, wide=40, depth_memory=100, transformer=80, gpt2_memory=75, oom=100)
+ORDER = tuple(BUDGET_S)
 TOTAL_BUDGET_S = 380
 NO_PREALLOCATE = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 GPT2_SMALL = {"vocab": 50257, "width": 768, "depth": 12, "heads": 12, "seq_len": 1024, "batch": 8}
@@ -88,17 +62,15 @@ class Worker:
     """One measurement process: ``gpu_check --worker NAME`` writing its result file."""
 
     def __init__(self, args, name, tag, spec, env, timeout):
-        parts = os.path.join(args.out, "parts")
-        os.makedirs(parts, exist_ok=True)
-        self.path = os.path.join(parts, f"{tag}.json")
-        self.log_path = os.path.join(parts, f"{tag}.stderr")
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        parts = Path(args.out) / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        self.path, self.log_path = parts / f"{tag}.json", parts / f"{tag}.stderr"
+        self.path.unlink(missing_ok=True)
         self.start = time.time()
         self.deadline = self.start + timeout
         # The soft deadline leaves a quarter of the limit for the work that cannot be cut.
         cmd = [sys.executable, "-m", "experiments.benchmarks.gpu_check", "--worker", name]
-        cmd += ["--result", self.path]
+        cmd += ["--result", str(self.path)]
         cmd += ["--deadline", str(self.start + 0.75 * timeout), "--spec", json.dumps(spec)]
         cmd += ["--smoke"] if args.smoke else []
         self.env = env
@@ -120,8 +92,7 @@ class Worker:
             status = "timeout"
         LIVE.discard(self.proc)
         try:
-            with open(self.path) as fh:
-                part = json.load(fh)
+            part = json.loads(self.path.read_text())
         except (OSError, ValueError):
             part = {}
         out = {
@@ -137,8 +108,7 @@ class Worker:
         if status == "timeout":
             out["error"] = f"killed at its time limit ({out['time_limit_s']:.0f} s)"
         elif out["status"] != "ok":
-            with open(self.log_path, errors="replace") as fh:
-                tail = fh.read()[-3000:]
+            tail = self.log_path.read_text(errors="replace")[-3000:]
             out["error"] = part.get("error") or f"exit code {self.proc.returncode}: {tail}"
         return out
 
@@ -294,19 +264,14 @@ def main(argv=None):
         results["sections"][name] = sec
         results["device"] = device_from(results["sections"])
         results["wall_s"] = time.time() - start
-        write_outputs(args.out, results)
+        # After every section, so that a run cut short keeps what it measured.
+        (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
+        (Path(args.out) / "gpu_check.md").write_text(markdown(results))
         print(f"[{time.time() - start:6.1f} s] section {name}: {sec['status']}", flush=True)
         if sec.get("error"):
             print("   " + last_line(sec["error"]), flush=True)
     print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {time.time() - start:.0f} s")
     return 0
-
-
-def write_outputs(out_dir, results):
-    with open(os.path.join(out_dir, "gpu_check.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    with open(os.path.join(out_dir, "gpu_check.md"), "w") as fh:
-        fh.write(markdown(results))
 
 
 if __name__ == "__main__":

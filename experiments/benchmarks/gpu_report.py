@@ -24,10 +24,12 @@ def _yes(flag):
     return {True: "yes", False: "no"}.get(flag, "n/a")
 
 
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
+def _section(intro, header, rows):
+    """An introduction and a markdown table (``header``: a list, or names separated by
+    `` | ``)."""
+    header = header.split(" | ") if isinstance(header, str) else header
+    lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return [*lines, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
 
 
 def _steps(res, title):
@@ -60,13 +62,11 @@ def steps_table(sections):
         return []
     header = ["model", "B", "mode", "donated", "rounds", "forward", "backprop"]
     header += [f"fg {t} (/bp)" for t in TANGENTS]
-    return [
+    intro = (
         "SGD step, ms per step (median); in brackets the forward-gradient step over the "
-        "backprop step, paired within rounds:",
-        "",
-        *_table(header, rows),
-        "",
-    ]
+        "backprop step, paired within rounds:"
+    )
+    return _section(intro, header, rows)
 
 
 def transformer_table(sections):
@@ -86,17 +86,13 @@ def transformer_table(sections):
         ]
         for name, r in res["rows"].items()
     ]
-    return [
+    intro = (
         f"nnx transformer (`bench_transformer.py`: {c.get('depth')} blocks, width {c.get('width')}, "
         f"sequence {c.get('seq_len')}, batch {c.get('batch')}, {c.get('rounds')} rounds): the "
-        "gradient alone (`jax.grad` vs `forward_grad`, no optimizer, no donation):",
-        "",
-        *_table(
-            ["program", "median", "/ forward", "/ backprop", "compile", "compile / bp", "donated"],
-            rows,
-        ),
-        "",
-    ]
+        "gradient alone (`jax.grad` vs `forward_grad`, no optimizer, no donation):"
+    )
+    header = "program | median | / forward | / backprop | compile | compile / bp | donated"
+    return _section(intro, header, rows)
 
 
 def depth_table(sections):
@@ -114,13 +110,11 @@ def depth_table(sections):
     if not rows:
         return []
     header = ["depth", "donated", "forward", "backprop", *(f"fg {t} (/bp)" for t in TANGENTS)]
-    return [
+    intro = (
         f"MLP width {res.get('width')}, B={res.get('batch_size')}: XLA temp memory of the step "
-        "(compile only) and compile time:",
-        "",
-        *_table(header, rows),
-        "",
-    ]
+        "(compile only) and compile time:"
+    )
+    return _section(intro, header, rows)
 
 
 def gpt2_table(sections):
@@ -150,19 +144,16 @@ def gpt2_table(sections):
         )
     c = res.get("config", {})
     params = next((p["result"].get("num_params") for p in progs.values() if p.get("result")), None)
-    header = ["program", "donated", "peak device memory", "/ forward", "/ backprop"]
-    header += ["XLA temp", "compile", "outcome"]
-    return [
+    header = "program | donated | peak device memory | / forward | / backprop | XLA temp | compile"
+    intro = (
         f"GPT ({c.get('depth')} blocks, width {c.get('width')}, sequence {c.get('seq_len')}, "
         f"batch {c.get('batch')}, vocabulary {c.get('vocab')}, {params} parameters), one process "
         "each (`XLA_PYTHON_CLIENT_PREALLOCATE=false`, `--xla_gpu_autotune_level=0` so that "
         "the autotuner's trial buffers do not set the peak), forward gradient with rademacher "
         "tangents; peak = `memory_stats()['peak_bytes_in_use']` after 2 calls, parameters and "
-        "batch included (* = the peak was reached while compiling, not running):",
-        "",
-        *_table(header, rows),
-        "",
-    ]
+        "batch included (* = the peak was reached while compiling, not running):"
+    )
+    return _section(intro, header + " | outcome", rows)
 
 
 def oom_table(sections):
@@ -200,22 +191,12 @@ def oom_table(sections):
         bp_cell,
         fg_cell,
     ]
-    header = [
-        "GPT",
-        "batch",
-        "parameters",
-        "bytes_limit",
-        "donated",
-        "backprop step",
-        "forward gradient (rademacher, K=1)",
-    ]
-    return [
+    header = "GPT | batch | parameters | bytes_limit | donated | backprop step"
+    intro = (
         "Backprop out of memory, the forward gradient training (one process each, preallocation on, "
-        "`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`):",
-        "",
-        *_table(header, [row]),
-        "",
-    ]
+        "`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`):"
+    )
+    return _section(intro, header + " | forward gradient (rademacher, K=1)", [row])
 
 
 def last_line(error: str) -> str:

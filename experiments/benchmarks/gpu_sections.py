@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments.benchmarks.gpu_report import TANGENTS, _gib
 from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import run as run_transformer
 from experiments.toolkit import (
     Block,
+    Runner,
     compiled_memory,
     environment,
     init_mlp,
@@ -32,11 +34,9 @@ from experiments.toolkit import (
     synthetic_batch,
     time_interleaved,
 )
-from experiments.toolkit.ratios import sgd_step
+from experiments.toolkit.ratios import memory_stats, sgd_step
 
-TANGENTS = ("rademacher", "normal", "lowrank")
 LR = 1e-4
-GIB = 2**30
 
 
 def device_info() -> dict:
@@ -44,13 +44,6 @@ def device_info() -> dict:
     info = {"device_kind": d.device_kind, "platform": d.platform, "jax": jax.__version__}
     info["bytes_limit"] = memory_stats().get("bytes_limit")
     return info
-
-
-def memory_stats() -> dict:
-    try:
-        return dict(jax.devices()[0].memory_stats() or {})
-    except Exception:  # backends without allocator statistics (CPU)
-        return {}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -82,35 +75,6 @@ def forward_in_loop(loss_fn, n):
         return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
 
     return run
-
-
-class Stepper:
-    """Calls a jitted ``(params, state, batch) -> (params, state, loss)`` on its own copy of
-    the parameters, threading the (possibly donated) buffers from call to call."""
-
-    def __init__(self, fn, params, state, batch):
-        self.fn, self.batch = fn, batch
-        # Own copies: a donated call deletes its inputs (tx.init returns the same key array
-        # to every caller).
-        self.params, self.state = jax.tree_util.tree_map(jnp.copy, (params, state))
-
-    def __call__(self):
-        self.params, self.state, loss = self.fn(self.params, self.state, self.batch)
-        jax.block_until_ready((self.params, loss))
-
-
-class Pipelined(Stepper):
-    """``steps`` calls dispatched back to back, blocking once after the last: how a
-    training loop runs (asynchronous dispatch overlaps the host's work with the device's)."""
-
-    def __init__(self, fn, params, state, batch, steps):
-        super().__init__(fn, params, state, batch)
-        self.steps = steps
-
-    def __call__(self):
-        for _ in range(self.steps):
-            self.params, self.state, loss = self.fn(self.params, self.state, self.batch)
-        jax.block_until_ready((self.params, loss))
 
 
 def timed_rounds(fns, reps, warmup, deadline, chunk=5):
@@ -149,13 +113,13 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipel
         if "dispatched" in modes:
             for donate in (True, False):
                 fn = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-                fns[f"{kind}/dispatched/{donate}"] = Stepper(fn, params, tx.init(params), batch)
+                fns[f"{kind}/dispatched/{donate}"] = Runner(tx, fn, params, batch)
                 if "pipelined" in modes:
-                    fns[f"{kind}/pipelined/{donate}"] = Pipelined(
-                        fn, params, tx.init(params), batch, pipeline_steps
+                    fns[f"{kind}/pipelined/{donate}"] = Runner(
+                        tx, fn, params, batch, pipeline_steps
                     )
         loop = jax.jit(in_loop(step, loop_steps), donate_argnums=(0, 1))
-        fns[f"{kind}/loop/True"] = Stepper(loop, params, tx.init(params), batch)
+        fns[f"{kind}/loop/True"] = Runner(tx, loop, params, batch)
     if "dispatched" in modes:
         fwd = jax.jit(mlp_loss)
         fns["forward/dispatched"] = lambda: jax.block_until_ready(fwd(params, batch))
@@ -168,22 +132,15 @@ def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipel
     t0 = time.perf_counter()
     times, reps_info = timed_rounds(fns, reps, warmup, deadline)
     rows = []
-    for mode, donate, per_call in (
-        ("dispatched", True, 1),
-        ("dispatched", False, 1),
-        ("pipelined", True, pipeline_steps),
-        ("pipelined", False, pipeline_steps),
-        ("loop", True, loop_steps),
-    ):
-        if mode not in modes:
+    per_call = {"dispatched": 1, "pipelined": pipeline_steps, "loop": loop_steps}
+    for mode, donate in [(m, d) for m in per_call if m in modes for d in (True, False)]:
+        if mode == "loop" and not donate:
             continue
         names = {"forward": f"forward/{mode}"}
         names |= {k: f"{k}/{mode}/{donate}" for k in ("backprop", *TANGENTS)}
-        row = timing_row(times, names, f"backprop/{mode}/{donate}", per_call)
-        rows.append(
-            {"batch_size": batch_size, "mode": mode, "donated": donate, "steps_per_call": per_call}
-            | row
-        )
+        row = timing_row(times, names, f"backprop/{mode}/{donate}", per_call[mode])
+        info = {"batch_size": batch_size, "mode": mode, "donated": donate}
+        rows.append(info | {"steps_per_call": per_call[mode]} | row)
     return {"rows": rows, "wall_s": time.perf_counter() - t0, **reps_info}
 
 
@@ -309,12 +266,6 @@ def _oom_bytes(message: str):
     return int(m.group(1)) if m else None
 
 
-def _needs(mem):
-    if not mem:
-        return None
-    return mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
-
-
 def _compile_gpt(cfg, spec, graphdef, params, out):
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq_len + 1), 0, cfg.vocab)
     batch = (tokens[:, :-1], tokens[:, 1:])
@@ -335,7 +286,7 @@ def _compile_gpt(cfg, spec, graphdef, params, out):
     compiled = jitted.lower(*args).compile()
     out.update(batch=cfg.batch, donated=state is not None, compile_s=time.perf_counter() - t0)
     out["memory"] = compiled_memory(compiled)
-    out["xla_needs_bytes"] = _needs(out["memory"])
+    out["xla_needs_bytes"] = (out["memory"] or {}).get("total_bytes")
     return compiled, state, batch
 
 
@@ -400,10 +351,6 @@ def gpt_measure(smoke, deadline, spec, emit):
         flush=True,
     )
     return out
-
-
-def _gib(b):
-    return "n/a" if b is None else f"{b / GIB:.2f} GiB"
 
 
 SECTIONS = {

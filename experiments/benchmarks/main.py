@@ -1,25 +1,13 @@
 """Runtime and memory of a forward-gradient step against a backprop step and a forward pass.
 
-Everything is measured in one process, jitted, warmed up, with the candidates interleaved
-(one call each per round, in a seeded random order) so that a noisy shared machine slows them alike, and
-reported as medians. The paper's quantities (Baydin et al. 2022, Sec. 5):
-
-* ``R_f`` = time of one forward-gradient SGD step / time of one evaluation of f;
-* ``R_b`` = time of one backprop SGD step / time of one evaluation of f;
-* ``fg_over_bp`` = ``R_f / R_b`` (the paper's MLP: 2.329 / 3.971 = 0.586).
-
-``paired_ratio`` is the median over rounds of (fg step time / backprop step time) within the
-same round: the most noise-robust form of ``fg_over_bp`` on a shared machine.
-
-The measurement is :func:`experiments.toolkit.measure_ratios` (keys and their meanings:
-:mod:`experiments.toolkit.records`); this script holds the configurations, the data-parallel variant
-(``--mesh``) and the memory sweep. Command line::
+Everything is measured in one process, jitted, warmed up, the candidates interleaved in a
+seeded random order each round, reported as medians (:func:`experiments.toolkit.measure_ratios`;
+the keys and their meanings: :mod:`experiments.toolkit.ratios`). This script holds the
+configurations (``configs/<preset>.json``), the data-parallel variant (``--mesh``) and the
+memory sweep (XLA's compiled memory analysis)::
 
     python -m experiments.benchmarks.main --preset quick --out runtime.json
-    python -m experiments.benchmarks.main --preset full --out runtime.json   # every config below
-
-Memory: ``jax.jit(step).lower(...).compile().memory_analysis()`` (XLA's static buffer
-assignment: temp bytes are the working memory beyond arguments and outputs).
+    python -m experiments.benchmarks.main --preset full --out runtime.json
 """
 
 from __future__ import annotations
@@ -96,19 +84,14 @@ def main(argv=None):
                 variants=[(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
                 + [("rademacher", 4), ("normal", 4)],
             )
-            res["batch_size"] = bsz
+            res.update(name=f"mesh {args.mesh}, B={bsz}", batch_size=bsz)
             results["mesh"].append(res)
-            print(
-                f"== mesh {args.mesh}, B={bsz}: backprop {res['t_backprop_s'] * 1e3:.2f} ms, "
-                f"collectives {res['backprop_collective_bytes']} (params {res['param_bytes']} B)",
-                flush=True,
-            )
-            for v in res["variants"]:
-                print(
-                    f"   {v['tangent']:>11} K={v['num_tangents']}: {v['t_step_s'] * 1e3:.2f} ms "
-                    f"(paired {v['paired_ratio']:.2f}), collectives {v['collective_bytes']}",
-                    flush=True,
-                )
+            print(format_result(res), flush=True)
+            sent = [
+                res["backprop_collective_bytes"],
+                *(v["collective_bytes"] for v in res["variants"]),
+            ]
+            print(f"   collective bytes (backprop, then each variant): {sent}", flush=True)
     for cfg in load_preset(args.preset):
         if args.only and cfg.name not in args.only:
             continue
@@ -123,18 +106,8 @@ def main(argv=None):
         depths = (2, 4, 8, 16, 32) if args.preset == "full" else (2, 8, 32)
         results["memory_sweep"] = memory_sweep(depths)
         for row in results["memory_sweep"]:
-            print(
-                "memory depth",
-                row["depth"],
-                "backprop temp MB",
-                round(row["backprop"]["temp_bytes"] / 2**20, 1),
-                {
-                    t: round(row[t]["temp_bytes"] / 2**20, 1)
-                    for t in row
-                    if isinstance(row[t], dict) and t != "backprop"
-                },
-                flush=True,
-            )
+            temp = {t: round(m["temp_bytes"] / 2**20, 1) for t, m in row.items() if type(m) is dict}
+            print(f"memory depth {row['depth']}: temp MB {temp}", flush=True)
     write_json(args.out, results)
     return results
 

@@ -1,21 +1,11 @@
 """Per-step overhead of the forward-gradient SGD step on small models, against backprop.
 
-Where the arithmetic is small, what remains is the cost of a call (host dispatch, one
-buffer per state array) and of the kernels a step launches. This measures, in one
-process, interleaved rounds, medians and paired ratios (``toolkit.time_interleaved``):
-a forward pass, the backprop SGD step and forward-gradient SGD steps (rademacher,
-normal, lowrank), each
-
-* dispatched from Python, with and without buffer donation (``nnx.jit`` users do not
-  donate by default), blocking after every call (the developers' harness),
-* ``pipeline_steps`` calls dispatched back to back, blocking once after the last (how a
-  training loop runs: asynchronous dispatch), with and without donation, and
-* ``loop_steps`` steps inside one compiled ``fori_loop`` (the multi-step loop of
-  ``docs/getting_started.md``), where dispatch is paid once per call;
-
-for the issue's tiny MLP (784-8-8-10, batch 8: overhead only) and the paper's MLP
-(784-1024-1024-10, batch 64). The cases are those of ``gpu_check.py``'s MLP section, so
-CPU and GPU numbers share one harness::
+Times, in one process (interleaved rounds, medians, paired ratios), a forward pass, the
+backprop step and the forward-gradient steps (rademacher, normal, lowrank), each dispatched
+from Python one call at a time (with and without donation), ``pipeline_steps`` calls back to
+back blocked once, and ``loop_steps`` steps in one compiled ``fori_loop``, for the tiny MLP
+784-8-8-10 (batch 8: overhead only) and the paper's MLP (batch 64). The cases are
+``gpu_check.py``'s MLP section (docs/performance.md, "Per-step overhead on small models")::
 
     python -m experiments.benchmarks.overhead --out experiments/results/overhead_cpu.json
 """
@@ -53,16 +43,9 @@ def run(cfg: Config) -> dict:
     out = {"config": asdict(cfg), "environment": environment(), "cases": []}
     deadline = time.time() + cfg.max_seconds
     for sizes, batch_size, loop_steps in cfg.cases:
-        case = mlp_case(
-            list(sizes),
-            batch_size,
-            ("dispatched", "pipelined", "loop"),
-            loop_steps,
-            cfg.rounds,
-            cfg.warmup,
-            deadline,
-            cfg.pipeline_steps,
-        )
+        modes = ("dispatched", "pipelined", "loop")
+        timing = (cfg.rounds, cfg.warmup, deadline, cfg.pipeline_steps)
+        case = mlp_case(list(sizes), batch_size, modes, loop_steps, *timing)
         out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,13 @@ import numpy as np
 import fgrad_jax
 from experiments.toolkit import (
     CNN,
-    Runner,
     classifier_loss,
-    compiled_memory,
+    donated_step,
     init_mlp,
-    make_backprop_step,
-    make_fg_step,
     measure_ratios,
-    median,
     memory_of,
     mlp_loss,
-    paired_ratio,
     synthetic_batch,
-    time_interleaved,
 )
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -51,9 +44,9 @@ def measure_sharded(
     (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
     mesh divides; leaves with none stay replicated).
 
-    Times the backprop step and each forward-gradient variant (interleaved, medians), counts
-    the bytes of every collective in each compiled step (``_sharding.collective_bytes``) and
-    reports XLA's memory analysis of each (per device).
+    Times the steps with :func:`experiments.toolkit.measure_ratios` (XLA's memory analysis
+    per device) and counts the bytes of every collective in each compiled step
+    (``_sharding.collective_bytes``).
     """
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -75,36 +68,18 @@ def measure_sharded(
         lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
     )
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    fns: dict[str, Callable[[], None]] = {}
-    tx, st = make_backprop_step(loss_fn, lr)
-    fns["backprop"] = Runner(st, tx, params, batch)
-    out: dict[str, Any] = {
-        "mesh_size": mesh_size,
-        "fsdp": fsdp,
-        "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
-        "variants": [],
-    }
-    compiled = st.lower(params, tx.init(params), batch).compile()
-    out["backprop_collective_bytes"] = collective_bytes(compiled.as_text())
-    out["backprop_memory"] = compiled_memory(compiled)
-    for i, (tan, k) in enumerate(variants):
-        tx, st = make_fg_step(loss_fn, lr, tan, k)
-        fns[f"fg{i}"] = Runner(st, tx, params, batch)
-        compiled = st.lower(params, tx.init(params), batch).compile()
-        out["variants"].append(
-            {
-                "tangent": tan if isinstance(tan, str) else repr(tan),
-                "num_tangents": k,
-                "collective_bytes": collective_bytes(compiled.as_text()),
-                "memory": compiled_memory(compiled),
-            }
-        )
-    times = time_interleaved(fns, reps, warmup)
-    out["t_backprop_s"] = median(times["backprop"])
-    for i, v in enumerate(out["variants"]):
-        v["t_step_s"] = median(times[f"fg{i}"])
-        v["paired_ratio"] = paired_ratio(times[f"fg{i}"], times["backprop"])
-    return out
+    res = measure_ratios(loss_fn, params, batch, variants=variants, lr=lr, reps=reps, warmup=warmup)
+
+    def collectives(tangent=None, k=1):
+        tx, st = donated_step(loss_fn, lr, tangent, k)
+        return collective_bytes(st.lower(params, tx.init(params), batch).compile().as_text())
+
+    res.update(mesh_size=mesh_size, fsdp=fsdp, backprop_collective_bytes=collectives())
+    res["param_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    res["backprop_memory"] = res["memory"]["backprop"]
+    for v, (tangent, k) in zip(res["variants"], variants):
+        v["collective_bytes"] = collectives(tangent, k)
+    return res
 
 
 class ThreefryNormal:
@@ -131,19 +106,10 @@ def tangents_available(names):
 
 @dataclasses.dataclass
 class RuntimeConfig:
-    """One benchmark configuration.
-
-    Attributes:
-        name: Name in the results (``mlp_b64``, ...).
-        model: ``"mlp"`` (plain-JAX MLP, 784 inputs) or ``"cnn"`` (28x28 inputs).
-        batch_size: Batch size.
-        variants: ``(tangent, num_tangents)`` pairs of the forward-gradient steps.
-        reps: Timed rounds.
-        warmup: Untimed warm-up rounds.
-        memory: Also read the compiled memory of each step.
-        width: Hidden width of the MLP.
-        depth: Hidden layers of the MLP.
-    """
+    """One benchmark configuration, named ``name`` in the results: ``model`` ``"mlp"`` (the
+    plain-JAX MLP, 784 inputs, ``depth`` hidden layers of ``width``) or ``"cnn"`` (28x28
+    inputs), the forward-gradient steps' ``(tangent, num_tangents)`` ``variants``, timed
+    ``reps`` rounds after ``warmup``; ``memory``: also each step's compiled memory."""
 
     name: str
     model: str
@@ -206,10 +172,10 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
             "batch_size": batch_size,
             "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params))),
         }
-        tx, st = make_backprop_step(mlp_loss, 1e-4)
+        tx, st = donated_step(mlp_loss, 1e-4)
         row["backprop"] = memory_of(st, params, tx.init(params), batch)
         for t in tangents:
-            tx, st = make_fg_step(mlp_loss, 1e-4, t, 1)
+            tx, st = donated_step(mlp_loss, 1e-4, t)
             row[t] = memory_of(st, params, tx.init(params), batch)
             row[f"{t}_temp_over_backprop"] = row[t]["temp_bytes"] / row["backprop"]["temp_bytes"]
         rows.append(row)

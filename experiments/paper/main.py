@@ -19,7 +19,7 @@ from pathlib import Path
 
 from experiments.paper import configs as presets
 from experiments.paper import train
-from experiments.paper.plots import plot_depth, plot_function, plot_loss, plot_tuned
+from experiments.paper.plots import plot_all
 from experiments.paper.report import write_report
 from experiments.toolkit import (
     apply_overrides,
@@ -39,26 +39,12 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="quick", choices=presets.presets())
     p.add_argument("--out", default=None, help="output directory (default out/<preset>)")
     p.add_argument("--data-dir", help="directory of the MNIST IDX files (paper preset)")
-    p.add_argument(
-        "--dataset",
-        help="override the classification data set "
-        "(digits | mnist | fashion_mnist | a directory of IDX files)",
-    )
-    p.add_argument(
-        "--tangent",
-        default=None,
-        help="FGD tangent distribution for every experiment (default: normal, "
-        "the paper's; e.g. rademacher or lowrank)",
-    )
+    p.add_argument("--dataset", help="digits, mnist, fashion_mnist or a directory of IDX files")
+    p.add_argument("--tangent", help="FGD's tangent in every experiment (default: normal)")
     p.add_argument(
         "--only", nargs="+", choices=(*EXPERIMENTS, "depth"), help="run only these experiments"
     )
-    p.add_argument(
-        "--max-iterations",
-        type=int,
-        help="cap every experiment's iterations (and its sweep's) at N; the report says "
-        "which experiments were shortened",
-    )
+    p.add_argument("--max-iterations", type=int, help="cap every experiment's iterations at N")
     p.add_argument(
         "--set",
         nargs="+",
@@ -99,35 +85,26 @@ def main(argv=None) -> dict:
     }
 
     experiments = {}
-    for name in EXPERIMENTS:
-        if name not in selected:
-            continue
+    for name in [n for n in EXPERIMENTS if n in selected]:
         t = time.perf_counter()
-        if name in ("beale", "rosenbrock"):
-            entry = train.run_function(configs[name], out, progress=progress)
-            plot_function(out, name, entry)
-        else:
-            entry = train.run(configs[name], out, progress=progress)
-        plot_loss(out, name, entry)
-        experiments[name] = entry
+        run = train.run_function if name in ("beale", "rosenbrock") else train.run
+        experiments[name] = entry = run(configs[name], out, progress=progress)
         print(f"[{time.perf_counter() - t:6.1f} s] {format_entry(name, entry)}", flush=True)
 
     results = {"experiments": experiments, "notes": notes, "changed_from_preset": changed}
     if "depth" in selected:
         t = time.perf_counter()
         results["depth"] = train.run_depth(configs["depth"], progress=progress)
-        plot_depth(out, results["depth"])
         print(
             f"[{time.perf_counter() - t:6.1f} s] depth: "
             + ", ".join(f"{r['depth']}:{r['fg_over_bp']:.2f}" for r in results["depth"]["rows"]),
             flush=True,
         )
-    if experiments:
-        plot_tuned(out, experiments)
     wall = time.perf_counter() - t0
     results["wall_time_s"] = wall
     results["environment"] = environment(full_config)
     write_json(out / "results.json", results)
+    plot_all(out, to_jsonable(results))
     report = write_report(out, to_jsonable(results), wall)
     print(f"wrote {out / 'results.json'} and {report} in {wall:.0f} s")
     return results
@@ -136,14 +113,7 @@ def main(argv=None) -> dict:
 def replot(out: Path) -> dict:
     """Redraws every figure and ``report.md`` of a finished run from what it wrote."""
     results = read_json(out / "results.json")
-    for name, entry in results["experiments"].items():
-        if name in ("beale", "rosenbrock"):
-            plot_function(out, name, entry)
-        plot_loss(out, name, entry)
-    if results.get("depth"):
-        plot_depth(out, results["depth"])
-    if results["experiments"]:
-        plot_tuned(out, results["experiments"])
+    plot_all(out, results)
     report = write_report(out, results, results.get("wall_time_s"))
     print(f"redrew the figures and {report}")
     return results

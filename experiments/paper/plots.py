@@ -41,11 +41,18 @@ def _y_scale(ax, values) -> None:
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
-def _save(fig, path: Path) -> Path:
+def _log_ticks(ax, ticks, fmt: str) -> None:
+    """A log x axis with ticks exactly at ``ticks``, labelled ``fmt``, no minor ticks."""
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter(fmt))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def _load_arm(path: Path):
@@ -64,7 +71,8 @@ def _arms(run_dir: Path):
 
 
 def loss_figure(out: Path, name: str, entry: dict):
-    """The figure of :func:`plot_loss` (not saved)."""
+    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
+    their min..max; the legend counts the diverged runs)."""
     run_dir = out / "runs" / name
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", ":", "-."]
@@ -114,17 +122,11 @@ def loss_figure(out: Path, name: str, entry: dict):
     return fig
 
 
-def plot_loss(out: Path, name: str, entry: dict) -> Path:
-    """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
-    their min..max; the legend counts the diverged runs)."""
-    return _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
-
-
 def function_figure(out: Path, name: str, entry: dict):
-    """The figure of :func:`plot_function` (not saved)."""
+    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
+    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
     land = np.load(out / "runs" / name / "landscape.npz")
     xs, ys, zs = land["xs"], land["ys"], land["zs"]
-    (x0, x1), (y0, y1) = (xs.min(), xs.max()), (ys.min(), ys.max())
     fig, ax = plt.subplots(figsize=(7.2, 5))
     # A grey landscape, so that the methods keep their colours of every other figure.
     logz = np.log10(zs + 1e-3)
@@ -161,72 +163,42 @@ def function_figure(out: Path, name: str, entry: dict):
             )
     ax.plot(*start, "ko", ms=6, label="start")
     ax.plot(*entry["minimum"], "*", color="gold", mec="k", ms=14, label="minimum")
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
+    ax.set(xlim=(xs.min(), xs.max()), ylim=(ys.min(), ys.max()), xlabel="x", ylabel="y")
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     ax.set_title(f"{name}: trajectories of every run")
     return fig
 
 
-def plot_function(out: Path, name: str, entry: dict) -> Path:
-    """Contour plot of a 2-D function (its sampled landscape, colour bar = log10 f) with the
-    FGD runs' and GD's trajectories (diverged FGD runs dashed)."""
-    return _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
-
-
 def tuned_figure(experiments: dict):
-    """The figure of :func:`plot_tuned` (not saved)."""
+    """Final loss vs learning rate of the per-method sweeps."""
     names = [n for n, e in experiments.items() if e.get("tuned")]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4))
     axes = np.atleast_1d(axes)
     for ax, n in zip(axes, names):
         t = experiments[n]["tuned"]
-        finite = [
-            v
-            for m in ("fgd", "sgd")
-            for v in t["final_loss"][m]
-            if v is not None and np.isfinite(v)
-        ]
+        y = {m: np.array(t["final_loss"][m], float) for m in ("fgd", "sgd")}  # None -> nan
+        finite = [v for m in y for v in y[m] if np.isfinite(v)]
         top = max(finite) if finite else 1.0
-        for m in ("fgd", "sgd"):
-            y = [np.nan if (v is None or not np.isfinite(v)) else v for v in t["final_loss"][m]]
-            ax.plot(t["lrs"], y, "o-", color=COLORS[m], label=LABELS[m])
-            bad = [lr for lr, v in zip(t["lrs"], y) if np.isnan(v)]
+        for m, c in COLORS.items():
+            y[m][~np.isfinite(y[m])] = np.nan
+            ax.plot(t["lrs"], y[m], "o-", color=c, label=LABELS[m])
+            bad = [lr for lr, v in zip(t["lrs"], y[m]) if np.isnan(v)]
             if bad:
-                ax.plot(
-                    bad,
-                    [top] * len(bad),
-                    "x",
-                    color=COLORS[m],
-                    ms=9,
-                    mew=2,
-                    label=f"{LABELS[m]}: diverged",
-                )
-            ax.axvline(t["best_lr"][m], color=COLORS[m], ls=":", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks(t["lrs"])  # the swept rates, labelled even within one decade
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                label = f"{LABELS[m]}: diverged"
+                ax.plot(bad, [top] * len(bad), "x", color=c, ms=9, mew=2, label=label)
+            ax.axvline(t["best_lr"][m], color=c, ls=":", lw=0.8)
+        _log_ticks(ax, t["lrs"], "%g")  # the swept rates, labelled even within one decade
         ax.tick_params(axis="x", labelrotation=30)
         _y_scale(ax, finite)
-        ax.set_title(n)
-        ax.set_xlabel("initial learning rate")
-        ax.set_ylabel("final training loss")
+        ax.set(title=n, xlabel="initial learning rate", ylabel="final training loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("learning-rate sweeps (dotted: each method's tuned rate)")
     return fig
 
 
-def plot_tuned(out: Path, experiments: dict) -> Path:
-    """Final loss vs learning rate of the per-method sweeps."""
-    return _save(tuned_figure(experiments), out / "tuned_sweeps.png")
-
-
 def depth_figure(depth: dict):
-    """The figure of :func:`plot_depth` (not saved)."""
+    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
     rows = depth["rows"]
     d = [r["depth"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -238,35 +210,19 @@ def depth_figure(depth: dict):
     axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes[1].set_ylabel("R_f / R_b")
     mems = {
-        "fgd": [r["variants"][0].get("memory") for r in rows],
-        "sgd": [r["memory"].get("backprop") for r in rows],
-        "f": [r["memory"].get("forward") for r in rows],
+        f"{LABELS['fgd']} iteration": [r["variants"][0].get("memory") for r in rows],
+        f"{LABELS['sgd']} iteration": [r["memory"].get("backprop") for r in rows],
+        "f (forward only)": [r["memory"].get("forward") for r in rows],
     }
-    for m in ("fgd", "sgd"):
-        axes[2].plot(
-            d,
-            [(x or {}).get("total_bytes", np.nan) for x in mems[m]],
-            "o-",
-            color=COLORS[m],
-            label=f"{LABELS[m]} iteration",
-        )
-    axes[2].plot(
-        d,
-        [(x or {}).get("total_bytes", np.nan) for x in mems["f"]],
-        "o--",
-        color="gray",
-        label="f (forward only)",
-    )
-    axes[2].set_ylabel("XLA compiled memory (bytes)")
-    axes[2].set_yscale("log")
+    for (label, ms), color in zip(mems.items(), (COLORS["fgd"], COLORS["sgd"], "gray")):
+        total = [(x or {}).get("total_bytes", np.nan) for x in ms]
+        axes[2].plot(d, total, "o--" if color == "gray" else "o-", color=color, label=label)
+    axes[2].set(ylabel="XLA compiled memory (bytes)", yscale="log")
     axes[2].legend(fontsize=8)
     for ax in axes:
         # Layers are whole numbers: ticks at the measured depths, on a log axis (the
         # paper's depths run from 1 to 100).
-        ax.set_xscale("log")
-        ax.set_xticks(d)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        _log_ticks(ax, d, "%d")
         ax.set_xlabel("number of hidden layers")
         ax.grid(alpha=0.3)
     fig.suptitle(
@@ -275,6 +231,14 @@ def depth_figure(depth: dict):
     return fig
 
 
-def plot_depth(out: Path, depth: dict) -> Path:
-    """R_f, R_b, R_f/R_b and compiled memory vs MLP depth (paper Fig. 6)."""
-    return _save(depth_figure(depth), out / "depth_scaling.png")
+def plot_all(out: Path, results: dict) -> None:
+    """Draws every figure of a run from its ``results.json`` dict and what it wrote."""
+    experiments = results["experiments"]
+    for name, entry in experiments.items():
+        if name in ("beale", "rosenbrock"):
+            _save(function_figure(out, name, entry), out / f"{name}_trajectories.png")
+        _save(loss_figure(out, name, entry), out / f"{name}_loss.png")
+    if results.get("depth"):
+        _save(depth_figure(results["depth"]), out / "depth_scaling.png")
+    if experiments:
+        _save(tuned_figure(experiments), out / "tuned_sweeps.png")

@@ -5,42 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.toolkit.analysis import fmt as _fmt
+from experiments.toolkit.analysis import md_table
 
 # Numbers read from the paper's figures (it has no results table); docs/reproducing.md lists
 # where each comes from.
 PAPER = {
-    "beale": {
-        "lr": 0.01,
-        "iters": 1000,
-        "T_f": 0.19,
-        "T_b": 0.22,
-        "note": "Fig. 2, read from the figure",
-    },
-    "rosenbrock": {
-        "lr": 5e-4,
-        "iters": 25000,
-        "T_f": 3.0,
-        "T_b": 4.1,
-        "note": "Fig. 2, read from the figure",
-    },
-    "logreg": {"lr": 1e-4, "iters": 25000, "T_f": 197.3, "T_b": 356.8, "T_ratio": 0.553},
+    "beale": {"lr": 0.01, "T_f": 0.19, "T_b": 0.22},
+    "rosenbrock": {"lr": 5e-4, "T_f": 3.0, "T_b": 4.1},
+    "logreg": {"lr": 1e-4, "T_f": 197.3, "T_b": 356.8, "T_ratio": 0.553},
     "mlp": {
-        2e-5: {
-            "R_f": 2.329,
-            "R_b": 3.971,
-            "ratio": 0.586,
-            "T_f": 165.8,
-            "T_b": 292.4,
-            "T_ratio": 0.567,
-        },
-        2e-4: {
-            "R_f": 2.607,
-            "R_b": 4.359,
-            "ratio": 0.598,
-            "T_f": 68.0,
-            "T_b": 297.0,
-            "T_ratio": 0.229,
-        },
+        2e-5: {"R_f": 2.329, "R_b": 3.971, "ratio": 0.586, "T_ratio": 0.567},
+        2e-4: {"R_f": 2.607, "R_b": 4.359, "ratio": 0.598, "T_ratio": 0.229},
     },
     "depth": "R_f ~2.5 -> 4.2, R_b ~4.6-5.0, R_f/R_b ~0.55 -> 0.85 for 1 -> 100 layers (Fig. 6)",
 }
@@ -78,13 +53,24 @@ def _mems(rt: dict) -> str:
     )
 
 
+def _to_threshold_cells(s: dict) -> list[str]:
+    """Threshold, iterations to it and times of a comparison (the ratio in bold)."""
+    iters = f"{s['iters_to_threshold_fgd']} / {s['iters_to_threshold_sgd']}"
+    return [
+        _fmt(s["threshold"]),
+        iters,
+        _fmt(s["T_f"]),
+        _fmt(s["T_b"]),
+        f"**{_fmt(s['T_ratio'])}**",
+    ]
+
+
 def write_report(out: Path, results: dict, wall_time: float | None = None) -> Path:
     """Writes ``out/report.md`` from the ``results.json`` dict."""
     exps = results["experiments"]
     env = results["environment"]
     cfg = env.get("config", {})
-    L = []
-    L.append("# Forward gradients vs backprop: reproduction report\n")
+    L = ["# Forward gradients vs backprop: reproduction report\n"]
     # Anything that makes this run differ from the preset (another data set, fewer
     # iterations) comes first, so that no reader takes it for the paper's setting.
     for note in results.get("notes") or []:
@@ -100,10 +86,8 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     tangents = sorted(
         {v.get("tangent", "normal") for v in cfg.values() if isinstance(v, dict) and "seed" in v}
     )
-    L.append(
-        f"FGD tangent distribution: {', '.join(tangents) or 'normal'}"
-        f"{' (the paper' + chr(39) + 's)' if tangents in ([], ['normal']) else ' (not the paper' + chr(39) + 's normal)'}."
-    )
+    whose = "the paper's" if tangents in ([], ["normal"]) else "not the paper's normal"
+    L.append(f"FGD tangent distribution: {', '.join(tangents) or 'normal'} ({whose}).")
     if wall_time is not None:
         L.append(f"Total wall time: {wall_time:.0f} s.")
     L.append("")
@@ -120,21 +104,19 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     )
 
     L.append("## Cost per iteration\n")
-    L.append(
-        "| experiment | params | R_f | R_b | R_f/R_b | paper R_f | paper R_b | paper R_f/R_b "
-        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB) |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for n, e in exps.items():
-        pf, pb, pr = _paper_runtime(n)
         rt = e["runtime"]
-        mems = _mems(rt)
-        L.append(
-            f"| {n} | {e.get('num_params')} | {_fmt(e['R_f'])} | {_fmt(e['R_b'])} | "
-            f"{_fmt(e['fg_over_bp'])} | {_fmt(pf)} | {_fmt(pb)} | {_fmt(pr)} | "
-            f"{rt['t_forward_s'] * 1e3:.3f} | {rt['variants'][0]['t_step_s'] * 1e3:.3f} | "
-            f"{rt['t_backprop_s'] * 1e3:.3f} | {mems} |"
+        ms = [rt["t_forward_s"], rt["variants"][0]["t_step_s"], rt["t_backprop_s"]]
+        ratios = [e["R_f"], e["R_b"], e["fg_over_bp"], *_paper_runtime(n)]
+        rows.append(
+            [n, e.get("num_params"), *map(_fmt, ratios), *(f"{t * 1e3:.3f}" for t in ms), _mems(rt)]
         )
+    L += md_table(
+        "experiment | params | R_f | R_b | R_f/R_b | paper R_f | paper R_b | paper R_f/R_b "
+        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB)",
+        rows,
+    )
     L.append("")
 
     L.append("## Comparison 1: shared learning rate\n")
@@ -148,30 +130,25 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         "un-vmapped iteration from the cost table, the closest to the paper's per-run "
         "T.\n"
     )
-    L.append(
-        "| experiment | data | lr | runs (diverged FGD/BP) | initial loss | final FGD | final BP | threshold "
-        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b | T_f/T_b, 1 run (est.) | paper T_f/T_b "
-        "| test acc FGD / BP |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for n, e in exps.items():
         data = (e.get("dataset") or {}).get("name", "-")
         for s in e["shared_lr"]:
             pt, note = _paper_t(n, s.get("lr"))
-            acc = (
-                f"{_fmt(s['test_accuracy_fgd'])} / {_fmt(s['test_accuracy_sgd'])}"
-                if "test_accuracy_fgd" in s
-                else "-"
-            )
+            acc = "-"
+            if "test_accuracy_fgd" in s:
+                acc = f"{_fmt(s['test_accuracy_fgd'])} / {_fmt(s['test_accuracy_sgd'])}"
             div = f"{s.get('diverged_runs_fgd', 0)}/{s.get('diverged_runs_sgd', 0)}"
-            L.append(
-                f"| {n} | {data} | {s['lr']:g} | {s['runs']} ({div}) | {_fmt(s['initial_loss'])} | "
-                f"{_fmt(s['final_loss_fgd'])} | {_fmt(s['final_loss_sgd'])} | "
-                f"{_fmt(s['threshold'])} | {s['iters_to_threshold_fgd']} / "
-                f"{s['iters_to_threshold_sgd']} | {_fmt(s['T_f'])} | {_fmt(s['T_b'])} | "
-                f"**{_fmt(s['T_ratio'])}** | {_fmt(s.get('T_ratio_est'))} | "
-                f"{_fmt(pt)} ({note}) | {acc} |"
-            )
+            losses = (s[k] for k in ("initial_loss", "final_loss_fgd", "final_loss_sgd"))
+            estimate, paper = _fmt(s.get("T_ratio_est")), f"{_fmt(pt)} ({note})"
+            cells = [n, data, f"{s['lr']:g}", f"{s['runs']} ({div})", *map(_fmt, losses)]
+            rows.append([*cells, *_to_threshold_cells(s), estimate, paper, acc])
+    L += md_table(
+        "experiment | data | lr | runs (diverged FGD/BP) | initial loss | final FGD | final BP "
+        "| threshold | iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b | T_f/T_b, 1 run (est.) "
+        "| paper T_f/T_b | test acc FGD / BP",
+        rows,
+    )
     L.append("")
 
     L.append("## Comparison 2: each method at its own tuned learning rate\n")
@@ -183,23 +160,19 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         "paper has no such comparison; independent reports found tuned backprop 2-4x "
         "faster.\n"
     )
-    L.append(
-        "| experiment | lrs swept | best lr FGD | best lr BP | final FGD | final BP | "
-        "threshold | iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for n, e in exps.items():
         t = e.get("tuned")
-        if not t:
-            continue
-        lrs = ", ".join(f"{x:g}" for x in t["lrs"])
-        L.append(
-            f"| {n} | {lrs} | {t['best_lr']['fgd']:g} | {t['best_lr']['sgd']:g} | "
-            f"{_fmt(t['final_loss_fgd'])} | {_fmt(t['final_loss_sgd'])} | "
-            f"{_fmt(t['threshold'])} | {t['iters_to_threshold_fgd']} / "
-            f"{t['iters_to_threshold_sgd']} | {_fmt(t['T_f'])} | {_fmt(t['T_b'])} | "
-            f"**{_fmt(t['T_ratio'])}** |"
-        )
+        if t:
+            lrs = ", ".join(f"{x:g}" for x in t["lrs"])
+            best = [f"{t['best_lr']['fgd']:g}", f"{t['best_lr']['sgd']:g}"]
+            finals = [_fmt(t["final_loss_fgd"]), _fmt(t["final_loss_sgd"])]
+            rows.append([n, lrs, *best, *finals, *_to_threshold_cells(t)])
+    L += md_table(
+        "experiment | lrs swept | best lr FGD | best lr BP | final FGD | final BP | threshold "
+        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b",
+        rows,
+    )
     L.append("")
 
     depth = results.get("depth")
@@ -211,14 +184,17 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             f"{PAPER['depth']}, width 1024, memory equal for FGD and BP in their "
             "implementation.\n"
         )
-        L.append("| hidden layers | params | R_f | R_b | R_f/R_b | XLA mem f / FGD / BP (MiB) |")
-        L.append("|---|---|---|---|---|---|")
-        for r in depth["rows"]:
-            L.append(
-                f"| {r['depth']} | {r['num_params']} | {_fmt(r['R_f'])} | {_fmt(r['R_b'])} | "
-                f"{_fmt(r['fg_over_bp'])} | {_mems(r)} |"
-            )
-        L.append("")
+        rows = [
+            [
+                r["depth"],
+                r["num_params"],
+                *(_fmt(r[k]) for k in ("R_f", "R_b", "fg_over_bp")),
+                _mems(r),
+            ]
+            for r in depth["rows"]
+        ]
+        header = "hidden layers | params | R_f | R_b | R_f/R_b | XLA mem f / FGD / BP (MiB)"
+        L += [*md_table(header, rows), ""]
 
     L.append("## Figures\n")
     for png in sorted(out.glob("*.png")):

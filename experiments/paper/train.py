@@ -1,17 +1,11 @@
 """The paper's experiments (Baydin et al. 2022): what each one trains and measures.
 
-* Beale and Rosenbrock (Fig. 2): FGD vs gradient descent from a fixed start point (assumed:
-  the paper does not state it), constant learning rate, runs differing only in tangents.
-* Classification (Sec. 5): logistic regression, MLP 1024-1024-10 and a CNN (four 3x3 convs
-  with 64 channels, ReLU, SAME padding, a 2x2 max-pool after every second, dense to 10; the
-  DSSC-projects/veni reimplementation's, since the paper gives none). SGD vs FGD with
-  ``eta_i = eta_0 exp(-i k)``, at a shared rate and each at its own tuned rate; R_f, R_b,
-  memory and T_f/T_b to a common loss threshold. Batches are drawn with replacement from
-  ``fold_in(data_key, step)``, so a run is a pure function of its seed (exact resume).
-* Depth scaling (Fig. 6): R_f, R_b and memory of an MLP vs its depth, on random inputs.
-
-Every experiment trains with the one loop of :func:`experiments.toolkit.train.train_arms`;
-the presets are data, ``configs/<preset>.json``, read and changed by ``configs/__init__.py``.
+Beale and Rosenbrock (Fig. 2: FGD vs gradient descent from a fixed start point, runs
+differing only in tangents); classification (Sec. 5: logistic regression, the MLP
+1024-1024-10 and a CNN, SGD vs FGD with ``eta_i = eta_0 exp(-i k)`` at a shared rate and each
+at its own tuned rate); depth scaling (Fig. 6: R_f, R_b and memory of an MLP vs its depth).
+What is measured and how: docs/reproducing.md. Every experiment trains with the one loop of
+:func:`experiments.toolkit.train.train_arms`; the presets are ``configs/<preset>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,22 +58,17 @@ class ClassifyConfig:
         seeds: Runs per arm (paper: 5), vmapped as one program.
         width: Hidden width of the MLP.
         channels: Channels of the CNN.
-        chunk: Iterations per timed chunk.
-        log_every: Steps per JSONL record.
+        chunk, log_every: Iterations per timed chunk, steps per JSONL record.
         smooth_window: Moving-average window of the loss curves.
         tune_factors: Multipliers of ``lrs[0]`` swept per method.
-        tune_seeds: Seeds per swept learning rate.
-        tune_steps: Iterations of the sweep runs (0: ``steps``).
+        tune_seeds, tune_steps: Seeds per swept rate, iterations of the sweep (0: ``steps``).
         runtime_rounds: Rounds of the R_f/R_b measurement.
         checkpoint_every: Checkpoint every this many chunks (0: no checkpoints).
-        run_axis: ``"vmap"`` (seeds as one vectorised program) or ``"map"`` (a
-            ``lax.map`` loop in one program).
-        scan: Whether a chunk is one ``lax.scan`` (fast for dense models) or a Python loop
-            over one compiled step. ``None`` (auto): a Python loop for the CNN on CPU,
-            because XLA:CPU runs convolution backward passes inside loops far slower than
-            outside (docs/engineering_log.md); ``lax.scan`` otherwise.
-        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
-            ``fgrad_jax.TANGENT_NAMES``).
+        run_axis: ``"vmap"`` or ``"map"`` (see :func:`toolkit.train_arms`).
+        scan: A chunk as one ``lax.scan`` or, ``False``, a Python loop over one compiled
+            step; ``None``: a loop for the CNN on CPU, where XLA:CPU runs convolution
+            backward passes inside loops far slower (docs/engineering_log.md).
+        tangent: FGD's tangent distribution (``"normal"``: the paper's).
         seed: Base seed.
     """
 
@@ -119,34 +107,23 @@ def load_data(cfg: ClassifyConfig) -> datasets.Dataset:
     return datasets.load_idx_dataset(cfg.dataset)
 
 
-def make_model(cfg: ClassifyConfig, num_classes: int) -> nn.Module:
-    """The configured Flax model."""
-    if cfg.name == "logreg":
-        return LogReg(num_classes)
-    if cfg.name == "mlp":
-        return MLP((cfg.width, cfg.width), num_classes)
-    if cfg.name == "cnn":
-        return CNN(cfg.channels, num_classes)
-    raise ValueError(f"unknown model {cfg.name!r}")
-
-
 def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
     """Returns ``(loss_fn, init_params, sample_batch, model)`` for :func:`toolkit.train_arms`."""
-    model = make_model(cfg, data.num_classes)
-    x = jnp.asarray(data.train_images)
-    y = jnp.asarray(data.train_labels)
-    n = x.shape[0]
-
-    loss_fn = classifier_loss(model)
+    k = data.num_classes
+    models = {"logreg": LogReg(k), "mlp": MLP((cfg.width,) * 2, k), "cnn": CNN(cfg.channels, k)}
+    if cfg.name not in models:
+        raise ValueError(f"unknown model {cfg.name!r}")
+    model = models[cfg.name]
+    x, y = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
 
     def init_params(key):
         return model.init(key, x[:1])
 
     def sample_batch(key):
-        idx = jax.random.randint(key, (cfg.batch,), 0, n)
+        idx = jax.random.randint(key, (cfg.batch,), 0, x.shape[0])
         return x[idx], y[idx]
 
-    return loss_fn, init_params, sample_batch, model
+    return classifier_loss(model), init_params, sample_batch, model
 
 
 def _accuracy(model, params_stacked, images, labels, batch: int = 1000) -> list[float]:
@@ -178,6 +155,44 @@ def config_hash(cfg: ClassifyConfig) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _runtime(cfg, loss_fn, params, batch, lr, **kw) -> dict:
+    """R_f, R_b and memory of the experiment's own step (:func:`toolkit.measure_runtime`)."""
+    rounds, seed, tangent = cfg.runtime_rounds, cfg.seed, cfg.tangent
+    return measure_runtime(
+        loss_fn, params, batch, lr=lr, rounds=rounds, seed=seed, tangent=tangent, **kw
+    )
+
+
+def _shared_arms(lrs, seeds) -> list[Arm]:
+    """FGD and SGD at each shared learning rate (named by the rate when there are several)."""
+    return [
+        Arm(f"{m}{f'_lr{lr:g}' if len(lrs) > 1 else ''}", m, [lr] * len(seeds), seeds)
+        for lr in lrs
+        for m in ("fgd", "sgd")
+    ]
+
+
+def _headline(rt: dict, first: dict) -> dict:
+    """The entry's summary: the runtime ratios and the first shared-rate comparison."""
+    return {
+        **{k: rt[k] for k in ("R_f", "R_b", "fg_over_bp", "paired_ratio")},
+        **{k: first[k] for k in ("T_f", "T_b", "T_ratio", "initial_loss")},
+        **{k: first[k] for k in ("final_loss_fgd", "final_loss_sgd")},
+    }
+
+
+def tune(cfg, base_lr, runs, problem, smooth_window, per_iter, **kw) -> dict:
+    """Per-method learning-rate sweep (rates x ``runs`` seeds vmapped as one program per
+    method, ``kw`` for :func:`toolkit.train_arms`); compares each method at its own best rate
+    (:func:`toolkit.pick_tuned`)."""
+    lrs = [base_lr * f for f in cfg.tune_factors]
+    grid_lrs = [lr for lr in lrs for _ in range(runs)]
+    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(runs)]
+    arms = [Arm(f"tune_{m}", m, grid_lrs, grid_seeds) for m in ("fgd", "sgd")]
+    res = train_arms(arms, *problem, desc=f"{cfg.name} lr sweep", **kw)
+    return pick_tuned(res, lrs, runs, smooth_window, per_iter)
+
+
 def run(
     cfg: ClassifyConfig,
     out: str | Path,
@@ -185,19 +200,12 @@ def run(
     checkpoint_root: str | Path | None = None,
     stop_after_chunks: int | None = None,
 ):
-    """Runs one classification experiment.
+    """Runs one classification experiment; returns its entry of ``results.json``.
 
-    Args:
-        cfg: The configuration.
-        out: Output directory (JSONL under ``out/runs/<name>/``).
-        progress: Show progress bars.
-        checkpoint_root: Where orbax checkpoints go (default ``out/checkpoints``); the
-            subdirectory is named by the config's hash, so a rerun resumes.
-        stop_after_chunks: Simulate an interruption after this many chunks of the shared
-            comparison (returns ``None``); for testing resume.
-
-    Returns:
-        The experiment's entry of ``results.json`` (or ``None`` when stopped).
+    JSONL goes under ``out/runs/<name>/``, orbax checkpoints under ``checkpoint_root``
+    (default ``out/checkpoints``) in a directory named by the config's hash, so a rerun
+    resumes. ``stop_after_chunks`` simulates an interruption of the shared comparison
+    (returns ``None``), for testing resume.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -205,35 +213,24 @@ def run(
     data = load_data(cfg)
     loss_fn, init_params, sample_batch, model = make_problem(cfg, data)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    arms = []
-    for lr in cfg.lrs:
-        tag = f"_lr{lr:g}" if len(cfg.lrs) > 1 else ""
-        arms += [
-            Arm(f"fgd{tag}", "fgd", [lr] * cfg.seeds, seeds),
-            Arm(f"sgd{tag}", "sgd", [lr] * cfg.seeds, seeds),
-        ]
     ckpt = None
     if cfg.checkpoint_every:
         root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
         ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
+    problem = (loss_fn, init_params, sample_batch)
+    kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
+    kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
+    kw["scan"] = use_scan(cfg)
     res = train_arms(
-        arms,
-        loss_fn,
-        init_params,
-        sample_batch,
+        _shared_arms(cfg.lrs, seeds),
+        *problem,
         num_steps=cfg.steps,
-        decay_k=cfg.decay_k,
         chunk=cfg.chunk,
-        log_every=cfg.log_every,
-        out_dir=run_dir,
         checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every),
-        progress=progress,
         stop_after_chunks=stop_after_chunks,
         desc=f"{cfg.name} shared lr",
-        run_axis=cfg.run_axis,
-        scan=use_scan(cfg),
-        tangent=cfg.tangent,
+        **kw,
     )
     if res is None:
         return None
@@ -241,16 +238,7 @@ def run(
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
     batch1 = sample_batch(jax.random.fold_in(key, 7))
-    rt = measure_runtime(
-        loss_fn,
-        params1,
-        batch1,
-        lr=cfg.lrs[0],
-        decay_k=cfg.decay_k,
-        rounds=cfg.runtime_rounds,
-        seed=cfg.seed,
-        tangent=cfg.tangent,
-    )
+    rt = _runtime(cfg, loss_fn, params1, batch1, cfg.lrs[0], decay_k=cfg.decay_k)
     per_iter = time_per_iter(rt)
 
     shared = []
@@ -260,26 +248,16 @@ def run(
         s["lr"] = lr
         add_estimates(s, per_iter)
         for m in ("fgd", "sgd"):
-            s[f"test_accuracy_{m}"] = float(
-                np.mean(
-                    _accuracy(model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)
-                )
-            )
+            acc = _accuracy(model, res[f"{m}{tag}"].params, data.test_images, data.test_labels)
+            s[f"test_accuracy_{m}"] = float(np.mean(acc))
         shared.append(s)
 
-    tuned = tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter)
-    first = shared[0]
+    steps = cfg.tune_steps or cfg.steps
+    kw |= {"num_steps": steps, "chunk": min(cfg.chunk, steps)}
+    tuned = tune(cfg, cfg.lrs[0], cfg.tune_seeds, problem, cfg.smooth_window, per_iter, **kw)
+    tuned["steps"] = steps
     return {
-        "R_f": rt["R_f"],
-        "R_b": rt["R_b"],
-        "fg_over_bp": rt["fg_over_bp"],
-        "paired_ratio": rt["paired_ratio"],
-        "T_f": first["T_f"],
-        "T_b": first["T_b"],
-        "T_ratio": first["T_ratio"],
-        "initial_loss": first["initial_loss"],
-        "final_loss_fgd": first["final_loss_fgd"],
-        "final_loss_sgd": first["final_loss_sgd"],
+        **_headline(rt, shared[0]),
         "shared_lr": shared,
         "tuned": tuned,
         "runtime": rt,
@@ -297,36 +275,6 @@ def run(
     }
 
 
-def tune(cfg, loss_fn, init_params, sample_batch, run_dir, progress, per_iter) -> dict:
-    """Per-method learning-rate sweep (lrs x seeds vmapped as one program per method)."""
-    lrs = [cfg.lrs[0] * f for f in cfg.tune_factors]
-    steps = cfg.tune_steps or cfg.steps
-    grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_seeds)]
-    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_seeds)]
-    res = train_arms(
-        [
-            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
-        ],
-        loss_fn,
-        init_params,
-        sample_batch,
-        num_steps=steps,
-        decay_k=cfg.decay_k,
-        chunk=min(cfg.chunk, steps),
-        log_every=cfg.log_every,
-        out_dir=run_dir,
-        progress=progress,
-        desc=f"{cfg.name} lr sweep",
-        run_axis=cfg.run_axis,
-        scan=use_scan(cfg),
-        tangent=cfg.tangent,
-    )
-    t = pick_tuned(res, lrs, cfg.tune_seeds, cfg.smooth_window, per_iter)
-    t["steps"] = steps
-    return t
-
-
 @dataclasses.dataclass
 class FunctionConfig:
     """Configuration of a Beale or Rosenbrock experiment.
@@ -339,14 +287,9 @@ class FunctionConfig:
             identical and only FGD's differ.
         start: Starting point (assumed; the paper does not state it).
         decay_k: Learning-rate decay ``k`` (0: constant, as in the paper's Fig. 2).
-        chunk: Iterations per timed chunk.
-        log_every: Steps per JSONL record.
-        tune_factors: Learning-rate multipliers of the per-method sweep.
+        chunk, log_every, tune_factors, runtime_rounds, tangent, seed: As in
+            :class:`ClassifyConfig`.
         tune_runs: Runs per learning rate in the sweep.
-        runtime_rounds: Rounds of the R_f/R_b measurement.
-        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
-            ``fgrad_jax.TANGENT_NAMES``).
-        seed: Base seed.
     """
 
     name: str = "beale"
@@ -376,78 +319,33 @@ def _problem(cfg: FunctionConfig):
         del key
         return start
 
-    return loss_fn, init_params
+    return loss_fn, init_params, None
 
 
-def run_function(
-    cfg: FunctionConfig,
-    out: str | Path,
-    progress: bool = True,
-    checkpoint_dir: str | Path | None = None,
-) -> dict:
-    """Runs one 2-D experiment: shared-lr comparison, tuned comparison, runtime ratios.
-
-    Args:
-        cfg: The configuration.
-        out: Output directory; JSONL files go to ``out/runs/<name>/``.
-        progress: Show progress bars.
-        checkpoint_dir: Optional orbax checkpoint directory (resume).
-
-    Returns:
-        The experiment's entry of ``results.json``.
-    """
-    out = Path(out)
-    loss_fn, init_params = _problem(cfg)
-    run_dir = out / "runs" / cfg.name
-    seeds = [cfg.seed + i for i in range(cfg.runs)]
+def run_function(cfg: FunctionConfig, out: str | Path, progress: bool = True) -> dict:
+    """Runs one 2-D experiment (shared-rate comparison, tuned comparison, runtime ratios);
+    JSONL goes to ``out/runs/<name>/``. Returns the experiment's entry of ``results.json``."""
+    run_dir = Path(out) / "runs" / cfg.name
+    problem = _problem(cfg)
     t0 = time.perf_counter()
-    res = train_arms(
-        [
-            Arm("fgd", "fgd", [cfg.lr] * cfg.runs, seeds),
-            Arm("sgd", "sgd", [cfg.lr] * cfg.runs, seeds),
-        ],
-        loss_fn,
-        init_params,
-        None,
-        num_steps=cfg.steps,
-        decay_k=cfg.decay_k,
-        chunk=cfg.chunk,
-        log_every=cfg.log_every,
-        out_dir=run_dir,
-        checkpoint_dir=checkpoint_dir,
-        record_params=True,
-        progress=progress,
-        desc=f"{cfg.name} shared lr",
-        tangent=cfg.tangent,
-    )
+    kw = {"num_steps": cfg.steps, "decay_k": cfg.decay_k, "chunk": cfg.chunk, "out_dir": run_dir}
+    kw |= {"progress": progress, "tangent": cfg.tangent}
+    arms = _shared_arms([cfg.lr], [cfg.seed + i for i in range(cfg.runs)])
+    desc = f"{cfg.name} shared lr"
+    res = train_arms(arms, *problem, log_every=cfg.log_every, record_params=True, desc=desc, **kw)
     xs, ys, zs = landscape(cfg.name)
     np.savez(run_dir / "landscape.npz", xs=xs, ys=ys, zs=zs)
     shared = summarise_pair(res["fgd"], res["sgd"], smooth_window=1)
     shared["lr"] = cfg.lr
     final_points = {m: np.asarray(res[m].traj[:, -1]).tolist() for m in ("fgd", "sgd")}
-    rt = measure_runtime(
-        loss_fn,
-        init_params(None),
-        None,
-        lr=cfg.lr,
-        decay_k=cfg.decay_k,
-        rounds=cfg.runtime_rounds,
-        seed=cfg.seed,
-        tangent=cfg.tangent,
+    rt = _runtime(cfg, problem[0], problem[1](None), None, cfg.lr, decay_k=cfg.decay_k)
+    per_iter = time_per_iter(rt)
+    add_estimates(shared, per_iter)
+    tuned = tune(
+        cfg, cfg.lr, cfg.tune_runs, problem, 1, per_iter, log_every=cfg.steps // 10 or 1, **kw
     )
-    add_estimates(shared, time_per_iter(rt))
-    tuned = tune_function(cfg, run_dir, progress, rt)
-    entry = {
-        "R_f": rt["R_f"],
-        "R_b": rt["R_b"],
-        "fg_over_bp": rt["fg_over_bp"],
-        "paired_ratio": rt["paired_ratio"],
-        "T_f": shared["T_f"],
-        "T_b": shared["T_b"],
-        "T_ratio": shared["T_ratio"],
-        "initial_loss": shared["initial_loss"],
-        "final_loss_fgd": shared["final_loss_fgd"],
-        "final_loss_sgd": shared["final_loss_sgd"],
+    return {
+        **_headline(rt, shared),
         "shared_lr": [shared],
         "tuned": tuned,
         "runtime": rt,
@@ -457,37 +355,6 @@ def run_function(
         "wall_time_s": time.perf_counter() - t0,
         "config": to_jsonable(cfg),
     }
-    return entry
-
-
-def tune_function(cfg: FunctionConfig, run_dir: Path, progress: bool, rt: dict) -> dict:
-    """Per-method learning-rate sweep; compares each method at its own best lr."""
-    lrs = [cfg.lr * f for f in cfg.tune_factors]
-    grid_lrs = [lr for lr in lrs for _ in range(cfg.tune_runs)]
-    grid_seeds = [cfg.seed + 1000 + r for _ in lrs for r in range(cfg.tune_runs)]
-    res = train_arms(
-        [
-            Arm("tune_fgd", "fgd", grid_lrs, grid_seeds),
-            Arm("tune_sgd", "sgd", grid_lrs, grid_seeds),
-        ],
-        *_problem(cfg),
-        None,
-        num_steps=cfg.steps,
-        decay_k=cfg.decay_k,
-        chunk=cfg.chunk,
-        log_every=cfg.steps // 10 or 1,
-        out_dir=run_dir,
-        progress=progress,
-        desc=f"{cfg.name} lr sweep",
-        tangent=cfg.tangent,
-    )
-    return pick_tuned(
-        res,
-        lrs,
-        cfg.tune_runs,
-        smooth_window=1,
-        per_iter=time_per_iter(rt),
-    )
 
 
 @dataclasses.dataclass
@@ -501,10 +368,7 @@ class DepthConfig:
         in_dim: Input features (784 = MNIST).
         num_classes: Output classes.
         lr: Learning rate of the timed steps (irrelevant to the timing).
-        runtime_rounds: Rounds per measurement.
-        tangent: FGD's tangent distribution (``"normal"``: the paper's; see
-            ``fgrad_jax.TANGENT_NAMES``).
-        seed: Seed.
+        runtime_rounds, tangent, seed: As in :class:`ClassifyConfig`.
     """
 
     width: int = 1024
@@ -531,14 +395,6 @@ def run_depth(cfg: DepthConfig, progress: bool = True) -> dict:
     for depth in tqdm(cfg.depths, desc="depth", disable=not progress, leave=False):
         model = MLP((cfg.width,) * depth, cfg.num_classes)
         params = model.init(kp, x)
-        rt = measure_runtime(
-            classifier_loss(model),
-            params,
-            (x, y),
-            lr=cfg.lr,
-            rounds=cfg.runtime_rounds,
-            seed=cfg.seed,
-            tangent=cfg.tangent,
-        )
+        rt = _runtime(cfg, classifier_loss(model), params, (x, y), cfg.lr)
         rows.append({"depth": depth, "num_params": num_params(params), **rt})
     return {"rows": rows, "config": to_jsonable(cfg), "wall_time_s": time.perf_counter() - t0}

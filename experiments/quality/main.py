@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fgrad_jax
 from experiments.quality.configs import PRESETS, QualityConfig, load_preset
+from experiments.quality.methods import parse_method
 from experiments.quality.train import make_split, run_method
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
 
@@ -25,8 +26,6 @@ from experiments.toolkit import add_overrides, apply_overrides, environment, wri
 def run(cfg: QualityConfig) -> dict:
     """Runs the benchmark of ``cfg`` and writes its outputs; returns ``quality.json``'s dict."""
     for name in (*cfg.methods, *(cfg.cnn_methods or ()), *cfg.resnet_methods, *cfg.vit_methods):
-        from experiments.quality.methods import parse_method
-
         parse_method(name)  # unknown names fail before any work
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

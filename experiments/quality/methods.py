@@ -1,13 +1,7 @@
 """The quality benchmark's methods and trainer: every gradient estimator of fgrad_jax trained
-with Adam (cosine decay to 0 over the run) on the same models, data order and epochs, several seeds as one vmapped program.
-
-A method is named by a string (:func:`parse_method`): ``"backprop"``,
-``"fg_<tangent>_k<K>"`` (weight-perturbed forward gradient, ``tangent`` one of ``normal``,
-``rademacher``, ``lowrank``), ``"fg_act_k<K>"`` (activity perturbation),
-``"local_w_k<K>"`` / ``"local_a_k<K>"`` (block-local losses, weights / activations
-perturbed; ``"local_a_split_k<K>"``: patch-/group-wise, see ``SPLITS``;
-``"local_a_splitall_k<K>"``: every block split, see ``SPLITS_ALL``), ``"guided_k<K>"`` (tangents around a moving average of past estimates) and
-``"spsa_k<K>"`` (central differences, K samples).
+with Adam (cosine decay to 0 over the run) on the same models, data order and epochs, several
+seeds as one vmapped program. Methods are named by strings (:func:`parse_method`; the table in
+docs/quality.md).
 
 Every run ``r`` (a learning rate and a seed) starts from ``init(fold_in(key(seed), 0))``,
 draws its tangents from ``fold_in(key(seed), 1)`` and shuffles the training set at epoch
@@ -27,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import fgrad_jax
+from experiments.quality.resnet import _xent, local_estimator, make_resnet_method
 from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
@@ -178,29 +173,15 @@ def parse_method(name: str) -> MethodSpec:
     )
 
 
-def _xent(logits: Array, y: Array) -> Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
 @dataclasses.dataclass
 class Method:
-    """A method on a model, as pure functions (all vmappable over runs).
-
-    Attributes:
-        spec: The parsed name.
-        init: ``init(key) -> params``.
-        estimator: ``estimator(key)``: the gradient transformation that replaces the
-            updates by the method's estimate (``None`` for backprop).
-        objective: ``objective(params, x, y)``: what the estimator is given as ``value_fn``
-            (per-example losses for activity perturbation, ``(B, L)`` for local losses).
-            A model with mutable state (``init_state`` given) has ``objective(params, x, y,
-            model_state) -> (out, aux)`` instead, its estimator ``has_aux``, and
-            ``new_state(aux)`` the state after the step.
-        predict: ``predict(params, x) -> logits`` (``predict(params, x, model_state)``).
-        model: The model's name (``"mlp"``, ``"cnn"``, ``"resnet"``, ``"vit"``).
-        init_state: ``init_state(key) -> model_state`` (BatchNorm statistics); ``None`` for
-            models without mutable state.
-        new_state: ``new_state(aux) -> model_state`` (with ``init_state``).
+    """A method on a model, as pure functions (all vmappable over runs): ``init(key)``,
+    ``estimator(key)`` (the gradient transformation that replaces the updates by the
+    method's estimate; ``None`` for backprop), ``objective(params, x, y)`` (its
+    ``value_fn``: per-example losses for activity perturbation, ``(B, L)`` for local losses)
+    and ``predict(params, x)``. A model with mutable state (BatchNorm statistics) has
+    ``init_state(key)``, ``objective(params, x, y, model_state) -> (out, aux)``, an
+    estimator with ``has_aux``, ``new_state(aux)`` and ``predict(params, x, model_state)``.
     """
 
     spec: MethodSpec
@@ -243,8 +224,6 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     """
     spec = parse_method(name)
     if model in ("resnet", "vit"):
-        from .resnet import make_resnet_method
-
         return make_resnet_method(spec, Method, x_example, num_classes, opts, model)
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
@@ -259,13 +238,7 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         return Method(
             spec,
             init=lambda key: local.init(key, x_example)[0],
-            estimator=lambda key: local.forward_gradient(
-                key,
-                num_tangents=spec.k,
-                perturb=spec.perturb,
-                tangent=spec.tangent,
-                tangent_chunk=chunk,
-            ),
+            estimator=local_estimator(local, spec, chunk),
             objective=lambda p, x, y: local.losses(p, x, y),
             predict=local.predict,
             model=model,
@@ -308,21 +281,22 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
 # ----------------------------------------------------------------------------- steps
 
 
-def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
-    """Stacked parameters and states ``(estimator state or (), adam state, model state or
+def init_run(method: Method, lr: Array | float, seed: Array | int) -> tuple[Any, Any]:
+    """One run's parameters and state ``(estimator state or (), adam state, model state or
     ())``."""
+    base = jax.random.key(seed)
+    params = method.init(jax.random.fold_in(base, 0))
+    if method.estimator is None:
+        est_state = ()
+    else:
+        est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
+    model_state = () if method.init_state is None else method.init_state(base)
+    return params, (est_state, adam_cosine(lr, 1.0).init(params), model_state)
 
-    def one(lr, seed):
-        base = jax.random.key(seed)
-        params = method.init(jax.random.fold_in(base, 0))
-        if method.estimator is None:
-            est_state = ()
-        else:
-            est_state = method.estimator(jax.random.fold_in(base, 1)).init(params)
-        model_state = () if method.init_state is None else method.init_state(base)
-        return params, (est_state, adam_cosine(lr, 1.0).init(params), model_state)
 
-    return jax.jit(jax.vmap(one))(lrs, seeds)
+def init_runs(method: Method, lrs: Array, seeds: Array) -> tuple[Any, Any]:
+    """:func:`init_run` of every run, stacked."""
+    return jax.jit(jax.vmap(lambda lr, seed: init_run(method, lr, seed)))(lrs, seeds)
 
 
 def adam_cosine(lr: Array | float, total: Array | float) -> optax.GradientTransformation:

@@ -33,6 +33,12 @@ def _final_cosine(e: dict) -> float:
     return float(np.mean(e["cosine"]["mean"][-max(1, len(e["cosine"]["mean"]) // 4) :]))
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _curves(out: Path, model: str, methods: dict) -> dict:
     """Per-method final-phase curves from the JSONL: epoch/time/acc and step/cosine."""
     curves = {}
@@ -58,7 +64,6 @@ def plot_quality(out: Path, model: str, methods: dict) -> list[str]:
     curves = _curves(out, model, methods)
     if not curves:
         return []
-    files = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, c in curves.items():
         style = "-" if name == "backprop" else ("--" if name.startswith("fg_") else "-.")
@@ -69,10 +74,8 @@ def plot_quality(out: Path, model: str, methods: dict) -> list[str]:
     axes[0].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / f"{model}_accuracy.png", dpi=110)
-    plt.close(fig)
-    files.append(f"{model}_accuracy.png")
+    files = [f"{model}_accuracy.png", f"{model}_cosine.png"]
+    _save(fig, out / files[0])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in curves.items():
         if name != "backprop":
@@ -83,10 +86,7 @@ def plot_quality(out: Path, model: str, methods: dict) -> list[str]:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / f"{model}_cosine.png", dpi=110)
-    plt.close(fig)
-    files.append(f"{model}_cosine.png")
+    _save(fig, out / files[1])
     return files
 
 

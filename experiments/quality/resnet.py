@@ -4,20 +4,10 @@ brings it, written as an ordinary linen class, trained unchanged.
 The architecture is that of the Flax ImageNet example's ``ResNet18`` (7x7/2 stem with
 BatchNorm and a 3x3/2 max pool, four stages of two basic residual blocks, widths
 ``num_filters * (1, 2, 4, 8)``, global mean, dense classifier), here with 16 filters on
-28x28 Fashion-MNIST. Methods:
-
-* ``backprop``: the reference;
-* ``fg_<tangent>_k<K>``: the weight-perturbed forward gradient on the unchanged model, the
-  recipe that runs on any model (new BatchNorm statistics come back as the aux);
-* ``local_a_k<K>`` / ``local_w_k<K>``: block-local losses with ``boundaries=ResidualBlock``
-  (:class:`fgrad_jax.ModelLocalLosses`), activities or weights perturbed;
-* ``local_a_layer_k<K>``: a block per convolution (``boundaries=nn.BatchNorm``), activity
-  perturbations scored per example (``batch_coupling="per_example"``);
-* ``local_a_split_k<K>``: a block per convolution, each split into 4 channel-group loss
-  columns (``groups=4``; BatchNorm keeps channels apart), scored unbiasedly;
-* ``local_a_splitall_k<K>``: the same, scored per example;
-* ``local_a_channels_k<K>``: 16 groups (one channel per column in the first stage), scored
-  per example.
+28x28 Fashion-MNIST. Methods: ``backprop``; ``fg_<tangent>_k<K>`` (weights perturbed on the
+unchanged model, the new BatchNorm statistics as the aux); and block-local losses,
+``local_a_k<K>`` / ``local_w_k<K>`` with ``boundaries=ResidualBlock`` and the variants of
+``RESNET_LOCAL`` (a block per convolution, channel groups, per-example scoring).
 """
 
 from __future__ import annotations
@@ -75,7 +65,10 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-# The local-loss variants on the resnet, by the method name's infix (see the docstring).
+# The local-loss variants on the resnet, by the method name's infix: ``_layer_``, a block per
+# convolution scored per example; ``_split_``, each split into 4 channel-group columns
+# (BatchNorm keeps channels apart), scored unbiasedly; ``_splitall_``, the same per example;
+# ``_channels_``, 16 groups (one channel per column in the first stage), per example.
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
@@ -96,20 +89,22 @@ def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def class_model(name: str, num_classes: int) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """The benchmark's model class ``name`` (``resnet`` or ``vit``) and its local variants."""
-    if name == "vit":
-        from .vit import VIT_LOCAL, ViT
-
-        return ViT(num_classes), VIT_LOCAL
-    return ResNet18(num_classes), RESNET_LOCAL
+def local_estimator(local: Any, spec: Any, chunk: int | None):
+    """``estimator(key)`` of a local-loss method: the forward gradient of its block losses
+    with its K, perturbation and tangent."""
+    kw = {"num_tangents": spec.k, "perturb": spec.perturb, "tangent": spec.tangent}
+    return lambda key: local.forward_gradient(key, tangent_chunk=chunk, **kw)
 
 
 def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classes: int,
                        opts: dict, name: str = "resnet") -> Any:  # fmt: skip
     """The :class:`experiments.quality.methods.Method` ``spec`` on :class:`ResNet18` (16 filters), or on
-    another model class (``name="vit"``: :class:`toolkit.vit.ViT`), trained unchanged."""
-    model, variants = class_model(name, num_classes)
+    another model class (``name="vit"``: :class:`quality.vit.ViT`), trained unchanged."""
+    model, variants = ResNet18(num_classes), RESNET_LOCAL
+    if name == "vit":
+        from .vit import VIT_LOCAL, ViT
+
+        model, variants = ViT(num_classes), VIT_LOCAL
     x1 = x_example[:1]
     chunk = spec.k if opts.get("tangents_at_once", False) else None
 
@@ -127,13 +122,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return method_cls(
             spec,
             init=lambda key: local.init(key, x1, train=True).params,
-            estimator=lambda key: local.forward_gradient(
-                key,
-                num_tangents=spec.k,
-                perturb=spec.perturb,
-                tangent=spec.tangent,
-                tangent_chunk=chunk,
-            ),
+            estimator=local_estimator(local, spec, chunk),
             objective=lambda p, x, y, s: local.losses(p, x, y, s, train=True),
             predict=lambda p, x, s: local.predict(p, x, s, train=False),
             model=name,

@@ -83,8 +83,9 @@ def make_split(ds: Any, model: str, train_size: int | None, val_size: int,
                  jnp.asarray(yt), xd, jnp.asarray(yv[:nd]).reshape(diag_batches, batch_size))  # fmt: skip
 
 
-def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate, scan) -> dict:
+def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan) -> dict:
     """Trains runs ``(lrs[r], seeds[r])`` for ``epochs``; logs and returns the curves."""
+    x, y = split.x_train, split.y_train
     steps = x.shape[0] // cfg.batch_size
     per_epoch = cfg.diag_per_epoch
     if method.model in ("cnn", "resnet", "vit") and cfg.cnn_diag_per_epoch:
@@ -131,12 +132,11 @@ def _train(method, lrs, seeds, split, x, y, epochs, cfg, logger, phase, evaluate
     return out
 
 
-def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) -> dict:
+def run_method(name: str, model: str, split: Split, cfg: Any, out_dir: Path) -> dict:
     """Sweep then final seeds of one method on one model; returns its ``quality.json`` entry
     (``test_acc`` mean and std over seeds, ``seconds`` of the final training, compilation
     excluded (``compile_s``: the first chunk, compiled and run once beforehand), all seeds
     together) plus curves, the sweep and the chosen learning rate."""
-    split = ds_split
     method = make_method(name, model, split.x_train[:1], tangents_at_once=cfg.tangents_at_once)
     scan = cfg.cnn_scan if model in ("cnn", "resnet", "vit") else True
     if scan is None:
@@ -149,16 +149,15 @@ def run_method(name: str, model: str, ds_split: Split, cfg: Any, out_dir: Path) 
     acc = make_accuracy(method, cfg.eval_batch)
     t_sweep = time.perf_counter()
     sweep_seeds = [cfg.seeds[0]] * len(grid)
-    sw = _train(method, grid, sweep_seeds, split, split.x_train, split.y_train, cfg.sweep_epochs,
-                cfg, logger, "sweep", lambda p, s: acc(p, s, split.x_val, split.y_val), scan)  # fmt: skip
+    sw = _train(method, grid, sweep_seeds, split, cfg.sweep_epochs, cfg, logger, "sweep",
+                lambda p, s: acc(p, s, split.x_val, split.y_val), scan)  # fmt: skip
     val = [float(a) for a in sw["acc"][-1]]
     best = int(np.nanargmax(np.nan_to_num(val, nan=-1.0)))
     lr = grid[best]
     sweep_s = time.perf_counter() - t_sweep
     logger.log({"phase": "sweep_result", "lrs": grid, "val_acc": val, "chosen_lr": lr})
-    fin = _train(method, [lr] * len(cfg.seeds), list(cfg.seeds), split, split.x_train,
-                 split.y_train, cfg.epochs, cfg, logger, "final",
-                 lambda p, s: acc(p, s, split.x_test, split.y_test), scan)  # fmt: skip
+    fin = _train(method, [lr] * len(cfg.seeds), list(cfg.seeds), split, cfg.epochs, cfg, logger,
+                 "final", lambda p, s: acc(p, s, split.x_test, split.y_test), scan)  # fmt: skip
     final = np.asarray(fin["acc"][-1], np.float64)
     cos = np.asarray(fin["cosine"], np.float64)
     return {

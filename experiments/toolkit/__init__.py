@@ -1,19 +1,14 @@
-"""What every experiment shares: one timing harness, one memory reader, one ``environment()``,
-the model zoo, IO, dataclass configs with one override helper, the one training loop and
-typed result records (``from experiments.toolkit import ...``).
-
-Layering (each module imports only those above it): ``io`` -> ``env``, ``memory``,
-``timing``, ``records``, ``config``, ``models`` -> ``train`` -> ``analysis``, ``ratios`` ->
-the experiments' own ``plots`` and ``report`` modules (matplotlib is never imported here, so
-that the timing scripts run without it).
+"""What every experiment shares (``from experiments.toolkit import ...``): IO and the run's
+environment, one timing harness, dataclass configs with one override helper, the model zoo,
+the one training loop, its analysis, and the runtime ratios with their memory reader and
+result records. Each module imports only those before it in that order; matplotlib is never
+imported here, so that the timing scripts run without it.
 """
 
 # ruff: noqa: F401  (this module re-exports)
 from .analysis import (
     add_estimates,
-    diverged,
     first_crossing,
-    fmt,
     format_entry,
     mean_curve,
     num_params,
@@ -24,9 +19,7 @@ from .analysis import (
     time_per_iter,
 )
 from .config import add_overrides, apply_overrides, from_dict
-from .env import environment
-from .io import Checkpointer, JsonlLogger, read_json, read_jsonl, to_jsonable, write_json
-from .memory import compiled_memory, device_peak_bytes, memory_of
+from .io import environment, read_json, read_jsonl, to_jsonable, write_json
 from .models import (
     CNN,
     FUNCTIONS,
@@ -35,24 +28,12 @@ from .models import (
     Block,
     LogReg,
     Transformer,
-    beale,
     classifier_loss,
     init_mlp,
     landscape,
-    mlp_apply,
     mlp_loss,
-    rosenbrock,
     synthetic_batch,
-    xent,
 )
-from .ratios import (
-    make_backprop_step,
-    make_fg_step,
-    make_forward,
-    measure_ratios,
-    measure_runtime,
-    summarise,
-)
-from .records import RatioResult, Record, VariantTiming
+from .ratios import compiled_memory, donated_step, measure_ratios, measure_runtime, memory_of
 from .timing import Runner, median, paired_ratio, time_interleaved
-from .train import METHODS, Arm, ArmResult, make_step, make_tx, train_arms
+from .train import Arm, train_arms

@@ -13,12 +13,7 @@ from .train import METHODS, ArmResult
 
 
 def smooth(curve: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (same length; the first points average what exists).
-
-    Example:
-        >>> smooth(np.array([4.0, 2.0, 0.0, 2.0]), 2).tolist()
-        [4.0, 3.0, 1.0, 1.0]
-    """
+    """Trailing moving average (same length; the first points average what exists)."""
     curve = np.asarray(curve, np.float64)
     window = max(1, min(int(window), len(curve)))
     c = np.cumsum(np.insert(np.nan_to_num(curve, nan=np.inf, posinf=np.inf), 0, 0.0))
@@ -37,25 +32,13 @@ def diverged(losses: np.ndarray) -> np.ndarray:
 
 def mean_curve(losses: np.ndarray) -> np.ndarray:
     """Mean loss curve over the runs that did not diverge (all ``inf`` if none is left)."""
-    losses = np.asarray(losses, np.float64)
-    ok = ~diverged(losses)
-    if not ok.any():
-        return np.full(losses.shape[1], np.inf)
-    return losses[ok].mean(axis=0)
+    mean = run_band(losses)[0]
+    return np.where(np.isnan(mean), np.inf, mean)
 
 
 def run_band(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(mean, low, high, n_diverged)`` of loss curves (rows = runs) for a figure.
-
-    The mean, min and max are taken over the runs that did not diverge, as in
-    :func:`mean_curve` (the analysis the tables come from): a run that blew up is counted,
-    not averaged in. With every run diverged, all three curves are ``nan`` (nothing drawn).
-
-    Example:
-        >>> mean, lo, hi, bad = run_band(np.array([[3.0, 1.0], [5.0, np.inf], [1.0, 3.0]]))
-        >>> mean.tolist(), lo.tolist(), hi.tolist(), bad
-        ([2.0, 2.0], [1.0, 1.0], [3.0, 3.0], 1)
-    """
+    """``(mean, low, high, n_diverged)`` of loss curves (rows = runs) for a figure, over the
+    runs that did not diverge as in :func:`mean_curve`; all ``nan`` when every run diverged."""
     losses = np.asarray(losses, np.float64)
     ok = ~diverged(losses)
     if not ok.any():
@@ -75,44 +58,42 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if (a is not None and b) else None
 
 
-def summarise_pair(
-    fgd: ArmResult, sgd: ArmResult, smooth_window: int, threshold: float | None = None
-) -> dict[str, Any]:
-    """Initial/final losses and time/iterations to a common loss threshold.
-
-    The curves are the per-step training losses averaged over the runs that did not diverge
-    (their number is reported) and smoothed with a trailing moving average. Unless given, the
-    threshold is the higher of the two final smoothed losses: a level both methods reach.
-    ``T_f``/``T_b`` are the measured wall times (of the vmapped program of all runs,
-    compilation excluded) at the first step the smoothed curve is at or below the threshold.
-
-    Args:
-        fgd: FGD arm result.
-        sgd: Backprop arm result.
-        smooth_window: Moving-average window (steps).
-        threshold: Loss threshold, or ``None`` for the default above.
-
-    Returns:
-        A JSON-friendly dict.
-    """
-    cf = smooth(mean_curve(fgd.losses), smooth_window)
-    cb = smooth(mean_curve(sgd.losses), smooth_window)
+def _to_threshold(cf, cb, time_f, time_b) -> dict[str, Any]:
+    """Final losses of the smoothed curves, the common threshold (the higher of the two: a
+    level both methods reach), iterations to it, and ``time_m(iteration)`` at them."""
     final_f, final_b = float(cf[-1]), float(cb[-1])
-    if threshold is None:
-        threshold = max(final_f, final_b)
+    threshold = max(final_f, final_b)
     i_f, i_b = first_crossing(cf, threshold), first_crossing(cb, threshold)
-    t_f = float(fgd.step_time[i_f]) if i_f is not None else None
-    t_b = float(sgd.step_time[i_b]) if i_b is not None else None
+    t_f = time_f(i_f) if i_f is not None else None
+    t_b = time_b(i_b) if i_b is not None else None
     return {
-        "initial_loss": float(np.nanmean(np.concatenate([fgd.losses[:, 0], sgd.losses[:, 0]]))),
         "final_loss_fgd": final_f,
         "final_loss_sgd": final_b,
-        "threshold": float(threshold),
+        "threshold": threshold,
         "iters_to_threshold_fgd": i_f,
         "iters_to_threshold_sgd": i_b,
         "T_f": t_f,
         "T_b": t_b,
         "T_ratio": _ratio(t_f, t_b),
+    }
+
+
+def summarise_pair(fgd: ArmResult, sgd: ArmResult, smooth_window: int) -> dict[str, Any]:
+    """Initial/final losses and time/iterations to a common loss threshold.
+
+    The curves are the per-step training losses averaged over the runs that did not diverge
+    (their number is reported), smoothed with a trailing moving average of
+    ``smooth_window`` steps. ``T_f``/``T_b`` are the measured wall times (of the vmapped
+    program of all runs, compilation excluded) at the first step the smoothed curve is at or
+    below the threshold.
+    """
+    cf = smooth(mean_curve(fgd.losses), smooth_window)
+    cb = smooth(mean_curve(sgd.losses), smooth_window)
+    return {
+        "initial_loss": float(np.nanmean(np.concatenate([fgd.losses[:, 0], sgd.losses[:, 0]]))),
+        **_to_threshold(
+            cf, cb, lambda i: float(fgd.step_time[i]), lambda i: float(sgd.step_time[i])
+        ),
         "wall_time_fgd": fgd.wall_time,
         "wall_time_sgd": sgd.wall_time,
         "time_per_iter_fgd": fgd.wall_time / fgd.losses.shape[1],
@@ -130,12 +111,9 @@ def time_per_iter(runtime: dict[str, Any]) -> dict[str, float]:
 
 
 def add_estimates(summary: dict, per_iter: dict[str, float]) -> dict:
-    """Adds ``T_fgd_est``, ``T_sgd_est`` and ``T_ratio_est`` to a :func:`summarise_pair` dict.
-
-    The estimate is iterations to the threshold x the median time of one un-vmapped
-    iteration: the per-run time the paper reports, free of how ``jax.vmap`` over runs
-    changes each method's cost.
-    """
+    """Adds ``T_fgd_est``, ``T_sgd_est``, ``T_ratio_est`` to a :func:`summarise_pair` dict:
+    iterations to the threshold x the median time of one un-vmapped iteration (the paper's
+    per-run time, free of how ``jax.vmap`` over runs changes each method's cost)."""
     for m in METHODS:
         i = summary[f"iters_to_threshold_{m}"]
         summary[f"T_{m}_est"] = (i + 1) * per_iter[m] if i is not None else None
@@ -160,19 +138,8 @@ def pick_tuned(
     ``results`` holds arms ``"tune_fgd"`` and ``"tune_sgd"`` whose runs are ordered
     ``lr``-major (``runs_per_lr`` seeds per learning rate). A learning rate's score is the
     final smoothed training loss averaged over its seeds (``inf`` if any seed diverged). With
-    each method at its best rate, the threshold is the higher of the two final losses, and
-    ``T = iterations to threshold x median time of one iteration``, since the sweep's runs
-    share one vmapped program.
-
-    Args:
-        results: Output of :func:`toolkit.train.train_arms` for the sweep.
-        lrs: The swept learning rates.
-        runs_per_lr: Seeds per learning rate.
-        smooth_window: Moving-average window (steps).
-        per_iter: ``{"fgd": s, "sgd": s}`` median time of one iteration.
-
-    Returns:
-        A JSON-friendly dict.
+    each method at its best rate, ``T = iterations to threshold x per_iter[method]`` (the
+    median time of one iteration), since the sweep's runs share one vmapped program.
     """
     out: dict[str, Any] = {"lrs": list(lrs), "final_loss": {}, "best_lr": {}}
     curves = {}
@@ -190,24 +157,15 @@ def pick_tuned(
         out["final_loss"][m] = finals
         out["best_lr"][m] = float(lrs[best])
         curves[m] = cs[best]
-    threshold = max(float(curves["fgd"][-1]), float(curves["sgd"][-1]))
-    i_f = first_crossing(curves["fgd"], threshold)
-    i_b = first_crossing(curves["sgd"], threshold)
-    t_f = (i_f + 1) * per_iter["fgd"] if i_f is not None else None
-    t_b = (i_b + 1) * per_iter["sgd"] if i_b is not None else None
     out.update(
-        {
-            "final_loss_fgd": float(curves["fgd"][-1]),
-            "final_loss_sgd": float(curves["sgd"][-1]),
-            "threshold": threshold,
-            "iters_to_threshold_fgd": i_f,
-            "iters_to_threshold_sgd": i_b,
-            "T_f": t_f,
-            "T_b": t_b,
-            "T_ratio": _ratio(t_f, t_b),
-            "T_definition": "iterations to threshold x median time of one iteration",
-        }
+        _to_threshold(
+            curves["fgd"],
+            curves["sgd"],
+            lambda i: (i + 1) * per_iter["fgd"],
+            lambda i: (i + 1) * per_iter["sgd"],
+        )
     )
+    out["T_definition"] = "iterations to threshold x median time of one iteration"
     return out
 
 
@@ -220,6 +178,12 @@ def fmt(v: Any, nd: int = 3) -> str:
             return f"{v:.{nd}e}"
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def md_table(header: str, rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table's lines; ``header``: the column names separated by `` | ``."""
+    lines = [f"| {header} |", "|" + "---|" * (header.count(" | ") + 1)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def format_entry(name: str, e: dict) -> str:

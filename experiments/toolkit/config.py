@@ -45,19 +45,6 @@ def add_overrides(parser: argparse.ArgumentParser, cls: type, fields: Sequence[s
     The option's type comes from the field's annotation (``tuple[X, ...]`` takes one or more
     values); its help from the class docstring's ``Attributes:`` section. Options default to
     ``None``, meaning "keep the configured value".
-
-    Example:
-        >>> import argparse, dataclasses
-        >>> @dataclasses.dataclass
-        ... class Cfg:
-        ...     '''Attributes:
-        ...         lrs: Learning rates.
-        ...     '''
-        ...     lrs: tuple[float, ...] = (1.0,)
-        >>> p = argparse.ArgumentParser()
-        >>> add_overrides(p, Cfg, ["lrs"])
-        >>> apply_overrides(Cfg(), p.parse_args(["--lrs", "0.1", "0.2"]))
-        Cfg(lrs=(0.1, 0.2))
     """
     hints = typing.get_type_hints(cls)
     helps = _field_help(cls)

@@ -1,12 +1,7 @@
-"""The model zoo of the experiments: 2-D test functions, MLPs, the CNN and an nnx transformer.
-
-* :func:`beale`, :func:`rosenbrock`: the paper's Fig. 2 objectives.
-* :func:`init_mlp` / :func:`mlp_loss`: a plain-JAX ReLU MLP (a list of ``{"w", "b"}``
-  layers), the model of the runtime benchmarks.
-* :class:`LogReg`, :class:`MLP`, :class:`CNN`: the Flax linen models of the classification
-  experiments. The CNN is the one convolutional model of the experiments; the paper does not
-  print its architecture, so it follows the DSSC-projects/veni reimplementation.
-* :class:`Transformer`: a Flax nnx transformer encoder (beyond the paper's models).
+"""The model zoo of the experiments: the paper's 2-D test functions (Fig. 2), a plain-JAX ReLU
+MLP (a list of ``{"w", "b"}`` layers, the runtime benchmarks' model), the classification
+experiments' Flax linen models (the CNN follows the DSSC-projects/veni reimplementation: the
+paper does not print its architecture) and a Flax nnx transformer encoder.
 """
 
 from __future__ import annotations
@@ -46,20 +41,8 @@ WINDOWS = {"beale": ((-1.0, 4.0), (-1.5, 2.0)), "rosenbrock": ((-2.0, 2.0), (-1.
 # ----------------------------------------------------------------------------- plain-JAX MLP
 
 
-def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels."""
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
-
-
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
-    """Dense layers with ReLU between them; LeCun-normal kernels, zero biases.
-
-    Example:
-        >>> import jax
-        >>> [p["w"].shape for p in init_mlp(jax.random.key(0), [4, 8, 2])]
-        [(4, 8), (8, 2)]
-    """
+    """Dense layers with ReLU between them; LeCun-normal kernels, zero biases."""
     params = []
     for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes)):
         params.append(
@@ -71,17 +54,13 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]
     return params
 
 
-def mlp_apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
-    """Logits of the plain-JAX MLP."""
+def mlp_loss(params: list[dict[str, jax.Array]], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Mean cross-entropy of the plain-JAX MLP on ``batch = (x, labels)``."""
+    x, y = batch
     for layer in params[:-1]:
         x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def mlp_loss(params: list[dict[str, jax.Array]], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Cross-entropy of the plain-JAX MLP on ``batch = (x, labels)``."""
-    x, y = batch
-    return xent(mlp_apply(params, x), y)
+    logp = jax.nn.log_softmax(x @ params[-1]["w"] + params[-1]["b"])
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
 def synthetic_batch(

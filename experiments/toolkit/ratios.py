@@ -1,17 +1,36 @@
 """R_f, R_b and the forward-gradient / backprop ratios, measured side by side in one process.
 
 Two protocols share the harness (:func:`toolkit.timing.time_interleaved`) and the record
-(:class:`toolkit.records.RatioResult`), so every result file means the same by each key:
+(:class:`RatioResult`), so every result file means the same by each key:
 
 * :func:`measure_ratios`: the benchmark steps (constant-rate SGD; donated buffers threaded
   through each step), any number of tangent variants, one call per measurement;
 * :func:`measure_runtime`: the training step of :mod:`toolkit.train` itself (FGD or SGD with
   the experiment's schedule), so that iterations x time per iteration estimates a run's
   time; repeated calls per measurement, because the 2-D functions' steps take microseconds.
+
+Every result file of ``experiments/`` uses these keys with these meanings:
+
+* ``t_forward_s``, ``t_backprop_s``, ``t_step_s``: median seconds of one evaluation of f, one
+  backprop SGD step and one forward-gradient SGD step;
+* ``R_f = t_step_s / t_forward_s`` and ``R_b = t_backprop_s / t_forward_s`` (Baydin et al.
+  2022, Sec. 5);
+* ``fg_over_bp = R_f / R_b`` (the ratio of the medians; the paper's MLP: 2.329 / 3.971 =
+  0.586);
+* ``paired_ratio``: the median over rounds of (fg step time / backprop step time) within the
+  same round; ``paired_over_k1`` (K > 1): the same of this step over the same tangent's K = 1
+  step;
+* memory dicts are :func:`compiled_memory` (``temp_bytes``, ``total_bytes``, ...).
+
+A :class:`RatioResult`'s top-level ``R_f``, ``fg_over_bp`` and ``paired_ratio`` are its first
+variant's; ``extra`` holds other callables timed in the same rounds, ``device_peak_bytes`` the
+device's peak memory in use (``None`` on CPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,15 +40,90 @@ import optax
 
 import fgrad_jax
 
-from .memory import compiled_memory, device_peak_bytes, memory_of
-from .records import RatioResult, VariantTiming
+from .io import to_jsonable
 from .timing import Runner, median, paired_ratio, time_interleaved
-from .train import make_step, make_tx
+from .train import apply_step, make_step, make_tx
+
+_FIELDS = ("temp", "argument", "output", "alias", "generated_code")
 
 
-def make_forward(loss_fn: Callable) -> Callable:
-    """The evaluation of f, jitted."""
-    return jax.jit(loss_fn)
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of ``jax.jit(f).lower(...).compile()``, in bytes (``None`` on a
+    backend without one): ``temp_bytes`` (the working memory beyond arguments and outputs),
+    ``argument_bytes``, ``output_bytes``, ``alias_bytes``, ``generated_code_bytes`` and
+    ``total_bytes = temp + argument + output - alias`` (aliased outputs reuse donated
+    arguments, so they are counted once)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # a backend without memory analysis raises instead of returning None
+        return None
+    if ma is None:
+        return None
+    out = {
+        f"{name}_bytes": int(getattr(ma, f"{name}_size_in_bytes"))
+        for name in _FIELDS
+        if hasattr(ma, f"{name}_size_in_bytes")
+    }
+    out["total_bytes"] = (
+        out.get("temp_bytes", 0)
+        + out.get("argument_bytes", 0)
+        + out.get("output_bytes", 0)
+        - out.get("alias_bytes", 0)
+    )
+    return out
+
+
+def memory_of(jitted: Any, *args: Any) -> dict[str, int] | None:
+    """:func:`compiled_memory` of ``jitted`` compiled for ``args`` (nothing is run)."""
+    return compiled_memory(jitted.lower(*args).compile())
+
+
+def memory_stats() -> dict:
+    """The first device's allocator statistics (empty where unsupported, e.g. CPU)."""
+    try:
+        return dict(jax.devices()[0].memory_stats() or {})
+    except Exception:  # backends without allocator statistics raise
+        return {}
+
+
+def device_peak_bytes() -> int | None:
+    """The first device's peak memory in use so far (``None`` where unsupported)."""
+    peak = memory_stats().get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
+@dataclasses.dataclass
+class VariantTiming:
+    """One forward-gradient step variant (``tangent``: a name, or the ``repr`` of a callable),
+    timed in the same rounds as f and backprop."""
+
+    tangent: str
+    num_tangents: int
+    t_step_s: float
+    R_f: float
+    fg_over_bp: float
+    paired_ratio: float
+    final_loss: float | None = None
+    paired_over_k1: float | None = None
+    memory: dict[str, int] | None = None
+
+
+@dataclasses.dataclass
+class RatioResult:
+    """f, backprop and forward-gradient steps timed side by side (see the module docstring)."""
+
+    t_forward_s: float
+    t_backprop_s: float
+    R_b: float
+    R_f: float
+    fg_over_bp: float
+    paired_ratio: float
+    reps: int
+    variants: list[VariantTiming]
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calls_per_measurement: dict[str, int] | None = None
+    device_peak_bytes: int | None = None
 
 
 def sgd_step(
@@ -40,41 +134,17 @@ def sgd_step(
     gradient with that tangent (:func:`fgrad_jax.fgd`)."""
     if tangent is None:
         tx = optax.sgd(lr)
-
-        def step(params, opt_state, batch):
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        return tx, step
-    tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
-
-    def fg_step(params, opt_state, batch):
-        updates, opt_state = tx.update(
-            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
-        )
-        value = fgrad_jax.forward_gradient_state(opt_state).value
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return tx, fg_step
+    else:
+        tx = fgrad_jax.fgd(lr, key=key, num_tangents=num_tangents, tangent=tangent)
+    return tx, functools.partial(apply_step, tx, tangent is not None, loss_fn)
 
 
-def make_backprop_step(loss_fn: Callable, lr: float) -> tuple[optax.GradientTransformation, Any]:
-    """``(tx, step)``: one SGD step on ``jax.value_and_grad``, jitted, params and state donated."""
-    tx, step = sgd_step(loss_fn, lr)
-    return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
-def make_fg_step(
-    loss_fn: Callable, lr: float, tangent: Any, num_tangents: int, key: int = 0
+def donated_step(
+    loss_fn: Callable, lr: float, tangent: Any = None, num_tangents: int = 1
 ) -> tuple[optax.GradientTransformation, Any]:
-    """``(tx, step)``: one forward-gradient SGD step (:func:`fgrad_jax.fgd`), jitted, donated."""
-    tx, step = sgd_step(loss_fn, lr, tangent, num_tangents, key)
+    """:func:`sgd_step`, jitted, parameters and optimiser state donated."""
+    tx, step = sgd_step(loss_fn, lr, tangent, num_tangents)
     return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
-def _tangent_name(tangent: Any) -> str:
-    return tangent if isinstance(tangent, str) else repr(tangent)
 
 
 def summarise(
@@ -90,7 +160,7 @@ def summarise(
     for name, tan, k in fg:
         t = median(times[name])
         v = VariantTiming(
-            tangent=_tangent_name(tan),
+            tangent=tan if isinstance(tan, str) else repr(tan),
             num_tangents=k,
             t_step_s=t,
             R_f=t / t_f,
@@ -130,41 +200,19 @@ def measure_ratios(
 ) -> dict[str, Any]:
     """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
 
-    Args:
-        loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params: Parameters (copied: the caller's are not donated).
-        batch: The batch of every call.
-        tangent: The forward-gradient variant's tangent, unless ``variants`` is given.
-        num_tangents: Its number of tangents.
-        variants: A list of ``(tangent, num_tangents)`` pairs, all timed in the same rounds.
-        lr: SGD learning rate of both steps.
-        reps: Timed rounds.
-        warmup: Untimed warm-up rounds.
-        memory: Also report XLA's compiled memory analysis of each program.
-
-    Returns:
-        :class:`toolkit.records.RatioResult` as a dict (``t_forward_s``, ``t_backprop_s``,
-        ``R_b``, ``R_f``, ``fg_over_bp``, ``paired_ratio``, ``variants``, ``memory``, ...).
-
-    Example:
-        >>> import jax
-        >>> from experiments.toolkit.models import init_mlp, mlp_loss, synthetic_batch
-        >>> params = init_mlp(jax.random.key(0), [8, 16, 10])
-        >>> batch = synthetic_batch(jax.random.key(1), 4, (8,))
-        >>> res = measure_ratios(mlp_loss, params, batch, reps=2, warmup=1, memory=False)
-        >>> res["R_f"] > 0 and res["variants"][0]["tangent"]
-        'rademacher'
+    ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds (default:
+    the one pair ``tangent``, ``num_tangents``). The caller's ``params`` are copied, never
+    donated. ``memory``: also XLA's compiled memory analysis of each program. Returns a
+    :class:`RatioResult` as a dict.
     """
     if variants is None:
         variants = [(tangent, num_tangents)]
-    fwd = make_forward(loss_fn)
+    fwd = jax.jit(loss_fn)
     fns: dict[str, Callable[[], Any]] = {"forward": lambda: fwd(params, batch)}
-    bp_tx, bp_step = make_backprop_step(loss_fn, lr)
-    fns["backprop"] = bp = Runner(bp_step, bp_tx, params, batch)
+    fns["backprop"] = bp = Runner(*donated_step(loss_fn, lr), params, batch)
     runners, fg = [], []
     for i, (tan, k) in enumerate(variants):
-        tx, st = make_fg_step(loss_fn, lr, tan, k)
-        fns[f"fg{i}"] = r = Runner(st, tx, params, batch)
+        fns[f"fg{i}"] = r = Runner(*donated_step(loss_fn, lr, tan, k), params, batch)
         runners.append(r)
         fg.append((f"fg{i}", tan, k))
     if memory:
@@ -180,7 +228,7 @@ def measure_ratios(
             v.memory = memory_of(r.step, r.params, r.state, batch)
     if memory:
         res.memory = mem
-    return res.to_json()
+    return to_jsonable(res)
 
 
 def measure_runtime(
@@ -195,29 +243,11 @@ def measure_runtime(
     seed: int = 0,
     tangent: str = "normal",
 ) -> dict[str, Any]:
-    """R_f and R_b of the experiments' own training step (paper Sec. 5), side by side.
-
-    Three compiled programs on the same parameters and batch: one evaluation of f, one full
-    FGD iteration (tangent sampling, JVP, update) and one full backprop iteration
-    (value_and_grad, update), each as :func:`toolkit.train.make_step` builds it for training.
-    Each call starts from the same inputs (nothing is donated or threaded), so the timed work
-    is the same every round.
-
-    Args:
-        loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params: Parameters (one run, not stacked).
-        batch: A batch (or ``None``).
-        lr: Learning rate used by the steps (does not affect timing).
-        decay_k: Decay of the schedule.
-        rounds: Number of interleaved rounds.
-        min_time: Minimum seconds per measurement (see :func:`time_interleaved`).
-        seed: Seed of the call order and the FGD key.
-        tangent: FGD's tangent distribution.
-
-    Returns:
-        :class:`toolkit.records.RatioResult` as a dict, with one variant (the FGD step),
-        ``calls_per_measurement`` and ``device_peak_bytes``.
-    """
+    """R_f and R_b of the experiments' own training step (paper Sec. 5): f, one FGD and one
+    backprop iteration (:func:`toolkit.train.make_step`) on the same unstacked parameters and
+    batch, each call from the same inputs, a measurement at least ``min_time`` seconds long;
+    ``seed`` seeds the call order and the FGD key. A :class:`RatioResult` as a dict, its one
+    variant the FGD step."""
     fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
     sgd_tx = make_tx("sgd", lr, decay_k)
     lr_arr = jnp.float32(lr)
@@ -241,4 +271,4 @@ def measure_runtime(
     res.memory = {k: compiled_memory(compiled[k][0]) for k in ("forward", "backprop")}
     res.calls_per_measurement = calls
     res.device_peak_bytes = device_peak_bytes()
-    return res.to_json()
+    return to_jsonable(res)

@@ -1,11 +1,9 @@
 """The one timing harness: interleaved rounds in a seeded random order, medians, paired ratios.
 
 Every candidate is timed once per round, in a fresh random order each round, so that a noisy
-shared machine slows all candidates alike, and no candidate always follows the same
-neighbour (a neighbour's leftover threads would slow its successor in every round). The
-ratios of the medians over rounds are reported, and the *paired* ratio: the median over
-rounds of the ratio of two candidates' times within the same round, the most noise-robust
-form on a loaded machine.
+shared machine slows all candidates alike and none always follows the same neighbour (whose
+leftover threads would slow it every round). The *paired* ratio, the median over rounds of
+two candidates' ratio within a round, is the most noise-robust form on a loaded machine.
 """
 
 from __future__ import annotations
@@ -46,28 +44,11 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Times every callable once per round, in a fresh seeded random order each round.
 
-    A random order, not a rotation: with a rotation every callable always follows the same
-    neighbour, and a neighbour that leaves threads spinning slows its successor in every
-    round (see docs/engineering_log.md).
-
-    Args:
-        fns: Zero-argument callables; each may return arrays, which are waited for.
-        reps: Timed rounds.
-        warmup: Untimed rounds before them (compilation, caches).
-        seed: Seed of the call order.
-        min_time: When positive, each measurement calls a callable ``n`` times back to back
-            (``n`` calibrated so one measurement takes at least ``min_time`` seconds) and
-            records the mean time per call: programs of microseconds are otherwise below
-            the timer's and Python's resolution.
-        calls_out: When given, receives the calls per measurement of each callable.
-
-    Returns:
-        ``{name: [seconds per call in round 0, round 1, ...]}``.
-
-    Example:
-        >>> times = time_interleaved({"a": lambda: None, "b": lambda: None}, reps=3, warmup=0)
-        >>> sorted(times), len(times["a"])
-        (['a', 'b'], 3)
+    ``fns`` are zero-argument callables (what they return is waited for), timed in ``reps``
+    rounds after ``warmup`` untimed ones; returns ``{name: [seconds per call in each
+    round]}``. With ``min_time > 0`` a measurement calls a callable ``n`` times back to back
+    (``n`` calibrated to last ``min_time`` seconds, reported in ``calls_out``) and records
+    the mean per call: programs of microseconds are otherwise below the timer's resolution.
     """
     for _ in range(warmup):
         for f in fns.values():
@@ -100,28 +81,18 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def _copy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
-
-
 class Runner:
-    """A training step as a timed callable: keeps its own copy of the parameters and optimizer
-    state and threads them through the step, so steps that donate their buffers can be called
-    again (the caller's arrays are never donated).
+    """A training step as a timed callable: threads its own copy of the parameters and
+    optimiser state through ``step(params, opt_state, batch) -> (params, opt_state, loss)``
+    (jitted; the caller's arrays are never donated). Each call dispatches ``steps`` steps
+    back to back and blocks once after the last, as a training loop runs."""
 
-    Args:
-        step: ``step(params, opt_state, batch) -> (params, opt_state, loss)``, jitted.
-        tx: The optimizer whose ``init`` makes the state.
-        params: Initial parameters (copied).
-        batch: The batch of every call.
-    """
-
-    def __init__(self, step: Callable, tx: Any, params: Any, batch: Any):
-        self.step = step
-        self.params = _copy(params)
+    def __init__(self, tx: Any, step: Callable, params: Any, batch: Any, steps: int = 1):
+        self.step, self.batch, self.steps = step, batch, steps
+        self.params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
         self.state = tx.init(self.params)
-        self.batch = batch
 
     def __call__(self) -> Any:
-        self.params, self.state, loss = self.step(self.params, self.state, self.batch)
+        for _ in range(self.steps):
+            self.params, self.state, loss = self.step(self.params, self.state, self.batch)
         return jax.block_until_ready((self.params, loss))

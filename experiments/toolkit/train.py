@@ -1,17 +1,10 @@
-"""Training several *arms* side by side: compile, restore, run (timed, logged, checkpointed),
-collect.
-
-An arm is a method (``"fgd"``: :func:`fgrad_jax.fgd`, Algorithm 1 of Baydin et al. 2022;
-``"sgd"``: :func:`optax.sgd` on :func:`jax.value_and_grad`) with a grid of runs, each run a
-(learning rate, seed) pair, all with the schedule ``eta_i = eta_0 * exp(-i * k)``. All runs of
-an arm are one ``jax.vmap``-ed (or ``lax.map``-ed) compiled program; the arms' chunks are
-interleaved and timed (compilation excluded), checkpointed with orbax and resumable with
-bit-identical results.
-
-Run ``r`` of every arm starts from ``init_params(fold_in(key(seed_r), 0))``, draws its
-minibatch at step ``i`` with ``sample_batch(fold_in(fold_in(key(seed_r), 2), i))`` (identical
-for FGD and SGD), and FGD draws tangents from ``fold_in(key(seed_r), 1)``. So a run is a pure
-function of its seed, and resuming from a checkpoint reproduces an uninterrupted run exactly.
+"""Training several *arms* side by side: an arm is a method (``"fgd"``: :func:`fgrad_jax.fgd`;
+``"sgd"``: :func:`optax.sgd` on :func:`jax.value_and_grad`) on a grid of (learning rate,
+seed) runs, all one compiled program; the arms' chunks are interleaved, timed, logged and
+checkpointed. Run ``r`` of every arm starts from ``init_params(fold_in(key(seed_r), 0))``,
+draws its minibatch at step ``i`` with ``sample_batch(fold_in(fold_in(key(seed_r), 2), i))``
+(the same for FGD and SGD), and FGD its tangents from ``fold_in(key(seed_r), 1)``: a run is a
+pure function of its seed, and resuming from a checkpoint reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -39,23 +32,15 @@ PyTree = Any
 METHODS = ("fgd", "sgd")
 
 
-def exp_decay(lr: Array | float, k: float) -> optax.Schedule:
-    """``eta_i = lr * exp(-i * k)`` (works with a traced ``lr`` under vmap)."""
-
-    def schedule(count):
-        return lr * jnp.exp(jnp.float32(-k) * jnp.asarray(count).astype(jnp.float32))
-
-    return schedule
-
-
 def make_tx(
     method: str, lr: Array | float, decay_k: float, key: Array | int = 0, tangent: str = "normal"
 ) -> optax.GradientTransformation:
-    """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with exponential decay.
+    """The optimiser of an arm: ``fgrad_jax.fgd`` or ``optax.sgd`` with the schedule
+    ``eta_i = lr * exp(-i * decay_k)`` (``lr`` may be traced, under vmap)."""
 
-    ``tangent`` is FGD's tangent distribution (the paper's is ``"normal"``).
-    """
-    sched = exp_decay(lr, decay_k)
+    def sched(count):
+        return lr * jnp.exp(jnp.float32(-decay_k) * jnp.asarray(count).astype(jnp.float32))
+
     if method == "fgd":
         return fgrad_jax.fgd(sched, key=key, tangent=tangent)
     if method == "sgd":
@@ -63,38 +48,35 @@ def make_tx(
     raise ValueError(f"unknown method {method!r}; use one of {METHODS}.")
 
 
-def make_step(method: str, loss_fn: Callable, decay_k: float, tangent: str = "normal") -> Callable:
-    """One iteration ``(lr, params, opt_state, batch) -> (params, opt_state, loss)``.
+def apply_step(tx, forward: bool, loss_fn: Callable, params, opt_state, batch):
+    """One update of ``tx``, on the forward gradient (``forward``) or on
+    ``jax.value_and_grad``: ``(params, opt_state, loss)``, the loss at the parameters *before*
+    the update, which both methods get for free (the JVP's primal, value_and_grad)."""
+    if forward:
+        updates, opt_state = tx.update(
+            None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
+        )
+        value = fgrad_jax.forward_gradient_state(opt_state).value
+    else:
+        value, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
 
-    The returned loss is the loss at the parameters *before* the update, which both methods
-    get for free (FGD from the JVP's primal, backprop from value_and_grad).
-    """
+
+def make_step(method: str, loss_fn: Callable, decay_k: float, tangent: str = "normal") -> Callable:
+    """One iteration ``(lr, params, opt_state, batch) -> (params, opt_state, loss)``."""
 
     def step(lr, params, opt_state, batch):
         tx = make_tx(method, lr, decay_k, tangent=tangent)
-        if method == "fgd":
-            updates, opt_state = tx.update(
-                None, opt_state, params, value_fn=lambda p: loss_fn(p, batch)
-            )
-            value = fgrad_jax.forward_gradient_state(opt_state).value
-        else:
-            value, grads = jax.value_and_grad(loss_fn)(params, batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return apply_step(tx, method == "fgd", loss_fn, params, opt_state, batch)
 
     return step
 
 
 @dataclasses.dataclass
 class Arm:
-    """One method trained on a grid of runs (one learning rate and one seed per run).
-
-    Attributes:
-        name: Unique name, used in file names (e.g. ``"fgd_lr2e-05"``).
-        method: ``"fgd"`` or ``"sgd"``.
-        lrs: Initial learning rate of each run.
-        seeds: Seed of each run (parameter init, tangents, batches); same length as ``lrs``.
-    """
+    """One method (``"fgd"`` or ``"sgd"``) trained on a grid of runs, run ``r`` at learning
+    rate ``lrs[r]`` with seed ``seeds[r]``; ``name`` names its files (``"fgd_lr2e-05"``)."""
 
     name: str
     method: str
@@ -104,16 +86,10 @@ class Arm:
 
 @dataclasses.dataclass
 class ArmResult:
-    """What :func:`train_arms` returns for one arm.
-
-    Attributes:
-        losses: ``(runs, steps)`` training (minibatch) loss before each step.
-        step_time: ``(steps,)`` cumulative wall time (s) at the end of each step, for the
-            whole vmapped program (all runs at once), compilation excluded.
-        params: Final parameters, stacked over runs.
-        traj: ``(runs, steps + 1, ...)`` parameter trajectory when recorded, else ``None``.
-        wall_time: Total timed wall time (s).
-    """
+    """What :func:`train_arms` returns for one arm: ``(runs, steps)`` minibatch losses
+    before each step, the cumulative wall time (s, all runs at once, compilation excluded)
+    at the end of each step and in all, the final parameters stacked over runs and, when
+    recorded, the ``(runs, steps + 1, ...)`` parameter trajectory."""
 
     losses: np.ndarray
     step_time: np.ndarray
@@ -174,18 +150,14 @@ def make_chunk(
     one_step: Callable, chunk: int, *, scan: bool = True, run_axis: str = "vmap", example=None
 ) -> Callable:
     """The one training loop's compiled part, which every experiment uses: ``chunk`` steps of
-    every run.
-
-    ``one_step(run, carry, data, i) -> (carry, out)`` is step ``i`` of one run: ``run`` holds
-    its constants (learning rate, data key or shuffle), ``carry`` what a step updates
-    (parameters, optimiser state), ``data`` what all runs read (a training set). The result,
-    ``chunk_fn(runs, carry, data, start) -> (carry, outs)``, takes every run's ``run`` and
-    ``carry`` stacked on axis 0 and returns ``outs`` as ``(runs, chunk, ...)``. Runs are one
-    ``jax.vmap``-ed program (``run_axis="vmap"``) or a ``lax.map`` loop (``"map"``).
-    ``scan=True``: one compiled ``lax.scan`` over the chunk; ``False``: ``chunk`` calls of one
-    compiled step from Python, since XLA:CPU runs the backward pass of a convolution inside a
-    compiled loop far slower. With ``example=(runs, carry, data)`` the program is compiled
-    ahead of time (so that a timed call never compiles).
+    every run. ``one_step(run, carry, data, i) -> (carry, out)`` is step ``i`` of one run
+    (``run``: its constants, such as its learning rate and data key; ``carry``: parameters and
+    optimiser state; ``data``: what all runs read). The result, ``chunk_fn(runs, carry, data,
+    start) -> (carry, outs)``, takes the runs' ``run`` and ``carry`` stacked on axis 0 and
+    returns ``outs`` as ``(runs, chunk, ...)``, the runs vmapped or in a ``lax.map`` loop
+    (``run_axis="map"``), the chunk one ``lax.scan`` or (``scan=False``, for convolutions on
+    XLA:CPU) ``chunk`` calls of one compiled step. ``example=(runs, carry, data)`` compiles
+    ahead of time, so that a timed call never compiles.
     """
 
     def run_one(run, carry, data, start):
@@ -280,9 +252,11 @@ def _open_loggers(arms, plan, out_dir, start_chunk, log_every) -> dict[str, Json
     return loggers
 
 
-def run_chunk(c: int, fn: Callable, s: dict[str, Any], plan: Plan) -> tuple[np.ndarray, Any, float]:
-    """Runs and times chunk ``c`` of one arm, updating its state ``s`` in place."""
+def run_chunk(c: int, fn: Callable, s: dict[str, Any], plan: Plan, logger, log_every) -> None:
+    """Runs and times chunk ``c`` of one arm, updating its state ``s`` in place; the
+    ``logger`` gets one record per ``log_every`` steps: the window's mean loss per run."""
     chunk = plan.chunk
+    before = float(s["chunk_time"][:c].sum())
     t0 = time.perf_counter()
     p, o, vals, flats = fn(s["params"], s["opt_state"], np.int32(c * chunk))
     jax.block_until_ready((p, o, vals))
@@ -294,12 +268,8 @@ def run_chunk(c: int, fn: Callable, s: dict[str, Any], plan: Plan) -> tuple[np.n
     flats = np.asarray(flats) if plan.record_params else None
     if plan.record_params:
         s["traj"][:, c * chunk + 1 : (c + 1) * chunk + 1] = flats
-    return vals, flats, dt
-
-
-def log_chunk(logger, c, vals, flats, dt, before, plan, log_every) -> None:
-    """One JSONL record per ``log_every`` steps: the window's mean loss per run."""
-    chunk = plan.chunk
+    if logger is None:
+        return
     for j0 in range(0, chunk, log_every):
         j1 = min(chunk, j0 + log_every)
         rec = {
@@ -352,42 +322,16 @@ def train_arms(
 ) -> dict[str, ArmResult] | None:
     """Trains the arms side by side, chunk by chunk, interleaved and timed.
 
-    Args:
-        arms: The arms.
-        loss_fn: ``loss_fn(params, batch) -> scalar``.
-        init_params: ``init_params(key) -> params``.
-        sample_batch: ``sample_batch(key) -> batch`` or ``None`` (deterministic objective).
-        num_steps: Iterations per run; a multiple of ``chunk``.
-        decay_k: ``k`` of the learning-rate decay ``eta_i = eta_0 exp(-i k)``.
-        chunk: Iterations per compiled ``lax.scan`` chunk (the timing granularity).
-        log_every: Steps per JSONL record (mean loss over the window, per run).
-        out_dir: Where ``<arm.name>.jsonl`` go (none if ``None``).
-        checkpoint_dir: Orbax checkpoint directory; when it holds a checkpoint, training
-            resumes from it.
-        checkpoint_every: Save every this many chunks (and after the last one).
-        record_params: Also record the parameter trajectory (for 2-D problems).
-        stop_after_chunks: Stop (as if interrupted) after this many chunks in this call;
-            returns ``None`` then. For testing resume.
-        progress: Show a tqdm progress bar.
-        desc: Progress-bar label.
-        run_axis: ``"vmap"`` (all runs of an arm as one vectorised program) or ``"map"``
-            (one compiled program looping over the runs with ``lax.map``: vmapping over
-            parameters turns convolutions into grouped ones, slow on CPU). Both give the
-            same numbers.
-        scan: Run a chunk as one compiled ``lax.scan`` (default) or as ``chunk`` calls of
-            one compiled step from Python (for the CNN on CPU).
-        tangent: FGD's tangent distribution (``"normal"``: the paper's).
-
-    Returns:
-        ``{arm.name: ArmResult}``, or ``None`` if stopped early.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> res = train_arms([Arm("gd", "sgd", [0.1], [0])], lambda p, b: jnp.sum(p**2),
-        ...                  lambda k: jnp.ones(2), None, num_steps=4, decay_k=0.0, chunk=2,
-        ...                  progress=False)
-        >>> [round(float(v), 4) for v in res["gd"].losses[0]]
-        [2.0, 1.28, 0.8192, 0.5243]
+    ``loss_fn(params, batch)``, ``init_params(key)``, ``sample_batch(key)`` (``None``: a
+    deterministic objective) define the problem; ``num_steps`` is a multiple of ``chunk``,
+    the steps per compiled program and the timing granularity. Every ``log_every`` steps
+    each arm's ``out_dir/<name>.jsonl`` gets the window's mean loss per run (and, with
+    ``record_params``, the parameters). A ``checkpoint_dir`` holding a checkpoint resumes
+    training; ``stop_after_chunks`` stops as if interrupted (returns ``None``), for tests.
+    ``run_axis="map"`` runs an arm's runs in a ``lax.map`` loop instead of ``vmap`` (vmapped
+    convolutions become grouped ones, slow on CPU) and ``scan=False`` a chunk as calls of
+    one compiled step (:func:`make_chunk`); both give the same numbers. Returns
+    ``{arm.name: ArmResult}``, or ``None`` if stopped early.
     """
     from tqdm.auto import tqdm
 
@@ -410,11 +354,8 @@ def train_arms(
         for done_this_call, c in enumerate(range(start_chunk, plan.num_chunks), start=1):
             # Alternate the arms' order every chunk so neither always runs first.
             for arm in list(arms) if c % 2 == 0 else list(reversed(arms)):
-                s = state[arm.name]
-                before = float(s["chunk_time"][:c].sum())
-                vals, flats, dt = run_chunk(c, programs[arm.name], s, plan)
-                if arm.name in loggers:
-                    log_chunk(loggers[arm.name], c, vals, flats, dt, before, plan, log_every)
+                logger = loggers.get(arm.name)
+                run_chunk(c, programs[arm.name], state[arm.name], plan, logger, log_every)
             bar.update(1)
             last = c == plan.num_chunks - 1
             if ckpt is not None and ((c + 1) % checkpoint_every == 0 or last):

@@ -38,15 +38,10 @@ class NoDataError(SystemExit):
 
 
 def resolve_data(configs: dict, selected, explicit: bool) -> tuple[dict, list[str]]:
-    """Checks that the classification data loads, before any work; returns
-    ``(configs, notes)``.
-
-    With the preset's MNIST and no explicit ``--dataset``/``--data-dir``, MNIST that cannot
-    be found or downloaded is replaced by Fashion-MNIST (Debian's files), and a note says so.
-
-    Raises:
-        NoDataError: If no data set can be loaded; the message names the fixes.
-    """
+    """Checks that the classification data loads, before any work; returns ``(configs,
+    notes)``. With the preset's MNIST and no explicit ``--dataset``/``--data-dir``, MNIST that
+    cannot be found or downloaded is replaced by Fashion-MNIST (Debian's files), and a note
+    says so; raises :class:`NoDataError`, naming the fixes, if no data set can be loaded."""
     names = [n for n in CLASSIFY if n in selected]
     if not names:
         return configs, []

@@ -27,10 +27,8 @@ class QualityConfig:
         preset: Name of the preset the other fields came from.
         out_dir: Output directory.
         data_dir: Directory of the four Fashion-MNIST IDX files (default: the Debian package's).
-        models: Models to train: ``mlp`` (784-256-256-10), ``cnn`` (Flax MNIST example) and/or
-            ``resnet`` (ResNet-18 with BatchNorm, 16 filters, trained as an unchanged class;
-            ``quality/resnet.py``) and ``vit`` (a small ViT, LayerNorm and attention, trained
-            unchanged; ``quality/vit.py``).
+        models: Models to train: ``mlp`` (784-256-256-10), ``cnn`` (Flax MNIST example),
+            ``resnet`` (ResNet-18, ``quality/resnet.py``), ``vit`` (``quality/vit.py``).
         methods: Method names trained on the MLP (see experiments/quality/methods.py).
         cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
         resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
