@@ -70,13 +70,35 @@ def _k_axis(leaf: Array) -> int:
     return leaf.ndim - 1 if leaf.ndim >= 2 else 0
 
 
+def dense_jvp(fun: Callable[..., Any], primals: list[Array], tangents: Any) -> Direction:
+    """:func:`jax.jvp` along dense tangents drawn before the JVP.
+
+    Plain ``jax.jvp``, not the structured interpreter: with the tangents already stored
+    there is no draw to place, and its program compiles faster (transformer: 1.8x
+    ``jax.grad``'s against 3x through the interpreter, docs/engineering_log.md).
+    """
+    try:
+        value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(tangents), has_aux=True)
+    except TypeError:
+        # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
+        # primal definition instead. Any other error is the user's to see.
+        closed = jax.make_jaxpr(fun)(*primals)
+        if not _interpreter.has_custom_vjp(closed.jaxpr):
+            raise
+        schedule = _interpreter.schedule_for(primals)
+        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, tangents, schedule)
+    return Direction(value, deriv, aux, None)
+
+
 class HashedContext(NamedTuple):
-    """What :class:`HashedTangents` prepares: two seed words per leaf, each leaf's lazy
-    draw, whether the draws are kept for the update, and the interpreter's schedule."""
+    """What :class:`HashedTangents` prepares: the seed words and counter base of each leaf
+    (``_random.leaf_streams``), each leaf's lazy draw, the stored tangents (``None``
+    when they are drawn lazily), and the interpreter's schedule."""
 
     seeds: Array
+    bases: list[int]
     draws: list[Callable[[Array, Array], Array]]
-    keep: bool
+    stored: list[Array] | None
     schedule: _interpreter.Schedule
 
 
@@ -84,19 +106,27 @@ class HashedContext(NamedTuple):
 class HashedTangents(TangentStrategy[HashedContext]):
     """Elementwise tangents drawn by the counter-based hash of ``_random`` (normal, rademacher).
 
-    A draw is a pure function of two uint32 seed words per leaf and a counter per element,
-    so the tangents are drawn inside the JVP right before the operation that uses them
-    (lazily, see ``_interpreter.LazyTangent``) and, for the update, either kept or drawn
-    *again* bitwise the same (MeZO's regenerate-from-seed trick). Keeping costs a memory
-    round trip per element, drawing again a second draw: tangents are kept only while the
-    differentiated parameters take at most ``keep_below_bytes`` (in float32) and the
-    computation runs on one device (on several, XLA's SPMD pipeline stores a kept draw
-    twice).
+    A draw is a pure function of two uint32 seed words and a counter per element, and the
+    leaves are consecutive ranges of one stream (``_random.leaf_streams``). Two ways of
+    drawing the same values:
+
+    * *stored*: the K tangents of all leaves are drawn as one flat array (one kernel),
+      stored and sliced into the leaves, read by the JVP and the update. Compiles about as
+      fast as one draw, but keeps K x parameters floats alive through the step.
+    * *lazy*: each leaf's tangents are drawn inside the JVP right before the operation
+      that uses them (``_interpreter.LazyTangent``) and drawn *again*, bitwise the same,
+      for the update (MeZO's regenerate-from-seed trick): no parameter-sized buffer, which
+      is what keeps the working memory flat in depth, at one generated kernel per leaf and
+      use (compile time grows with the number of leaves).
+
+    Stored while the stored tangents take at most ``keep_below_bytes`` (K x parameters x
+    4 bytes) and the computation runs on one device (on several, XLA's SPMD pipeline
+    stores a kept draw twice); ``keep_below_bytes=0`` always draws lazily.
 
     Attributes:
         name: ``"normal"`` or ``"rademacher"``.
         at: ``at(seed, counters) -> float32 draws``.
-        keep_below_bytes: Parameter size up to which the tangents are kept for the update.
+        keep_below_bytes: Size of the K tangents (float32) up to which they are stored.
         schedule: Overrides the ``_interpreter.Schedule`` chosen from the parameters'
             sharding (orders XLA's work; never changes a value).
     """
@@ -107,28 +137,56 @@ class HashedTangents(TangentStrategy[HashedContext]):
     schedule: _interpreter.Schedule | None = None
 
     def draw(self, seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-        """Draws of ``shape``; ``offset = k * leaf.size`` gives tangent ``k`` of a leaf."""
+        """Draws of ``shape``; ``offset = base + k * leaf.size`` gives tangent ``k`` of a leaf."""
         return self.at(seed, _random.counters(shape, offset))
 
-    def keeps(self, leaves: Sequence[Array], schedule: _interpreter.Schedule) -> bool:
-        """Whether the tangents of ``leaves`` are kept between the JVP and the update."""
-        size = 4 * sum(math.prod(leaf.shape) for leaf in leaves)
-        return size <= self.keep_below_bytes and schedule.anchor_draws
+    def keeps(
+        self, leaves: Sequence[Array], schedule: _interpreter.Schedule, num_tangents: int = 1
+    ) -> bool:
+        """Whether the tangents of ``leaves`` are drawn once and stored (see the class)."""
+        n = sum(math.prod(leaf.shape) for leaf in leaves)
+        return (
+            4 * num_tangents * n <= self.keep_below_bytes
+            and schedule.anchor_draws
+            and num_tangents * n < 2**32
+        )
+
+    def _flat(self, key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
+        """The float32 ``(K, *leaf.shape)`` tangents of all leaves from one stored draw
+        (needs ``K·N < 2**32``, where ``leaf_streams`` gives every leaf the same seed)."""
+        sizes = [math.prod(leaf.shape) for leaf in leaves]
+        seeds, bases = _random.leaf_streams(key, sizes, num_tangents)
+        total = num_tangents * sum(sizes)
+        # One kernel for all leaves: XLA compiles a kernel per distinct fused draw, and
+        # that, not the arithmetic, is what made the step slow to compile (issue 20).
+        flat = _interpreter.store_once(self.draw(seeds[0], (total,)), seeds[0])
+        return [
+            flat[b : b + num_tangents * size].reshape((num_tangents, *leaf.shape))
+            for b, size, leaf in zip(bases, sizes, leaves)
+        ]
 
     def __call__(self, key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
         """The dense ``(K, *leaf.shape)`` tangents the estimator draws for ``key``."""
-        seeds = _random.seed_words(key, len(leaves))
-        return [self.draw(seeds[i], (num_tangents, *leaf.shape)) for i, leaf in enumerate(leaves)]
+        sizes = [math.prod(leaf.shape) for leaf in leaves]
+        if num_tangents * sum(sizes) < 2**32:
+            return self._flat(key, leaves, num_tangents)
+        seeds, bases = _random.leaf_streams(key, sizes, num_tangents)
+        return [
+            self.draw(seeds[i], (num_tangents, *leaf.shape), _offset(bases[i]))
+            for i, leaf in enumerate(leaves)
+        ]
 
-    def lazy_draw(self, leaf: Array, keep: bool) -> Callable[[Array, Array], Array]:
+    def lazy_draw(self, leaf: Array, keep: bool, base: int = 0) -> Callable[[Array, Array], Array]:
         """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
 
-        Its batching rule draws the K tangents in one array with the K axis where the
-        batched matmul wants it (``_k_axis``; with K first XLA added a transposing copy and
-        fused the draw into it as a slow loop). Under that vmap ``seed`` carries the fake
-        zero of the consuming op, so its K copies are equal and the first one is used.
+        ``base`` is the leaf's first counter (``_random.leaf_streams``). Its batching rule
+        draws the K tangents in one array with the K axis where the batched matmul wants it
+        (``_k_axis``; with K first XLA added a transposing copy and fused the draw into it
+        as a slow loop). Under that vmap ``seed`` carries the fake zero of the consuming op,
+        so its K copies are equal and the first one is used.
         """
         shape, size, axis = leaf.shape, np.uint32(max(leaf.size, 1)), _k_axis(leaf)
+        start = np.uint32(base)
 
         def finish(t, seed):
             # A kept draw is computed once into a buffer (otherwise XLA duplicates the
@@ -138,7 +196,7 @@ class HashedTangents(TangentStrategy[HashedContext]):
 
         @jax.custom_batching.custom_vmap
         def draw(seed, k):
-            return finish(self.draw(seed, shape, k * size), seed)
+            return finish(self.draw(seed, shape, k * size + start), seed)
 
         @draw.def_vmap
         def _draw_all(axis_size, in_batched, seed, k):
@@ -148,40 +206,59 @@ class HashedTangents(TangentStrategy[HashedContext]):
                 seed = seed[0]
             if not k_batched:
                 return draw(seed, k), False
-            stacked = self.at(seed, _random.stacked_counters(shape, axis, k))
+            stacked = self.at(seed, _random.stacked_counters(shape, axis, k) + start)
             return jnp.moveaxis(finish(stacked, seed), axis, 0), True
 
         return draw
 
     def prepare(self, key, primals, num_tangents, selection: Selection):
         del selection
-        seeds = _random.seed_words(key, len(primals))
-        for p in primals:  # the counter of tangent k, element j is k * size + j (uint32)
+        sizes = [math.prod(p.shape) for p in primals]
+        seeds, bases = _random.leaf_streams(key, sizes, num_tangents)
+        for p in primals:  # the counter of tangent k, element j is base + k * size + j (uint32)
             _random.check_counter_range((num_tangents, *p.shape))
         schedule = self.schedule or _interpreter.schedule_for(primals)
-        keep = self.keeps(primals, schedule)
-        draws = [self.lazy_draw(p, keep) for p in primals]
-        context = HashedContext(seeds, draws, keep, schedule)
+        draws = [self.lazy_draw(p, False, b) for p, b in zip(primals, bases)]
+        if self.keeps(primals, schedule, num_tangents):
+            flat = self._flat(key, primals, num_tangents)
+            # Each leaf stored again in its dtype (see _DrawnFirst.prepare); the key's word, not
+            # the seed, picks the divisor, else XLA merges the two stores and copies the draw
+            # into every leaf's kernel.
+            word = jax.random.key_data(key).reshape(-1)
+            stored = [
+                _interpreter.store_once(t.astype(p.dtype), word) for t, p in zip(flat, primals)
+            ]
+            return stored, HashedContext(seeds, bases, draws, stored, schedule)
+        context = HashedContext(seeds, bases, draws, None, schedule)
         return jnp.arange(num_tangents, dtype=jnp.uint32), context
 
     def direction(self, fun, primals, context: HashedContext, k) -> Direction:
+        if context.stored is not None:  # k is then each leaf's stored tangent
+            return dense_jvp(fun, primals, k)
         lazy = [
             _interpreter.LazyTangent(functools.partial(_draw_at, draw, seed, k))
             for draw, seed in zip(context.draws, context.seeds)
         ]
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, context.schedule)
-        kept = [t.materialize() for t in lazy] if context.keep else None
-        return Direction(value, deriv, aux, kept)
+        return Direction(value, deriv, aux, None)
 
     def combine(self, derivatives, primals, context: HashedContext, kept):
-        if not context.keep:
-            return self.estimate_from_seeds(derivatives, primals, context.seeds)
-        return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(kept, primals)]
+        if context.stored is None:
+            return self.estimate_from_seeds(derivatives, primals, context.seeds, context.bases)
+        return [
+            mean_of_products(derivatives, t).astype(p.dtype)
+            for t, p in zip(context.stored, primals)
+        ]
 
     def estimate_from_seeds(
-        self, derivatives: Array, primals: list[Array], seeds: Array
+        self,
+        derivatives: Array,
+        primals: list[Array],
+        seeds: Array,
+        bases: Sequence[int] | None = None,
     ) -> list[Array]:
-        """``(1/K) Σ_k d_k v_k`` per leaf, the ``v_k`` drawn again from their ``seeds``.
+        """``(1/K) Σ_k d_k v_k`` per leaf, the ``v_k`` drawn again from their ``seeds``
+        (and counter ``bases``, 0 if not given).
 
         Drawn where the estimate is consumed (under jit the draw fuses into the optimizer's
         update) instead of kept alive through the JVP. The fake zero from the derivatives
@@ -190,12 +267,18 @@ class HashedTangents(TangentStrategy[HashedContext]):
         """
         seeds_again = seeds ^ _interpreter.fake_zero(derivatives)
         k = derivatives.shape[0]
+        bases = bases or [0] * len(primals)
         return [
             mean_of_products(
-                derivatives, self.draw(seeds_again[i], (k, *p.shape)).astype(p.dtype)
+                derivatives,
+                self.draw(seeds_again[i], (k, *p.shape), _offset(bases[i])).astype(p.dtype),
             ).astype(p.dtype)
             for i, p in enumerate(primals)
         ]
+
+
+def _offset(base: int) -> Array | None:
+    return np.uint32(base) if base else None  # type: ignore[return-value]
 
 
 def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero: Array) -> Array:
@@ -203,8 +286,11 @@ def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero:
 
 
 # A Rademacher draw (one hash, a few integer ops) is cheaper than a memory round trip, but
-# drawing again means more kernels per step, which is what a small model's step costs.
-_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=1 << 20)
+# drawing lazily means kernels per leaf, which is what a small model's step costs at run
+# time and (issue 20) at compile time. Stored up to 8 MiB of tangents (the 6-block
+# transformer's 4.8 MB; 1 MiB before issue 20): a store of that size is small next to a
+# step's activations, and the depth-32 MLP of the memory checks (9.4 MB) stays lazy.
+_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=8 << 20)
 # A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
 # sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
 _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
@@ -220,15 +306,21 @@ def hashed_distribution(name: Any, role: str) -> HashedTangents:
 
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
     # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I. The
-    # Gaussians are stored once: they feed the norm and every use of the tangents, and as
-    # a fusable expression XLA copied each leaf's draw into all of those kernels (compile
-    # time 8x jax.grad's on the transformer; values are bitwise the same).
-    word = jax.random.key_data(key).reshape(-1)
-    gaussians = [_interpreter.store_once(g, word) for g in _NORMAL(key, leaves, num_tangents)]
-    n = sum(math.prod(leaf.shape) for leaf in leaves)
-    sq_norm = sum(jnp.sum(g.reshape(num_tangents, -1) ** 2, axis=1) for g in gaussians)
-    scale = jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(sq_norm)
-    return [g * scale.reshape((num_tangents,) + (1,) * (g.ndim - 1)) for g in gaussians]
+    # Gaussians are one (K, n) draw, stored once, normalised by one reduction and sliced
+    # into the leaves: a draw (or a norm) per leaf is a generated kernel per leaf, and as a
+    # fusable expression XLA copied each leaf's draw into all of its consumers (compile
+    # time 8x jax.grad's on the transformer, 5x with the draws stored per leaf).
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    n = sum(sizes)
+    _random.check_counter_range((num_tangents, n))
+    seed = _random.seed_words(key, 1)[0]
+    g = _interpreter.store_once(_random.normal(seed, (num_tangents, n)), seed)
+    v = g * (jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(jnp.sum(g * g, axis=1, keepdims=True)))
+    offsets = np.cumsum([0, *sizes])
+    return [
+        v[:, a:b].reshape((num_tangents, *leaf.shape))
+        for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)
+    ]
 
 
 def _sample_orthogonal(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
@@ -258,9 +350,8 @@ def _sample_lowrank(
     key: Array, leaves: Sequence[Array], num_tangents: int, rank: int = 1
 ) -> list[Array]:
     """Dense view of the low-rank tangents (the estimator itself never forms them)."""
-    seeds = _random.seed_words(key, len(leaves))
     out = []
-    for (kind, *f), leaf in zip(_lowrank.draw_lowrank(seeds, leaves, num_tangents, rank), leaves):
+    for (kind, *f), leaf in zip(_lowrank.draw_lowrank(key, leaves, num_tangents, rank), leaves):
         if kind == "dense":
             out.append(f[0])
         else:
@@ -327,17 +418,7 @@ class _DrawnFirst(TangentStrategy[list[Array]]):
         return tangents, tangents
 
     def direction(self, fun, primals, context, inputs) -> Direction:
-        try:
-            value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
-        except TypeError:
-            # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
-            # primal definition instead. Any other error is the user's to see.
-            closed = jax.make_jaxpr(fun)(*primals)
-            if not _interpreter.has_custom_vjp(closed.jaxpr):
-                raise
-            schedule = _interpreter.schedule_for(primals)
-            (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, inputs, schedule)
-        return Direction(value, deriv, aux, None)
+        return dense_jvp(fun, primals, inputs)
 
     def combine(self, derivatives, primals, context, kept):
         return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(context, primals)]
