@@ -221,9 +221,10 @@ class HashedTangents(TangentStrategy[HashedContext]):
         draws = [self.lazy_draw(p, False, b) for p, b in zip(primals, bases)]
         if self.keeps(primals, schedule, num_tangents):
             flat = self._flat(key, primals, num_tangents)
-            # Each leaf stored again in its dtype (see _DrawnFirst.prepare); the key's word, not
-            # the seed, picks the divisor, else XLA merges the two stores and copies the draw
-            # into every leaf's kernel.
+            # Each leaf stored again in its dtype: with slices of the flat buffer as the JVP's
+            # operands the transformer compiled in 3x jax.grad's time, with the copies 1.75x.
+            # The key's word, not the seed, picks the divisor, else XLA merges the two stores
+            # and copies the draw into every leaf's kernel.
             word = jax.random.key_data(key).reshape(-1)
             stored = [
                 _interpreter.store_once(t.astype(p.dtype), word) for t, p in zip(flat, primals)
@@ -287,10 +288,11 @@ def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero:
 
 # A Rademacher draw (one hash, a few integer ops) is cheaper than a memory round trip, but
 # drawing lazily means kernels per leaf, which is what a small model's step costs at run
-# time and (issue 20) at compile time. Stored up to 8 MiB of tangents (the 6-block
-# transformer's 4.8 MB; 1 MiB before issue 20): a store of that size is small next to a
-# step's activations, and the depth-32 MLP of the memory checks (9.4 MB) stays lazy.
-_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=8 << 20)
+# time and (issue 20) at compile time. Stored up to 6 MiB of tangents (1 MiB before issue
+# 20), which takes in the 6-block transformer (4.8 MB: compile 4.2x -> ~1.7x jax.grad's)
+# and leaves out the paper's MLP (7.5 MB: its step ran 1.18x slower stored than lazy, paired
+# on the 2-core CPU) and the depth-32 MLP of the memory checks (9.4 MB).
+_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=6 << 20)
 # A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
 # sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
 _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
