@@ -119,14 +119,16 @@ class HashedTangents(TangentStrategy[HashedContext]):
       is what keeps the working memory flat in depth, at one generated kernel per leaf and
       use (compile time grows with the number of leaves).
 
-    Stored while the stored tangents take at most ``keep_below_bytes`` (K x parameters x
-    4 bytes) and the computation runs on one device (on several, XLA's SPMD pipeline
-    stores a kept draw twice); ``keep_below_bytes=0`` always draws lazily.
+    Stored while the store takes at most ``keep_below_bytes``: K x parameters x 8 bytes
+    (the flat float32 draw and its per-leaf copies are alive together), and the
+    computation runs on one device (on several, XLA's SPMD pipeline stores a kept draw
+    twice); ``keep_below_bytes=0`` always draws lazily.
 
     Attributes:
         name: ``"normal"`` or ``"rademacher"``.
         at: ``at(seed, counters) -> float32 draws``.
-        keep_below_bytes: Size of the K tangents (float32) up to which they are stored.
+        keep_below_bytes: Size of the store (K x parameters x 8 bytes) up to which the
+            tangents are stored.
         schedule: Overrides the ``_interpreter.Schedule`` chosen from the parameters'
             sharding (orders XLA's work; never changes a value).
     """
@@ -146,7 +148,7 @@ class HashedTangents(TangentStrategy[HashedContext]):
         """Whether the tangents of ``leaves`` are drawn once and stored (see the class)."""
         n = sum(math.prod(leaf.shape) for leaf in leaves)
         return (
-            4 * num_tangents * n <= self.keep_below_bytes
+            8 * num_tangents * n <= self.keep_below_bytes
             and schedule.anchor_draws
             and num_tangents * n < 2**32
         )
@@ -288,13 +290,14 @@ def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero:
 
 # A Rademacher draw (one hash, a few integer ops) is cheaper than a memory round trip, but
 # drawing lazily means kernels per leaf, which is what a small model's step costs at run
-# time and (issue 20) at compile time. Stored up to 6 MiB of tangents (1 MiB before issue
-# 20), which takes in the 6-block transformer (4.8 MB: compile 4.2x -> ~1.7x jax.grad's)
-# and leaves out the paper's MLP (7.5 MB: its step ran 1.18x slower stored than lazy, paired
-# on the 2-core CPU) and the depth-32 MLP of the memory checks (9.4 MB).
-_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=6 << 20)
-# A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
-# sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
+# time and (issue 20) at compile time. Stored up to 6 MiB of tangents (12 MiB of store; 1
+# MiB of tangents before issue 20), which takes in the 6-block transformer (4.8 MB: compile
+# 4.3x -> 1.8x jax.grad's) and leaves out the paper's MLP (7.5 MB: its step ran 1.18x slower
+# stored than lazy, paired on the 2-core CPU) and the depth-32 MLP of the memory checks.
+_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=12 << 20)
+# A Gaussian draw (a log, a sqrt, a polynomial) is stored while the store fits in cache-
+# sized memory, drawn again beyond (docs/engineering_log.md has the measurements). 16 MiB
+# of store is 8 MiB of tangents (16 MiB of tangents, kept per leaf, before issue 20).
 _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
 HASHED: dict[str, HashedTangents] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
 
