@@ -79,11 +79,12 @@ def dense_jvp(fun: Callable[..., Any], primals: list[Array], tangents: Any) -> D
     """
     try:
         value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(tangents), has_aux=True)
-    except TypeError:
+    except TypeError as err:
         # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
-        # primal definition instead. Any other error is the user's to see.
+        # primal definition instead, or names the operation that hides it (a scan body).
+        # Any other error is the user's to see.
         closed = jax.make_jaxpr(fun)(*primals)
-        if not _interpreter.has_custom_vjp(closed.jaxpr):
+        if not _interpreter.has_custom_vjp(closed.jaxpr) and "custom_vjp" not in str(err):
             raise
         schedule = _interpreter.schedule_for(primals)
         (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, tangents, schedule)
