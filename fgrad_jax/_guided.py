@@ -49,6 +49,7 @@ class GuidedContext(NamedTuple):
     """What :class:`Guided` prepares (``c_k = ĝ·u_k``, ``scale = λ`` or 1 without a guess)."""
 
     seeds: Array
+    bases: list[int]  # each leaf's first counter (_random.leaf_streams)
     draws: list[Callable[[Array, Array], Array]]
     unit: list[Array]
     c: Any  # (K,) float32
@@ -98,23 +99,24 @@ class Guided(TangentStrategy[GuidedContext]):
 
     def prepare(self, key, primals, num_tangents, selection: Selection):
         unit, has_guess = self._unit_guess(primals, selection)
-        seeds = _random.seed_words(key, len(primals))
+        # The K isotropic tangents are those of `base` for the same key (one stream).
+        seeds, bases = _random.leaf_streams(key, [p.size for p in primals], num_tangents)
         for p in primals:  # tangent K (the guess) also takes a counter range
             _random.check_counter_range((num_tangents + 1, *p.shape))
         # c_k = ĝ·u_k, one reduction over the draws (fused, not stored).
         c = sum(
             jnp.sum(
-                (self.base.draw(seeds[i], (num_tangents, *p.shape)) * unit[i]).reshape(
-                    num_tangents, -1
-                ),
+                (
+                    self.base.draw(seeds[i], (num_tangents, *p.shape), _base(bases[i])) * unit[i]
+                ).reshape(num_tangents, -1),
                 axis=1,
             )
             for i, p in enumerate(primals)
         )
         scale = jnp.where(has_guess, jnp.float32(self.residual_scale), jnp.float32(1.0))
         schedule = _interpreter.schedule_for(primals)
-        draws = [self.base.lazy_draw(p, keep=False) for p in primals]
-        context = GuidedContext(seeds, draws, unit, c, scale, schedule, num_tangents)
+        draws = [self.base.lazy_draw(p, False, b) for p, b in zip(primals, bases)]
+        context = GuidedContext(seeds, bases, draws, unit, c, scale, schedule, num_tangents)
         return jnp.arange(num_tangents + 1, dtype=jnp.uint32), context
 
     def direction(self, fun, primals, context: GuidedContext, k) -> Direction:
@@ -135,12 +137,16 @@ class Guided(TangentStrategy[GuidedContext]):
         gamma = derivatives[context.num_tangents]
         projected = derivatives[: context.num_tangents] - c * gamma  # ∇f·P u_k
         # (1/K) Σ d_k u_k, the u_k drawn again from their seeds.
-        residual = self.base.estimate_from_seeds(projected, primals, context.seeds)
+        residual = self.base.estimate_from_seeds(projected, primals, context.seeds, context.bases)
         coef = gamma - scale * jnp.mean(projected * c)  # the ĝ part of γĝ + λ(1/K)Σ d_k P u_k
         return [
             (scale * r.astype(jnp.float32) + coef * g).astype(p.dtype)
             for r, g, p in zip(residual, unit, primals)
         ]
+
+
+def _base(base: int) -> Any:
+    return np.uint32(base) if base else None
 
 
 def guided(guess: Any, *, residual_scale: float = 0.1, distribution: str = "rademacher") -> Guided:

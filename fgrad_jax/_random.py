@@ -5,11 +5,11 @@ step when it draws one number per parameter (20M normals: ~230-275 ms on a 2-cor
 against ~7-13 ms for a 64x4096x4096 matmul). A forward gradient needs one number per
 parameter per step, so the tangent generator must be cheap.
 
-Here every number is a pure function of ``(seed words, counter)``: the counter is the
-element's flat index in the ``(K, *leaf.shape)`` tangent array and the two seed words of
-each leaf come from ``jax.random.bits(key, (n_leaves, 2))`` (threefry, a handful of
-numbers), so leaves, steps and keys get independent streams and typed and legacy keys
-both work. The per-element hash is a keyed Weyl sequence ``c * (s1 | 1) + s0`` (a
+Here every number is a pure function of ``(seed words, counter)``: the two seed words are
+hashed from the key (:func:`seed_words`), and the leaves of one step are consecutive
+counter ranges of one stream (:func:`leaf_streams`: leaf ``i``'s ``(K, *leaf.shape)``
+tangent array starts at ``K·off_i``), so leaves, steps and keys get independent numbers
+and typed and legacy keys both work. The per-element hash is a keyed Weyl sequence ``c * (s1 | 1) + s0`` (a
 different odd increment per stream, so two streams are never shifted copies of each
 other) followed by Wellons' ``lowbias32`` finaliser (a bijection of uint32 with very low
 avalanche bias). It is elementwise integer arithmetic (iota, multiply, xor, shift), so XLA
@@ -84,6 +84,26 @@ def _derive(key: Array, tags: Array, n_words: int, domain: np.uint32) -> Array:
 def seed_words(key: Array, n: int) -> Array:
     """``(n, 2)`` uint32 seed words, one pair per leaf, hashed from ``key``."""
     return _derive(key, jnp.arange(n, dtype=jnp.uint32), 2, _LEAF_SEEDS)
+
+
+def leaf_streams(key: Array, sizes: list[int], num_tangents: int) -> tuple[Array, list[int]]:
+    """``(seeds (n, 2), bases)``: where the K tangents of each of ``n`` leaves are drawn.
+
+    Leaf ``i``'s tangent ``k``, element ``j``, is the draw at counter ``bases[i] + k·n_i + j``
+    with ``seeds[i]``. While all ``K·N`` counters fit in uint32 every leaf shares one seed
+    and ``bases[i] = K·off_i`` (``off_i`` the leaf's offset in the flattened parameters):
+    the leaves are consecutive ranges of one stream, so all of them can be drawn as one
+    kernel and sliced (XLA compiles one kernel, not one per leaf). Beyond that each leaf
+    gets its own hashed seed and base 0 (the counter range is then per leaf).
+    """
+    n = len(sizes)
+    if num_tangents * sum(sizes) >= 2**32:
+        return seed_words(key, n), [0] * n
+    bases, start = [], 0
+    for size in sizes:
+        bases.append(num_tangents * start)
+        start += size
+    return jnp.broadcast_to(seed_words(key, 1), (n, 2)), bases
 
 
 def fold_in(key: Array, tags: Array | int) -> Array:

@@ -14,6 +14,7 @@ perturbed copy of the parameters whatever ``num_samples`` is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -86,17 +87,22 @@ class SPSA(TangentStrategy[Array]):
 
     def prepare(self, key, primals, num_tangents, selection: Selection):
         del selection
-        for p in primals:  # counter of sample k, element j: k * size + j (uint32)
+        for p in primals:  # counter of sample k, element j: base + k * size + j (uint32)
             _random.check_counter_range((num_tangents, *p.shape))
-        return jnp.arange(num_tangents, dtype=jnp.uint32), _random.seed_words(key, len(primals))
+        # The z_k are the hashed tangents of the same key (one stream, see leaf_streams).
+        seeds, bases = _random.leaf_streams(key, [p.size for p in primals], num_tangents)
+        return jnp.arange(num_tangents, dtype=jnp.uint32), (seeds, tuple(bases))
 
-    def _one(self, fun: Callable, primals: list[Array], seeds: Array, k: Array):
+    def _one(self, fun: Callable, primals: list[Array], seeds: Array, k: Array, bases: tuple = ()):
         eps = jnp.asarray(self.epsilon, jnp.float32)
         # The counters of tangent k (bitwise those of HashedTangents.draw). The fake zero
         # from k makes the element counters depend on the sample, so that XLA does not hoist
         # them out of the loop over samples into a stored parameter-sized array.
         zero = _interpreter.fake_zero(k)
-        counters = [_sample_counters(p.shape, zero, k) for p in primals]
+        counters = [
+            _sample_counters(p.shape, zero, k) + np.uint32(b)
+            for p, b in zip(primals, bases or (0,) * len(primals))
+        ]
 
         def at(sign):
             moved = []
@@ -111,7 +117,8 @@ class SPSA(TangentStrategy[Array]):
         return 0.5 * (plus + minus), (plus - minus) / (2 * eps), aux
 
     def direction(self, fun, primals, context, k) -> Direction:
-        one = self._one
+        seeds, bases = context
+        one = functools.partial(self._one, bases=bases)
 
         @jax.custom_batching.custom_vmap
         def sample(primals, seeds, k):
@@ -133,12 +140,13 @@ class SPSA(TangentStrategy[Array]):
             out = (jnp.mean(values), derivs, aux)
             return out, (False, True, jax.tree_util.tree_map(lambda _: False, aux))
 
-        value, deriv, aux = sample(list(primals), context, k)
+        value, deriv, aux = sample(list(primals), seeds, k)
         return Direction(value, deriv, aux, None)
 
     def combine(self, derivatives, primals, context, kept):
         # The hashed tangents' own redraw-from-seed update: the same z, drawn a second time.
-        return self.perturbation.estimate_from_seeds(derivatives, primals, context)
+        seeds, bases = context
+        return self.perturbation.estimate_from_seeds(derivatives, primals, seeds, list(bases))
 
 
 def spsa(epsilon: float = 1e-3, *, distribution: str = "rademacher") -> SPSA:

@@ -29,16 +29,24 @@ for Gaussian tangents. It is also the cheapest to draw; we recommend it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fgrad_jax import _interpreter, _lowrank, _random, _sharding
+from fgrad_jax._hashed import (  # noqa: F401  (HashedContext, _k_axis: re-exported)
+    _NORMAL,
+    _RADEMACHER,
+    HASHED,
+    HashedContext,
+    HashedTangents,
+    _k_axis,
+    dense_jvp,
+)
 from fgrad_jax._strategy import Direction, Selection, TangentStrategy, mean_of_products
 
 Array = jax.Array
@@ -60,157 +68,6 @@ not floating point are ignored.
 """
 
 
-def _k_axis(leaf: Array) -> int:
-    """Where the K tangents of a leaf are stacked: before a kernel's last (output) axis.
-
-    Under vmap a batched ``x @ W`` folds K into W's free dimensions; with K next to the
-    output axis, ``(in, K, out)`` is already the ``(in, K·out)`` matrix XLA multiplies, so
-    no transposing copy of the K tangents is needed.
-    """
-    return leaf.ndim - 1 if leaf.ndim >= 2 else 0
-
-
-class HashedContext(NamedTuple):
-    """What :class:`HashedTangents` prepares: two seed words per leaf, each leaf's lazy
-    draw, whether the draws are kept for the update, and the interpreter's schedule."""
-
-    seeds: Array
-    draws: list[Callable[[Array, Array], Array]]
-    keep: bool
-    schedule: _interpreter.Schedule
-
-
-@dataclasses.dataclass(frozen=True)
-class HashedTangents(TangentStrategy[HashedContext]):
-    """Elementwise tangents drawn by the counter-based hash of ``_random`` (normal, rademacher).
-
-    A draw is a pure function of two uint32 seed words per leaf and a counter per element,
-    so the tangents are drawn inside the JVP right before the operation that uses them
-    (lazily, see ``_interpreter.LazyTangent``) and, for the update, either kept or drawn
-    *again* bitwise the same (MeZO's regenerate-from-seed trick). Keeping costs a memory
-    round trip per element, drawing again a second draw: tangents are kept only while the
-    differentiated parameters take at most ``keep_below_bytes`` (in float32) and the
-    computation runs on one device (on several, XLA's SPMD pipeline stores a kept draw
-    twice).
-
-    Attributes:
-        name: ``"normal"`` or ``"rademacher"``.
-        at: ``at(seed, counters) -> float32 draws``.
-        keep_below_bytes: Parameter size up to which the tangents are kept for the update.
-        schedule: Overrides the ``_interpreter.Schedule`` chosen from the parameters'
-            sharding (orders XLA's work; never changes a value).
-    """
-
-    name: str
-    at: Callable[[Array, Array], Array]
-    keep_below_bytes: int
-    schedule: _interpreter.Schedule | None = None
-
-    def draw(self, seed: Array, shape: tuple[int, ...], offset: Array | None = None) -> Array:
-        """Draws of ``shape``; ``offset = k * leaf.size`` gives tangent ``k`` of a leaf."""
-        return self.at(seed, _random.counters(shape, offset))
-
-    def keeps(self, leaves: Sequence[Array], schedule: _interpreter.Schedule) -> bool:
-        """Whether the tangents of ``leaves`` are kept between the JVP and the update."""
-        size = 4 * sum(math.prod(leaf.shape) for leaf in leaves)
-        return size <= self.keep_below_bytes and schedule.anchor_draws
-
-    def __call__(self, key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
-        """The dense ``(K, *leaf.shape)`` tangents the estimator draws for ``key``."""
-        seeds = _random.seed_words(key, len(leaves))
-        return [self.draw(seeds[i], (num_tangents, *leaf.shape)) for i, leaf in enumerate(leaves)]
-
-    def lazy_draw(self, leaf: Array, keep: bool) -> Callable[[Array, Array], Array]:
-        """``draw(seed, k)``: tangent ``k`` of ``leaf``, and all K of them in one draw under vmap.
-
-        Its batching rule draws the K tangents in one array with the K axis where the
-        batched matmul wants it (``_k_axis``; with K first XLA added a transposing copy and
-        fused the draw into it as a slow loop). Under that vmap ``seed`` carries the fake
-        zero of the consuming op, so its K copies are equal and the first one is used.
-        """
-        shape, size, axis = leaf.shape, np.uint32(max(leaf.size, 1)), _k_axis(leaf)
-
-        def finish(t, seed):
-            # A kept draw is computed once into a buffer (otherwise XLA duplicates the
-            # elementwise draw into each consumer).
-            t = _interpreter.store_once(t, seed) if keep else t
-            return t.astype(leaf.dtype)
-
-        @jax.custom_batching.custom_vmap
-        def draw(seed, k):
-            return finish(self.draw(seed, shape, k * size), seed)
-
-        @draw.def_vmap
-        def _draw_all(axis_size, in_batched, seed, k):
-            del axis_size
-            seed_batched, k_batched = in_batched
-            if seed_batched:
-                seed = seed[0]
-            if not k_batched:
-                return draw(seed, k), False
-            stacked = self.at(seed, _random.stacked_counters(shape, axis, k))
-            return jnp.moveaxis(finish(stacked, seed), axis, 0), True
-
-        return draw
-
-    def prepare(self, key, primals, num_tangents, selection: Selection):
-        del selection
-        seeds = _random.seed_words(key, len(primals))
-        for p in primals:  # the counter of tangent k, element j is k * size + j (uint32)
-            _random.check_counter_range((num_tangents, *p.shape))
-        schedule = self.schedule or _interpreter.schedule_for(primals)
-        keep = self.keeps(primals, schedule)
-        draws = [self.lazy_draw(p, keep) for p in primals]
-        context = HashedContext(seeds, draws, keep, schedule)
-        return jnp.arange(num_tangents, dtype=jnp.uint32), context
-
-    def direction(self, fun, primals, context: HashedContext, k) -> Direction:
-        lazy = [
-            _interpreter.LazyTangent(functools.partial(_draw_at, draw, seed, k))
-            for draw, seed in zip(context.draws, context.seeds)
-        ]
-        (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, lazy, context.schedule)
-        kept = [t.materialize() for t in lazy] if context.keep else None
-        return Direction(value, deriv, aux, kept)
-
-    def combine(self, derivatives, primals, context: HashedContext, kept):
-        if not context.keep:
-            return self.estimate_from_seeds(derivatives, primals, context.seeds)
-        return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(kept, primals)]
-
-    def estimate_from_seeds(
-        self, derivatives: Array, primals: list[Array], seeds: Array
-    ) -> list[Array]:
-        """``(1/K) Σ_k d_k v_k`` per leaf, the ``v_k`` drawn again from their ``seeds``.
-
-        Drawn where the estimate is consumed (under jit the draw fuses into the optimizer's
-        update) instead of kept alive through the JVP. The fake zero from the derivatives
-        stops CSE from merging the two draws into one stored buffer and orders the second
-        draw after the JVP.
-        """
-        seeds_again = seeds ^ _interpreter.fake_zero(derivatives)
-        k = derivatives.shape[0]
-        return [
-            mean_of_products(
-                derivatives, self.draw(seeds_again[i], (k, *p.shape)).astype(p.dtype)
-            ).astype(p.dtype)
-            for i, p in enumerate(primals)
-        ]
-
-
-def _draw_at(draw: Callable[[Array, Array], Array], seed: Array, k: Array, zero: Array) -> Array:
-    return draw(seed ^ zero, k)
-
-
-# A Rademacher draw (one hash, a few integer ops) is cheaper than a memory round trip, but
-# drawing again means more kernels per step, which is what a small model's step costs.
-_RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_bytes=1 << 20)
-# A Gaussian draw (a log, a sqrt, a polynomial) is kept while the parameters fit in cache-
-# sized memory, drawn again beyond (docs/engineering_log.md has the measurements).
-_NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
-HASHED: dict[str, HashedTangents] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
-
-
 def hashed_distribution(name: Any, role: str) -> HashedTangents:
     """The counter-hash distribution called ``name``; ``role`` says what it is drawn for."""
     if name not in HASHED:
@@ -220,15 +77,21 @@ def hashed_distribution(name: Any, role: str) -> HashedTangents:
 
 def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
     # Uniform direction on the sphere of radius sqrt(n): E[v vᵀ] = n · E[u uᵀ] = I. The
-    # Gaussians are stored once: they feed the norm and every use of the tangents, and as
-    # a fusable expression XLA copied each leaf's draw into all of those kernels (compile
-    # time 8x jax.grad's on the transformer; values are bitwise the same).
-    word = jax.random.key_data(key).reshape(-1)
-    gaussians = [_interpreter.store_once(g, word) for g in _NORMAL(key, leaves, num_tangents)]
-    n = sum(math.prod(leaf.shape) for leaf in leaves)
-    sq_norm = sum(jnp.sum(g.reshape(num_tangents, -1) ** 2, axis=1) for g in gaussians)
-    scale = jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(sq_norm)
-    return [g * scale.reshape((num_tangents,) + (1,) * (g.ndim - 1)) for g in gaussians]
+    # Gaussians are one (K, n) draw, stored once, normalised by one reduction and sliced
+    # into the leaves: a draw (or a norm) per leaf is a generated kernel per leaf, and as a
+    # fusable expression XLA copied each leaf's draw into all of its consumers (compile
+    # time 8x jax.grad's on the transformer, 5x with the draws stored per leaf).
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    n = sum(sizes)
+    _random.check_counter_range((num_tangents, n))
+    seed = _random.seed_words(key, 1)[0]
+    g = _interpreter.store_once(_random.normal(seed, (num_tangents, n)), seed)
+    v = g * (jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(jnp.sum(g * g, axis=1, keepdims=True)))
+    offsets = np.cumsum([0, *sizes])
+    return [
+        v[:, a:b].reshape((num_tangents, *leaf.shape))
+        for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)
+    ]
 
 
 def _sample_orthogonal(key: Array, leaves: Sequence[Array], num_tangents: int) -> list[Array]:
@@ -258,9 +121,8 @@ def _sample_lowrank(
     key: Array, leaves: Sequence[Array], num_tangents: int, rank: int = 1
 ) -> list[Array]:
     """Dense view of the low-rank tangents (the estimator itself never forms them)."""
-    seeds = _random.seed_words(key, len(leaves))
     out = []
-    for (kind, *f), leaf in zip(_lowrank.draw_lowrank(seeds, leaves, num_tangents, rank), leaves):
+    for (kind, *f), leaf in zip(_lowrank.draw_lowrank(key, leaves, num_tangents, rank), leaves):
         if kind == "dense":
             out.append(f[0])
         else:
@@ -327,17 +189,7 @@ class _DrawnFirst(TangentStrategy[list[Array]]):
         return tangents, tangents
 
     def direction(self, fun, primals, context, inputs) -> Direction:
-        try:
-            value, deriv, aux = jax.jvp(fun, tuple(primals), tuple(inputs), has_aux=True)
-        except TypeError:
-            # jax.jvp refuses custom_vjp functions; the interpreter differentiates their
-            # primal definition instead. Any other error is the user's to see.
-            closed = jax.make_jaxpr(fun)(*primals)
-            if not _interpreter.has_custom_vjp(closed.jaxpr):
-                raise
-            schedule = _interpreter.schedule_for(primals)
-            (value, aux), (deriv, _) = _interpreter.structured_jvp(fun, primals, inputs, schedule)
-        return Direction(value, deriv, aux, None)
+        return dense_jvp(fun, primals, inputs)
 
     def combine(self, derivatives, primals, context, kept):
         return [mean_of_products(derivatives, t).astype(p.dtype) for t, p in zip(context, primals)]

@@ -3,9 +3,12 @@ machine, within a rounding-level tolerance across CPUs).
 
 ``tests/data/golden_estimates.npz`` was written by ``python tests/golden_estimates.py``
 (one device). First at commit 5f7ee5c, before the estimator was split into tangent
-strategies (the split left every entry bitwise unchanged); rewritten once since, on purpose,
+strategies (the split left every entry bitwise unchanged); rewritten twice since, on purpose:
 when the per-leaf seeds and the transformation's step keys changed from threefry
-(``jax.random.bits``/``split``) to the integer hash of ``_random.fold_in`` (issue 11).
+(``jax.random.bits``/``split``) to the integer hash of ``_random.fold_in`` (issue 11), and
+when the leaves' tangents became consecutive ranges of one counter stream with one seed
+(``_random.leaf_streams``, issue 20: normal, rademacher, sphere, low-rank and transform
+entries redrawn, same laws; orthogonal moved by 8.6e-8 of its scale, user not at all).
 ``test_golden.py`` recomputes every entry, with one device (subprocess) and with the test
 suite's eight, and compares within :data:`RELATIVE_TOLERANCE` of each entry's largest
 magnitude: XLA:CPU emits different code per instruction set (AVX2 vs AVX-512), so results

@@ -205,3 +205,32 @@ def test_bf16_leaves_and_counter_range_error():
         assert g["w"].dtype == jnp.bfloat16 and g["b"].dtype == jnp.float32
     with pytest.raises(ValueError, match="2\\*\\*32"):
         _random.hash_bits(jnp.array([1, 2], jnp.uint32), (1 << 16, 1 << 16))
+
+
+@pytest.mark.parametrize("name", ["rademacher", "normal"])
+def test_lazy_per_leaf_draws_equal_the_one_flat_draw(name):
+    """Issue 20: the leaves are consecutive ranges of one stream, so the lazy per-leaf draws
+    (each leaf's seed and counter base) and the single stored draw give bitwise the same
+    tangents, one seed for all leaves, a leaf's K tangents at ``K·offset``."""
+    leaves = [jnp.zeros((3, 5)), jnp.zeros((7,), jnp.bfloat16), jnp.zeros((2, 2, 4))]
+    key, k = jax.random.key(9), 3
+    strategy = HASHED[name]
+    flat = strategy(key, leaves, k)
+    seeds, bases = _random.leaf_streams(key, [leaf.size for leaf in leaves], k)
+    assert bases == [0, 3 * 15, 3 * 22]
+    assert (np.asarray(seeds) == np.asarray(seeds[0])).all()
+    for i, leaf in enumerate(leaves):
+        draw = strategy.lazy_draw(leaf, False, bases[i])
+        lazy = jax.vmap(lambda kk, i=i, draw=draw: draw(seeds[i], kk))(
+            jnp.arange(k, dtype=jnp.uint32)
+        )
+        np.testing.assert_array_equal(lazy, flat[i].astype(leaf.dtype))
+
+
+def test_leaf_streams_past_the_counter_range_give_each_leaf_its_own_seed():
+    """Where ``K·N`` counters overflow uint32 one stream would repeat: each leaf then gets
+    its own hashed seed and its own counter range (no array of that size is built here)."""
+    seeds, bases = _random.leaf_streams(jax.random.key(0), [2**31, 2**31], 1)
+    assert bases == [0, 0]
+    np.testing.assert_array_equal(seeds, _random.seed_words(jax.random.key(0), 2))
+    assert not (np.asarray(seeds[0]) == np.asarray(seeds[1])).all()

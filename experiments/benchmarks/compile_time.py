@@ -4,7 +4,9 @@ For the 6-block nnx transformer of ``benchmarks/transformer.py`` and the depth-3
 the memory results, each program is lowered and compiled ``rounds`` times in a random
 order per round, with :func:`jax.clear_caches` before every compile (JAX otherwise returns
 the cached executable); the report gives median seconds, the paired ratio to ``jax.grad``
-of the same round, and the optimised program's instruction count (lowering is not timed)::
+of the same round, the same for the compiling process's CPU time (all its threads: less
+sensitive than wall time to other jobs on a shared machine) and the optimised program's
+instruction count (lowering is not timed)::
 
     python -m experiments.benchmarks.compile_time --out experiments/results/compile_time_cpu.json
 """
@@ -85,6 +87,7 @@ def run_model(name: str, cfg: Config) -> dict:
         )
         programs[tangent] = (estimate, (key, params))
     seconds: dict[str, list[float]] = {n: [] for n in programs}
+    cpu: dict[str, list[float]] = {n: [] for n in programs}
     sizes = {}
     for r in range(cfg.rounds):
         order = list(programs)
@@ -95,27 +98,40 @@ def run_model(name: str, cfg: Config) -> dict:
             jax.clear_caches()
             fn, args = programs[n]
             lowered = jax.jit(fn).lower(*args)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             compiled = lowered.compile()
             seconds[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
             sizes[n] = instructions(compiled)
     rows = {}
     for n, ts in seconds.items():
         ratios = [t / g for t, g in zip(ts, seconds["jax.grad"])]
-        rows[n] = {"seconds": median(ts), "over_grad": median(ratios), "instructions": sizes[n]}
+        cpu_ratios = [t / g for t, g in zip(cpu[n], cpu["jax.grad"])]
+        rows[n] = {
+            "seconds": median(ts),
+            "over_grad": median(ratios),
+            "cpu_seconds": median(cpu[n]),
+            "cpu_over_grad": median(cpu_ratios),
+            "instructions": sizes[n],
+        }
     return {"model": name, "rounds": cfg.rounds, "rows": rows}
 
 
 def table(result: dict) -> str:
     lines = [
-        "| model | program | compile s | / jax.grad | HLO instructions |",
-        "|---|---|---|---|---|",
+        "| model | program | compile s | / jax.grad | CPU s | CPU / jax.grad | HLO instructions |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
         for n, row in m["rows"].items():
+            cpu = (
+                f"{row['cpu_seconds']:.2f} | {row['cpu_over_grad']:.2f}"
+                if "cpu_seconds" in row
+                else "- | -"
+            )
             lines.append(
                 f"| {m['model']} | {n} | {row['seconds']:.2f} | {row['over_grad']:.2f} | "
-                f"{row['instructions']:,} |"
+                f"{cpu} | {row['instructions']:,} |"
             )
     return "\n".join(lines)
 
