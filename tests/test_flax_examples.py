@@ -206,11 +206,13 @@ def test_linen_resnet_with_batchnorm():
     assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
     # Running statistics work in eval: the trained ones give a sensible eval-mode loss,
     # the initial ones (mean 0, variance 1) on the same weights are off by orders of
-    # magnitude. (Over 12 tangent seeds: 1.2-2.7 against 1,600-44,000; the eval loss alone
-    # is seed-dependent at this learning rate, so it is not compared to chance.)
+    # magnitude. (Over 12 tangent seeds: 1.2-2.7 against 1,600-44,000 with one tangent
+    # stream per leaf; 1.4-3.2 against 600-15,600 with one stream for all leaves, 3.2 at
+    # this test's seed. The eval loss alone is seed-dependent at this learning rate, so it
+    # is not compared to chance; the bar only catches a broken evaluation.)
     trained = eval_loss(state)
     stale = eval_loss(state.replace(batch_stats=initial_stats))
-    assert np.isfinite(trained) and trained < 3.0 and trained < 0.01 * stale, (trained, stale)
+    assert np.isfinite(trained) and trained < 4.0 and trained < 0.01 * stale, (trained, stale)
 
 
 # --- nnx: the MNIST tutorial's CNN with BatchNorm and Dropout --------------------------
