@@ -3,6 +3,7 @@ layout of the loss columns, and the tangent strategy's base distribution."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -71,19 +72,21 @@ class Layout(NamedTuple):
     aux: Any  # LocalAux of ShapeDtypeStructs (forward_gradient's aux_example)
     coupled: bool  # an example's losses depend on other examples (BatchNorm in training)
 
-    def starts(self) -> list[int]:
-        """Per block (the last: the model's own), its first loss column."""
-        sizes = [int(np.prod(grid, dtype=np.int64)) * g for grid, g in self.splits] + [1]
-        return [int(v) for v in np.cumsum([0, *sizes[:-1]])]
-
     def spec(self, block: int, split: bool) -> int | Columns:
-        start = self.starts()[block]
-        if (
-            block == len(self.splits)
-            or int(np.prod(self.splits[block][0])) * self.splits[block][1] == 1
-        ):
-            return start
-        return Columns(start, *self.splits[block], split)
+        return column_spec(self.splits, block, split)
+
+
+def column_spec(
+    splits: Sequence[tuple[tuple[int, ...], int]], block: int, split: bool
+) -> int | Columns:
+    """Block ``block``'s loss columns, given every tapped block's ``(patch grid, groups)``:
+    its one column, or the :class:`Columns` of its patches and groups (``split``: scored per
+    column). ``block == len(splits)`` is the model's own loss, the last column."""
+    sizes = [int(np.prod(grid, dtype=np.int64)) * g for grid, g in splits] + [1]
+    start = sum(sizes[:block])
+    if sizes[block] == 1:
+        return start
+    return Columns(start, *splits[block], split)
 
 
 def accuracy(out: Array, y: Array) -> Array:

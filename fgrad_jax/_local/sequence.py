@@ -23,9 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fgrad_jax._activity import ActivityPerturbation, Columns
+from fgrad_jax._activity import ActivityPerturbation
 from fgrad_jax._local import split as _split
-from fgrad_jax._local.common import LocalAux, accuracy, local_tangent_base
+from fgrad_jax._local.common import LocalAux, accuracy, column_spec, local_tangent_base
 from fgrad_jax._local.heads import apply_head, head_kind, init_head
 from fgrad_jax._local.taps import stand_in_batch, stand_ins
 from fgrad_jax._transform import forward_gradient
@@ -54,7 +54,6 @@ class LocalLosses:
         # Set only on the copy that init returns; never changed afterwards.
         self._heads: list[Any] | None = None  # per block: None (none), "default" or a module
         self._layout: list[tuple[tuple[int, ...], int]] | None = None  # (patch grid, groups)
-        self._starts: list[int] = []  # per block: its first loss column
         self._not_separable: dict[int, str] = {}  # block -> why activations can't split it
         self._split_leaves: frozenset[int] = frozenset()  # leaves scored per patch/group
         self._split_paths: tuple[str, ...] = ()
@@ -108,27 +107,25 @@ class LocalLosses:
         bound = copy.copy(self)
         bound._heads = kinds
         found = self._split_layout(kinds, x, params)
-        bound._layout, bound._starts, bound._not_separable, bound._split_leaves = found
+        bound._layout, bound._not_separable, bound._split_leaves = found
         paths = [
             jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
         ]
-        bound._split_paths = tuple(paths[n] for n in sorted(found[3]))
+        bound._split_paths = tuple(paths[n] for n in sorted(found[2]))
         return {"blocks": params, "heads": heads}, bound
 
     def _split_layout(
         self, kinds: list[Any], x: Array, params: list[Any]
-    ) -> tuple[list[tuple[tuple[int, ...], int]], list[int], dict[int, str], frozenset[int]]:
-        """Patch/group layout per block, its first column, why a split block cannot be
-        scored per column (per block), and which leaves are (indices over all blocks)."""
-        layout, starts, start = [], [], 0
+    ) -> tuple[list[tuple[tuple[int, ...], int]], dict[int, str], frozenset[int]]:
+        """Patch/group layout per block, why a split block cannot be scored per column (per
+        block), and which leaves are (indices over all blocks)."""
+        layout: list[tuple[tuple[int, ...], int]] = []
         h = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
         for i, block in enumerate(self.blocks):
             h = jax.eval_shape(block.apply, params[i], h)
             head = "none" if kinds[i] is None else "default" if kinds[i] == "default" else "custom"
             grid, g = _split.block_layout(i, h.shape, self.patches, self.groups_per_block, head)
             layout.append((grid, g))
-            starts.append(start)
-            start += int(np.prod(grid, dtype=np.int64)) * g
         scalar = self.patches is not None and not isinstance(self.patches, list)
         if scalar and self.patches != 1 and all(int(np.prod(grid)) == 1 for grid, _ in layout):
             raise ValueError(
@@ -137,7 +134,7 @@ class LocalLosses:
             )
         split_blocks = [i for i, (grid, g) in enumerate(layout) if int(np.prod(grid)) * g > 1]
         if not split_blocks:
-            return layout, starts, {}, frozenset()
+            return layout, {}, frozenset()
         leaves, treedef = jax.tree_util.tree_flatten(params)
         block_of_leaf = [i for i, p in enumerate(params) for _ in jax.tree_util.tree_leaves(p)]
 
@@ -168,7 +165,7 @@ class LocalLosses:
                     "or group of their outputs moves others of the block output (e.g. "
                     "overlapping pooling, a norm over channels)"
                 )
-        return layout, starts, problems, found.split
+        return layout, problems, found.split
 
     def _head(self, i: int, params: Any, h: Array) -> Array:
         return apply_head(self._check_init()[i], params, h)
@@ -233,20 +230,18 @@ class LocalLosses:
         """The loss column of every parameter leaf: its block's index, or for a block split
         into patches/groups a :class:`~fgrad_jax._activity.Columns` naming its columns."""
         self._check_init()
+        layout = self.layout
         sizes = [len(jax.tree_util.tree_leaves(p)) for p in params["blocks"]]
         offsets = np.cumsum([0, *sizes[:-1]])
 
         def specs(part: str, i: int, tree: Any) -> Any:
-            grid, g = self.layout[i]
             leaves, treedef = jax.tree_util.tree_flatten(tree)
-            if int(np.prod(grid)) * g == 1:
-                return jax.tree_util.tree_unflatten(treedef, [self._starts[i]] * len(leaves))
             split = [
                 part == "blocks" and offsets[i] + n in self._split_leaves
                 for n in range(len(leaves))
             ]
             return jax.tree_util.tree_unflatten(
-                treedef, [Columns(self._starts[i], grid, g, bool(f)) for f in split]
+                treedef, [column_spec(layout, i, bool(f)) for f in split]
             )
 
         return {
