@@ -57,6 +57,10 @@ def test_parse_method_names_and_errors():
     assert parse_method("local_a_k1").perturb == "activations"
     assert parse_method("local_w_k4").perturb == "weights"
     assert not parse_method("backprop").forward_only
+    # The local losses' exact gradient is a reference (backprop inside each block), never
+    # a candidate for the best method without a backward pass.
+    assert parse_method("local_bp_splitall").family == "local_bp"
+    assert not parse_method("local_bp").forward_only
     with pytest.raises(ValueError, match="unknown method 'fg_sphere_k1'"):
         parse_method("fg_sphere_k1")
 
@@ -153,6 +157,8 @@ def test_resnet_local_variants_by_name():
     assert resnet_local_options("local_a_layer_k16")["batch_coupling"] == "per_example"
     assert resnet_local_options("local_a_split_k16") == {"boundaries": nn.BatchNorm, "groups": 4}
     assert resnet_local_options("local_a_splitall_k1")["batch_coupling"] == "per_example"
+    assert resnet_local_options("local_bp_split") == resnet_local_options("local_a_split_k4")
+    assert resnet_local_options("local_bp") == {"boundaries": ResidualBlock}
 
 
 def test_eval_batch_must_divide_the_splits(tmp_path):

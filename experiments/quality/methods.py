@@ -125,6 +125,7 @@ _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
     "local": re.compile(r"local_([wa])(_split|_splitall|_layer|_channels)?_k(\d+)$"),
+    "local_bp": re.compile(r"local_bp(_split|_splitall|_layer|_channels)?$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
 }
@@ -142,8 +143,10 @@ class MethodSpec:
 
     @property
     def forward_only(self) -> bool:
-        """No backward pass anywhere in its update (everything but backprop)."""
-        return self.family != "backprop"
+        """No backward pass anywhere in its update: everything but backprop and
+        ``local_bp[_<variant>]``, the exact gradient of the local losses (backprop inside
+        each block): the ceiling of the local recipes, a reference."""
+        return self.family not in ("backprop", "local_bp")
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -162,14 +165,16 @@ def parse_method(name: str) -> MethodSpec:
     if m := _PATTERNS["local"].match(name):
         perturb = "weights" if m.group(1) == "w" else "activations"
         return MethodSpec(name, "local", "rademacher", perturb, int(m.group(3)))
+    if _PATTERNS["local_bp"].match(name):
+        return MethodSpec(name, "local_bp")
     if m := _PATTERNS["guided"].match(name):
         return MethodSpec(name, "guided", "rademacher", "weights", int(m.group(1)))
     if m := _PATTERNS["spsa"].match(name):
         return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
-        "fg_act_k<K>, local_<w|a>[_split|_splitall|_layer|_channels]_k<K>, guided_k<K> or "
-        "spsa_k<K>."
+        "fg_act_k<K>, local_<w|a>[_split|_splitall|_layer|_channels]_k<K>, local_bp[_split|"
+        "_splitall|_layer|_channels], guided_k<K> or spsa_k<K>."
     )
 
 
@@ -227,7 +232,8 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         return make_resnet_method(spec, Method, x_example, num_classes, opts, model)
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
-    if spec.family == "local":
+    if spec.family in ("local", "local_bp"):
+        name = name + "_"  # local_bp_<variant> has no _k<K> suffix to close the infix
         if "_layer_" in name or "_channels_" in name:
             raise ValueError(f"{name}: this variant is defined for the resnet only.")
         split = SPLITS[model] if "_split_" in name else {}

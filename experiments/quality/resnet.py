@@ -82,7 +82,7 @@ def resnet_local_options(name: str, variants: dict | None = None) -> dict[str, A
     """``local_losses`` keywords of the local method ``name`` (by its infix) among
     ``variants`` (default: the resnet's)."""
     variants = RESNET_LOCAL if variants is None else variants
-    return variants[next((v for v in variants if v and v in name), "")]
+    return variants[next((v for v in variants if v and v in name + "_"), "")]
 
 
 def _xent(logits: Array, y: Array) -> Array:
@@ -91,7 +91,9 @@ def _xent(logits: Array, y: Array) -> Array:
 
 def local_estimator(local: Any, spec: Any, chunk: int | None):
     """``estimator(key)`` of a local-loss method: the forward gradient of its block losses
-    with its K, perturbation and tangent."""
+    with its K, perturbation and tangent (``None`` for ``local_bp``: exact gradients)."""
+    if spec.family == "local_bp":
+        return None
     kw = {"num_tangents": spec.k, "perturb": spec.perturb, "tangent": spec.tangent}
     return lambda key: local.forward_gradient(key, tangent_chunk=chunk, **kw)
 
@@ -111,7 +113,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
     def init_variables(key):
         return model.init({"params": key}, x1, train=True)
 
-    if spec.family == "local":
+    if spec.family in ("local", "local_bp"):
         unbound = fgrad_jax.local_losses(
             model, num_classes, **resnet_local_options(spec.name, variants)
         )

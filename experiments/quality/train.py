@@ -30,6 +30,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "fg": (1e-3, 3e-3, 1e-2, 3e-2),
     "fg_act": (3e-4, 1e-3, 3e-3, 1e-2),
     "local": (3e-4, 1e-3, 3e-3, 1e-2),
+    "local_bp": (1e-3, 3e-3, 1e-2, 3e-2),
     "guided": (1e-3, 3e-3, 1e-2, 3e-2),
     "spsa": (1e-3, 3e-3, 1e-2, 3e-2),
 }
