@@ -159,6 +159,9 @@ def test_resnet_local_variants_by_name():
     assert resnet_local_options("local_a_splitall_k1")["batch_coupling"] == "per_example"
     assert resnet_local_options("local_bp_split") == resnet_local_options("local_a_split_k4")
     assert resnet_local_options("local_bp") == {"boundaries": ResidualBlock}
+    assert resnet_local_options("local_a_resgroups_k64")["boundaries"] is ResidualBlock
+    with pytest.raises(ValueError, match="unknown local variant 'splitt'"):
+        resnet_local_options("local_a_splitt_k16")
 
 
 def test_eval_batch_must_divide_the_splits(tmp_path):

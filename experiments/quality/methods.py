@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import fgrad_jax
-from experiments.quality.resnet import _xent, local_estimator, make_resnet_method
+from experiments.quality.resnet import _xent, local_estimator, local_variant, make_resnet_method
 from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
@@ -124,8 +124,8 @@ def model_blocks(name: str, num_classes: int = 10) -> list[Any]:
 _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
-    "local": re.compile(r"local_([wa])(_split|_splitall|_layer|_channels)?_k(\d+)$"),
-    "local_bp": re.compile(r"local_bp(_split|_splitall|_layer|_channels)?$"),
+    "local": re.compile(r"local_([wa])(_[a-z]+)?_k(\d+)$"),
+    "local_bp": re.compile(r"local_bp(_[a-z]+)?$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
 }
@@ -173,8 +173,8 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, "spsa", "rademacher", "weights", int(m.group(1)))
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
-        "fg_act_k<K>, local_<w|a>[_split|_splitall|_layer|_channels]_k<K>, local_bp[_split|"
-        "_splitall|_layer|_channels], guided_k<K> or spsa_k<K>."
+        "fg_act_k<K>, local_<w|a>[_<variant>]_k<K>, local_bp[_<variant>], guided_k<K> or "
+        "spsa_k<K> (variants: split, splitall; on the resnet also layer, channels, resgroups)."
     )
 
 
@@ -233,11 +233,11 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family in ("local", "local_bp"):
-        name = name + "_"  # local_bp_<variant> has no _k<K> suffix to close the infix
-        if "_layer_" in name or "_channels_" in name:
+        variant = local_variant(name)
+        if variant not in ("", "_split_", "_splitall_"):
             raise ValueError(f"{name}: this variant is defined for the resnet only.")
-        split = SPLITS[model] if "_split_" in name else {}
-        if "_splitall_" in name:
+        split = SPLITS[model] if variant == "_split_" else {}
+        if variant == "_splitall_":
             layers, split = model_blocks(model, num_classes), SPLITS_ALL[model]
         unbound = fgrad_jax.local_losses(layers, num_classes, **split)
         _, local = unbound.init(jax.random.key(0), x_example)  # knows heads and columns

@@ -13,6 +13,7 @@ unchanged model, the new BatchNorm statistics as the aux); and block-local losse
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,21 +69,34 @@ class ResNet18(nn.Module):
 # The local-loss variants on the resnet, by the method name's infix: ``_layer_``, a block per
 # convolution scored per example; ``_split_``, each split into 4 channel-group columns
 # (BatchNorm keeps channels apart), scored unbiasedly; ``_splitall_``, the same per example;
-# ``_channels_``, 16 groups (one channel per column in the first stage), per example.
+# ``_channels_``, 16 groups (one channel per column in the first stage), per example;
+# ``_resgroups_``, a block per residual block, 4 channel-group columns, per example.
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
     "_split_": {"boundaries": nn.BatchNorm, "groups": 4},
     "_splitall_": {"boundaries": nn.BatchNorm, "groups": 4, "batch_coupling": "per_example"},
     "_channels_": {"boundaries": nn.BatchNorm, "groups": 16, "batch_coupling": "per_example"},
+    "_resgroups_": {"boundaries": ResidualBlock, "groups": 4, "batch_coupling": "per_example"},
 }
 
 
+def local_variant(name: str) -> str:
+    """The variant infix of a local method's name: ``"_split_"`` for ``local_a_split_k16``
+    and ``local_bp_split``, ``""`` for ``local_a_k16``."""
+    m = re.match(r"local_(?:[wa]|bp)(_[a-z]+?)?(?:_k\d+)?$", name)
+    return f"{m.group(1)}_" if m and m.group(1) else ""
+
+
 def resnet_local_options(name: str, variants: dict | None = None) -> dict[str, Any]:
-    """``local_losses`` keywords of the local method ``name`` (by its infix) among
+    """``local_losses`` keywords of the local method ``name`` (by its variant) among
     ``variants`` (default: the resnet's)."""
     variants = RESNET_LOCAL if variants is None else variants
-    return variants[next((v for v in variants if v and v in name + "_"), "")]
+    if (variant := local_variant(name)) not in variants:
+        known = ", ".join(v.strip("_") for v in variants if v) or "none"
+        raise ValueError(f"{name}: unknown local variant {variant.strip('_')!r} on this "
+                         f"model; its variants: {known}.")  # fmt: skip
+    return variants[variant]
 
 
 def _xent(logits: Array, y: Array) -> Array:
