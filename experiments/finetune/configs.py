@@ -49,6 +49,13 @@ class MethodConfig:
         steps_factor: The method's steps as a multiple of the preset's ``steps`` (MeZO
             gives methods without a backward pass many more steps than backprop; the
             comparison stays fair in forward passes, which every record reports).
+        local: fg only, ViT only: block-local losses (:func:`fgrad_jax.local_losses` with
+            ``boundaries=`` the encoder block): a zero-initialised head on every block's
+            output, each block (and its head) estimated from its own loss, the model's head
+            from the model's loss; the CNN settings skip the method.
+        head_lr: Multiplier of the learning rate on the heads (the model's and the
+            block-local ones) when more than the head is trained: head-only methods choose
+            rates 10x those of LoRA, and one rate for both starves one of them.
     """
 
     name: str
@@ -59,6 +66,8 @@ class MethodConfig:
     samples: int = 1
     perturb: str = "weights"
     steps_factor: int = 1
+    local: bool = False
+    head_lr: float = 1.0
 
     def forward_passes_per_step(self) -> int:
         """Forward passes of one step: 1 for backprop (plus its backward pass), K for a
