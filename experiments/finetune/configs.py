@@ -53,6 +53,9 @@ class MethodConfig:
             ``boundaries=`` the encoder block): a zero-initialised head on every block's
             output, each block (and its head) estimated from its own loss, the model's head
             from the model's loss; the CNN settings skip the method.
+        local_split: With ``local``, ``(patches, groups)`` of every block's loss (Ren et
+            al.'s patch- and group-wise losses; patches split the tokens): ``(1, 1)`` is one
+            loss per block.
         head_lr: Multiplier of the learning rate on the heads (the model's and the
             block-local ones) when more than the head is trained: head-only methods choose
             rates 10x those of LoRA, and one rate for both starves one of them.
@@ -67,6 +70,7 @@ class MethodConfig:
     perturb: str = "weights"
     steps_factor: int = 1
     local: bool = False
+    local_split: tuple[int, int] = (1, 1)
     head_lr: float = 1.0
 
     def forward_passes_per_step(self) -> int:

@@ -155,7 +155,7 @@ def adapted_params(
     frozen = {k: v for k, v in flat.items() if not is_trained(k, method.trained)}
     if method.local:
         # One zero head per encoder block (as the model's head starts at zero).
-        n = len(local_model(module).block_paths)
+        n = len(local_model(module, method.local_split).block_paths)
         for i in range(n):
             trainable[(LOCAL, str(i), "kernel")] = jnp.zeros((cfg.width, 10), jnp.float32)
             trainable[(LOCAL, str(i), "bias")] = jnp.zeros((10,), jnp.float32)
@@ -168,12 +168,20 @@ LOCAL = "local_heads"
 _LOCAL: dict[tuple, Any] = {}
 
 
-def local_model(module: Any) -> Any:
+def local_model(module: Any, split: tuple[int, int] = (1, 1)) -> Any:
     """The initialised :func:`fgrad_jax.local_losses` of a ViT (a block ends at every
-    encoder ``Block``), analysed once per model and LoRA rank."""
-    key = (module.cfg, module.lora_rank)
+    encoder ``Block``; ``split``: patches over the tokens and channel groups of each
+    block's loss), analysed once per model, LoRA rank and split."""
+    key = (module.cfg, module.lora_rank, split)
     if key not in _LOCAL:
-        local = fgrad_jax.local_losses(module, 10, boundaries=models.Block)
+        patches = None if split[0] == 1 else split[0]
+        # init analyses the model at its initial values; with lora_b = 0 every adapter's
+        # first op would pass the separability check of split losses trivially (its output
+        # reaches nothing), so the analysed copy starts with lora_b != 0 (same apply).
+        analysed = models.build(module.cfg, module.lora_rank, lora_b_std=0.1)
+        local = fgrad_jax.local_losses(
+            analysed, 10, boundaries=models.Block, patches=patches, groups=split[1]
+        )
         _, _, _LOCAL[key] = local.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
     return _LOCAL[key]
 
@@ -261,10 +269,9 @@ def make_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callab
 def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callable, Callable]:
     """:func:`make_step` for block-local losses: the estimate runs on the whole tree of
     :func:`local_model` with ``mask=`` the trained leaves (the frozen ones get no tangents),
-    the optimizer on the trained leaves only."""
-    if method.estimator != "fg":
-        raise ValueError("local losses are estimated by forward gradients (estimator 'fg')")
-    local = local_model(module)
+    the optimizer on the trained leaves only. ``estimator="backprop"``: the exact gradient
+    of the same local objective (a reference: what the objective reaches without noise)."""
+    local = local_model(module, method.local_split)
 
     def mask(tree):
         flat = flatten_dict(tree["model"])
@@ -286,11 +293,16 @@ def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Call
 
     def step(trainable, opt_state, frozen, x, y, lr):
         est_state, opt_s = opt_state
-        full = local_tree({**frozen, **trainable})
-        grads, est_state = est.update(
-            None, est_state, full, value_fn=lambda p: local.losses(p, x, y, {})[0]
-        )
-        flat = flat_of_local_tree(grads)
+        if method.estimator == "backprop":  # the exact gradient of the local objective
+            flat = jax.grad(
+                lambda t: local.losses(local_tree({**frozen, **t}), x, y, {})[0].mean(0).sum()
+            )(trainable)
+        else:
+            full = local_tree({**frozen, **trainable})
+            grads, est_state = est.update(
+                None, est_state, full, value_fn=lambda p: local.losses(p, x, y, {})[0]
+            )
+            flat = flat_of_local_tree(grads)
         updates, opt_s = opt.update({k: flat[k] for k in trainable}, opt_s, trainable)
         value = fgrad_jax.forward_gradient_state(est_state).value
         return (
