@@ -176,6 +176,15 @@ def test_local_losses_on_the_pretrained_vit_estimate_adapters_and_heads_only():
     print(f"cosine to the exact block-local gradient: {cos:.3f}")
     assert cos > 0.5, cos
     assert all(not np.array_equal(moved[k], trainable[k]) for k in trainable)
+    # Row-wise losses: the adapters after attention are scored by their own row's loss,
+    # qkv's (attention mixes the rows) by the block's; a zero lora_b at the analysis would
+    # let qkv/lora_a through (its output would reach nothing).
+    rows = train.local_model(module, rows=True)
+    assert rows.block_splits == (((4,), 1), ((4,), 1))
+    adapters = {p for p in rows.split_params if "lora" in p and p.startswith("block_0")}
+    assert adapters == {
+        f"block_0/{n}/lora_{ab}" for n in ("out", "mlp_in", "mlp_out") for ab in "ab"
+    }
     # The evaluation sees the model's own parameters only.
     assert set(flatten_dict(train.model_params({**frozen, **trainable}))) == set(
         flatten_dict(pretrained)

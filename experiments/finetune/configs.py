@@ -53,9 +53,11 @@ class MethodConfig:
             ``boundaries=`` the encoder block): a zero-initialised head on every block's
             output, each block (and its head) estimated from its own loss, the model's head
             from the model's loss; the CNN settings skip the method.
-        local_split: With ``local``, ``(patches, groups)`` of every block's loss (Ren et
-            al.'s patch- and group-wise losses; patches split the tokens): ``(1, 1)`` is one
-            loss per block.
+        local_rows: With ``local``, Ren et al.'s patch-wise losses: every block's loss
+            split into one per row of the token grid (``28 // patch`` rows; the quick ViT:
+            4 rows of 4 tokens). The adapters after attention (``out``, ``mlp_in``,
+            ``mlp_out``) are then estimated from their own row's loss; ``qkv``'s, whose
+            output attention mixes across rows, from the block's whole loss.
         head_lr: Multiplier of the learning rate on the heads (the model's and the
             block-local ones) when more than the head is trained: head-only methods choose
             rates 10x those of LoRA, and one rate for both starves one of them.
@@ -70,7 +72,7 @@ class MethodConfig:
     perturb: str = "weights"
     steps_factor: int = 1
     local: bool = False
-    local_split: tuple[int, int] = (1, 1)
+    local_rows: bool = False
     head_lr: float = 1.0
 
     def forward_passes_per_step(self) -> int:
@@ -139,8 +141,8 @@ def _methods(
     without a backward pass, ``full_factor`` that of full fine-tuning without one (its
     steps cost the most); each forward-gradient method and its SPSA counterpart get the
     same factor, so they compare at equal forward passes. ``extra`` adds forward-gradient
-    full fine-tuning with Adam (weights and activity perturbation), left out of the quick
-    preset for time."""
+    full fine-tuning with Adam (weights and activity perturbation) and block-local losses
+    on the ViT's LoRA adapters, left out of the quick preset for time."""
     M = MethodConfig
     methods = [
         M("backprop", "backprop", "full", "adam", lrs["bp"]),
@@ -168,6 +170,21 @@ def _methods(
                 fg_k,
                 "activations",
                 full_factor,
+            ),
+            # Block-local losses on the ViT (the CNN skips it), one per row of tokens, the
+            # heads at 10x the adapters' rate: out of the quick preset for time (docs).
+            M(
+                "fg_local_lora_act",
+                "fg",
+                "lora",
+                "adam",
+                lrs["fg_lora"],
+                fg_k,
+                "activations",
+                factor,
+                local=True,
+                local_rows=True,
+                head_lr=10.0,
             ),
         ]
     return tuple(methods)

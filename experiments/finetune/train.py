@@ -155,7 +155,7 @@ def adapted_params(
     frozen = {k: v for k, v in flat.items() if not is_trained(k, method.trained)}
     if method.local:
         # One zero head per encoder block (as the model's head starts at zero).
-        n = len(local_model(module, method.local_split).block_paths)
+        n = len(local_model(module, method.local_rows).block_paths)
         for i in range(n):
             trainable[(LOCAL, str(i), "kernel")] = jnp.zeros((cfg.width, 10), jnp.float32)
             trainable[(LOCAL, str(i), "bias")] = jnp.zeros((10,), jnp.float32)
@@ -168,20 +168,18 @@ LOCAL = "local_heads"
 _LOCAL: dict[tuple, Any] = {}
 
 
-def local_model(module: Any, split: tuple[int, int] = (1, 1)) -> Any:
+def local_model(module: Any, rows: bool = False) -> Any:
     """The initialised :func:`fgrad_jax.local_losses` of a ViT (a block ends at every
-    encoder ``Block``; ``split``: patches over the tokens and channel groups of each
-    block's loss), analysed once per model, LoRA rank and split."""
-    key = (module.cfg, module.lora_rank, split)
+    encoder ``Block``; ``rows``: each block's loss split into one per row of the token
+    grid), analysed once per model, LoRA rank and split."""
+    key = (module.cfg, module.lora_rank, rows)
     if key not in _LOCAL:
-        patches = None if split[0] == 1 else split[0]
+        patches = 28 // module.cfg.patch if rows else None
         # init analyses the model at its initial values; with lora_b = 0 every adapter's
         # first op would pass the separability check of split losses trivially (its output
         # reaches nothing), so the analysed copy starts with lora_b != 0 (same apply).
         analysed = models.build(module.cfg, module.lora_rank, lora_b_std=0.1)
-        local = fgrad_jax.local_losses(
-            analysed, 10, boundaries=models.Block, patches=patches, groups=split[1]
-        )
+        local = fgrad_jax.local_losses(analysed, 10, boundaries=models.Block, patches=patches)
         _, _, _LOCAL[key] = local.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
     return _LOCAL[key]
 
@@ -271,7 +269,7 @@ def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Call
     :func:`local_model` with ``mask=`` the trained leaves (the frozen ones get no tangents),
     the optimizer on the trained leaves only. ``estimator="backprop"``: the exact gradient
     of the same local objective (a reference: what the objective reaches without noise)."""
-    local = local_model(module, method.local_split)
+    local = local_model(module, method.local_rows)
 
     def mask(tree):
         flat = flatten_dict(tree["model"])
