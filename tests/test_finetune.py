@@ -127,3 +127,65 @@ def test_gpt_chunked_cross_entropy_matches_unchunked():
     got = jax.jvp(lambda t: chunked_xent(h, t, y, 4), (table,), (v,))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_local_losses_on_the_pretrained_vit_estimate_adapters_and_heads_only():
+    """``local=True`` on the benchmark's ViT: a block ends at every encoder ``Block``, one
+    zero head per block joins the trained leaves, the estimate (masked to the adapters and
+    heads) points along the exact block-local gradient, and a step moves the adapters and
+    heads only (the frozen leaves are not arguments of the step: closed over)."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    from experiments.finetune import models, train
+    from experiments.finetune.configs import PRESETS, MethodConfig, ModelConfig
+
+    cfg = ModelConfig("vit", width=8, depth=2, heads=2, mlp=8, patch=7)
+    preset = PRESETS["test"]
+    method = MethodConfig("fg_local_lora_act", "fg", "lora", "adam", (1e-2,), 2, "activations")
+    method = type(method)(**{**method.__dict__, "local": True, "head_lr": 10.0})
+    pretrained = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    module, trainable, frozen = train.adapted_params(cfg, pretrained, method, preset)
+    local = train.local_model(module)
+    assert local.block_paths == (("block_0",), ("block_1",))
+    heads = {k for k in trainable if k[0] == train.LOCAL}
+    assert len(heads) == 4  # kernel and bias of two block heads
+    assert all(k[-1] in ("lora_a", "lora_b") or k[0] in ("head", train.LOCAL) for k in trainable)
+    # Start away from zero so that every trained leaf has a gradient.
+    trainable = {
+        k: v + 0.1 * jax.random.normal(jax.random.key(i), v.shape)
+        for i, (k, v) in enumerate(sorted(trainable.items()))
+    }
+    x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+    y = jnp.arange(8) % 10
+
+    def local_objective(flat):
+        return local.losses(train.local_tree(flat), x, y, {})[0].mean(0).sum()
+
+    exact = jax.jit(jax.grad(lambda t: local_objective({**frozen, **t})))(trainable)
+    # With SGD (optax.identity) and lr 1, minus the update is the estimate itself.
+    sgd = type(method)(**{**method.__dict__, "samples": 256, "optimizer": "sgd", "head_lr": 1.0})
+    init, step = train.make_step(module, sgd, preset)
+    moved, _, _ = jax.jit(step)(trainable, init(trainable), frozen, x, y, jnp.float32(1.0))
+    est = {k: trainable[k] - moved[k] for k in trainable}
+    flat_e = jnp.concatenate([est[k].ravel() for k in sorted(est)])
+    flat_x = jnp.concatenate([exact[k].ravel() for k in sorted(exact)])
+    cos = float(flat_e @ flat_x / (jnp.linalg.norm(flat_e) * jnp.linalg.norm(flat_x)))
+    print(f"cosine to the exact block-local gradient: {cos:.3f}")
+    assert cos > 0.5, cos
+    assert all(not np.array_equal(moved[k], trainable[k]) for k in trainable)
+    # Row-wise losses: the adapters after attention are scored by their own row's loss,
+    # qkv's (attention mixes the rows) by the block's; a zero lora_b at the analysis would
+    # let qkv/lora_a through (its output would reach nothing).
+    rows = train.local_model(module, rows=True)
+    assert rows.block_splits == (((4,), 1), ((4,), 1))
+    adapters = {p for p in rows.split_params if "lora" in p and p.startswith("block_0")}
+    assert adapters == {
+        f"block_0/{n}/lora_{ab}" for n in ("out", "mlp_in", "mlp_out") for ab in "ab"
+    }
+    # The evaluation sees the model's own parameters only.
+    assert set(flatten_dict(train.model_params({**frozen, **trainable}))) == set(
+        flatten_dict(pretrained)
+    ) | {k for k in trainable if k[-1] in ("lora_a", "lora_b")}

@@ -49,6 +49,18 @@ class MethodConfig:
         steps_factor: The method's steps as a multiple of the preset's ``steps`` (MeZO
             gives methods without a backward pass many more steps than backprop; the
             comparison stays fair in forward passes, which every record reports).
+        local: fg only, ViT only: block-local losses (:func:`fgrad_jax.local_losses` with
+            ``boundaries=`` the encoder block): a zero-initialised head on every block's
+            output, each block (and its head) estimated from its own loss, the model's head
+            from the model's loss; the CNN settings skip the method.
+        local_rows: With ``local``, Ren et al.'s patch-wise losses: every block's loss
+            split into one per row of the token grid (``28 // patch`` rows; the quick ViT:
+            4 rows of 4 tokens). The adapters after attention (``out``, ``mlp_in``,
+            ``mlp_out``) are then estimated from their own row's loss; ``qkv``'s, whose
+            output attention mixes across rows, from the block's whole loss.
+        head_lr: Multiplier of the learning rate on the heads (the model's and the
+            block-local ones) when more than the head is trained: head-only methods choose
+            rates 10x those of LoRA, and one rate for both starves one of them.
     """
 
     name: str
@@ -59,6 +71,9 @@ class MethodConfig:
     samples: int = 1
     perturb: str = "weights"
     steps_factor: int = 1
+    local: bool = False
+    local_rows: bool = False
+    head_lr: float = 1.0
 
     def forward_passes_per_step(self) -> int:
         """Forward passes of one step: 1 for backprop (plus its backward pass), K for a
@@ -126,8 +141,8 @@ def _methods(
     without a backward pass, ``full_factor`` that of full fine-tuning without one (its
     steps cost the most); each forward-gradient method and its SPSA counterpart get the
     same factor, so they compare at equal forward passes. ``extra`` adds forward-gradient
-    full fine-tuning with Adam (weights and activity perturbation), left out of the quick
-    preset for time."""
+    full fine-tuning with Adam (weights and activity perturbation) and block-local losses
+    on the ViT's LoRA adapters, left out of the quick preset for time."""
     M = MethodConfig
     methods = [
         M("backprop", "backprop", "full", "adam", lrs["bp"]),
@@ -155,6 +170,21 @@ def _methods(
                 fg_k,
                 "activations",
                 full_factor,
+            ),
+            # Block-local losses on the ViT (the CNN skips it), one per row of tokens, the
+            # heads at 10x the adapters' rate: out of the quick preset for time (docs).
+            M(
+                "fg_local_lora_act",
+                "fg",
+                "lora",
+                "adam",
+                lrs["fg_lora"],
+                fg_k,
+                "activations",
+                factor,
+                local=True,
+                local_rows=True,
+                head_lr=10.0,
             ),
         ]
     return tuple(methods)

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
             if wanted and method.name not in wanted:
                 continue
             recs = train.finetune(cfg, params, method, preset, data)
+            if not recs:  # a method for another model (local losses: the ViT only)
+                continue
             results["methods"].setdefault(method.name, {}).update(recs)
             results["wall_seconds"] = time.perf_counter() - t0
             with open(os.path.join(args.out, "finetune.json"), "w") as f:

@@ -153,13 +153,73 @@ def adapted_params(
             flat[path] = jnp.zeros(s.shape, s.dtype)
     trainable = {k: v for k, v in flat.items() if is_trained(k, method.trained)}
     frozen = {k: v for k, v in flat.items() if not is_trained(k, method.trained)}
+    if method.local:
+        # One zero head per encoder block (as the model's head starts at zero).
+        n = len(local_model(module, method.local_rows).block_paths)
+        for i in range(n):
+            trainable[(LOCAL, str(i), "kernel")] = jnp.zeros((cfg.width, 10), jnp.float32)
+            trainable[(LOCAL, str(i), "bias")] = jnp.zeros((10,), jnp.float32)
     return module, trainable, frozen
+
+
+LOCAL = "local_heads"
+"""First key of the block-local heads' leaves in the flat parameter dicts."""
+
+_LOCAL: dict[tuple, Any] = {}
+
+
+def local_model(module: Any, rows: bool = False) -> Any:
+    """The initialised :func:`fgrad_jax.local_losses` of a ViT (a block ends at every
+    encoder ``Block``; ``rows``: each block's loss split into one per row of the token
+    grid), analysed once per model, LoRA rank and split."""
+    key = (module.cfg, module.lora_rank, rows)
+    if key not in _LOCAL:
+        patches = 28 // module.cfg.patch if rows else None
+        # init analyses the model at its initial values; with lora_b = 0 every adapter's
+        # first op would pass the separability check of split losses trivially (its output
+        # reaches nothing), so the analysed copy starts with lora_b != 0 (same apply).
+        analysed = models.build(module.cfg, module.lora_rank, lora_b_std=0.1)
+        local = fgrad_jax.local_losses(analysed, 10, boundaries=models.Block, patches=patches)
+        _, _, _LOCAL[key] = local.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+    return _LOCAL[key]
+
+
+def model_params(flat: dict) -> Any:
+    """The linen parameter tree of a flat dict (block-local heads left out)."""
+    return unflatten_dict({k: v for k, v in flat.items() if k[0] != LOCAL})
+
+
+def local_tree(flat: dict) -> dict:
+    """``{"model": ..., "heads": [...]}``, the parameters of :func:`local_model`, from a flat
+    dict holding the model's leaves and the block-local heads."""
+    n = len({k[1] for k in flat if k[0] == LOCAL})
+    heads = [{n_: flat[(LOCAL, str(i), n_)] for n_ in ("kernel", "bias")} for i in range(n)]
+    return {"model": model_params(flat), "heads": heads}
+
+
+def flat_of_local_tree(tree: dict) -> dict:
+    """Inverse of :func:`local_tree`."""
+    flat = dict(flatten_dict(tree["model"]))
+    for i, h in enumerate(tree["heads"]):
+        flat.update({(LOCAL, str(i), n): v for n, v in h.items()})
+    return flat
+
+
+def scaled(updates: dict, lr: Array, method: MethodConfig) -> dict:
+    """``-lr * updates``, times ``method.head_lr`` on the heads' leaves."""
+    return {
+        k: -lr * (method.head_lr if k[0] in ("head", LOCAL) else 1.0) * u
+        for k, u in updates.items()
+    }
 
 
 def make_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callable, Callable]:
     """``(init, step)`` of one method; ``step(trainable, opt_state, frozen, x, y, lr)``
     returns ``(trainable, opt_state, loss)``. Only ``trainable`` is estimated and updated
     (the frozen leaves are closed over by the loss: no tangents, no optimizer state)."""
+
+    if method.local:
+        return _local_step(module, method, preset)
 
     def loss(trainable, frozen, x, y):
         params = unflatten_dict({**frozen, **trainable})
@@ -199,10 +259,57 @@ def make_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callab
                 None, opt_state, trainable, value_fn=lambda t: fn(t, frozen, x, y)
             )
             value = jnp.mean(fgrad_jax.forward_gradient_state(opt_state).value)
-        updates = jax.tree.map(lambda u: -lr * u, updates)
-        return optax.apply_updates(trainable, updates), opt_state, value
+        return optax.apply_updates(trainable, scaled(updates, lr, method)), opt_state, value
 
     return tx.init, step
+
+
+def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callable, Callable]:
+    """:func:`make_step` for block-local losses: the estimate runs on the whole tree of
+    :func:`local_model` with ``mask=`` the trained leaves (the frozen ones get no tangents),
+    the optimizer on the trained leaves only. ``estimator="backprop"``: the exact gradient
+    of the same local objective (a reference: what the objective reaches without noise)."""
+    local = local_model(module, method.local_rows)
+
+    def mask(tree):
+        flat = flatten_dict(tree["model"])
+        return {
+            "model": unflatten_dict({k: is_trained(k, method.trained) for k in flat}),
+            "heads": jax.tree.map(lambda _: True, tree["heads"]),
+        }
+
+    est = fgrad_jax.forward_gradient(
+        key=preset.seed,
+        num_tangents=method.samples,
+        tangent=local.tangent(method.perturb, "rademacher"),
+        mask=mask,
+    )
+    opt = optax.scale_by_adam() if method.optimizer == "adam" else optax.identity()
+
+    def init(trainable):
+        return est.init(trainable), opt.init(trainable)
+
+    def step(trainable, opt_state, frozen, x, y, lr):
+        est_state, opt_s = opt_state
+        if method.estimator == "backprop":  # the exact gradient of the local objective
+            flat = jax.grad(
+                lambda t: local.losses(local_tree({**frozen, **t}), x, y, {})[0].mean(0).sum()
+            )(trainable)
+        else:
+            full = local_tree({**frozen, **trainable})
+            grads, est_state = est.update(
+                None, est_state, full, value_fn=lambda p: local.losses(p, x, y, {})[0]
+            )
+            flat = flat_of_local_tree(grads)
+        updates, opt_s = opt.update({k: flat[k] for k in trainable}, opt_s, trainable)
+        value = fgrad_jax.forward_gradient_state(est_state).value
+        return (
+            optax.apply_updates(trainable, scaled(updates, lr, method)),
+            (est_state, opt_s),
+            value,
+        )
+
+    return init, step
 
 
 _FORWARD: dict[tuple, Any] = {}
@@ -224,7 +331,7 @@ def step_memory(
     if key not in _FORWARD:
         # The forward pass is the same for every method on a model (and LoRA rank):
         # compiled once per run, the largest fixed cost of a quick run being compiles.
-        params = unflatten_dict({**frozen, **trainable})
+        params = model_params({**frozen, **trainable})
         fwd = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
         _FORWARD[key] = fwd
     fwd = _FORWARD[key]
@@ -265,6 +372,8 @@ def finetune(
         time of the sweep over its number of rates, compile excluded), and the curve,
         sweep and memory details.
     """
+    if method.local and cfg.name != "vit":
+        return {}
     module, trainable, frozen = adapted_params(cfg, pretrained, method, preset)
     init, step = make_step(module, method, preset)
     steps = preset.steps * method.steps_factor
@@ -273,7 +382,7 @@ def finetune(
     evals = tuple(jnp.asarray(a) for a in (*data["val"], *data["test"]))
 
     def evaluate(trainable, frozen, evals):
-        params = unflatten_dict({**frozen, **trainable})
+        params = model_params({**frozen, **trainable})
         x_val, y_val, x_te, y_te = evals
 
         def acc(x, y):
@@ -343,6 +452,7 @@ def finetune(
             "optimizer": method.optimizer,
             "perturb": method.perturb,
             "samples": method.samples,
+            "local": method.local,
             "backward_passes": n_evals * eval_every if method.estimator == "backprop" else 0,
             "trained_parameters": int(sum(v.size for v in trainable.values())),
             "memory": mem,
