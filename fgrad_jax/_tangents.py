@@ -87,6 +87,11 @@ def _sample_sphere(key: Array, leaves: Sequence[Array], num_tangents: int) -> li
     seed = _random.seed_words(key, 1)[0]
     g = _interpreter.store_once(_random.normal(seed, (num_tangents, n)), seed)
     v = g * (jnp.sqrt(jnp.float32(n)) * jax.lax.rsqrt(jnp.sum(g * g, axis=1, keepdims=True)))
+    # Stored again once normalised (exact), so that the leaves' slices are plain copies,
+    # not each a copy of the scaling (the draw alone: 10 % less compile time). Its divisor
+    # word is not the key's own (see _sample_orthogonal). Peak memory unchanged: g dies
+    # once v is written, and v once it is sliced, as g did before.
+    v = _interpreter.store_once(v, ~jax.random.key_data(key).reshape(-1))
     offsets = np.cumsum([0, *sizes])
     return [
         v[:, a:b].reshape((num_tangents, *leaf.shape))
@@ -109,7 +114,12 @@ def _sample_orthogonal(key: Array, leaves: Sequence[Array], num_tangents: int) -
     q, r = jnp.linalg.qr(z)
     # Sign fix makes the QR factor Haar-distributed instead of biased by the algorithm.
     q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(jnp.float32)
-    flat = q.T * jnp.sqrt(jnp.float32(n))
+    # Stored once before it is sliced (bitwise the same values): otherwise XLA copies the
+    # scaling and the sign fix into each leaf's slice (transformer: 2,210 against 767
+    # instructions for the draw alone). Not the key's own word, which picks the divisor of
+    # the per-leaf stores (``_DrawnFirst.prepare``): XLA would merge the two.
+    word = ~jax.random.key_data(key).reshape(-1)
+    flat = _interpreter.store_once(q.T * jnp.sqrt(jnp.float32(n)), word)
     out, start = [], 0
     for leaf, size in zip(leaves, sizes):
         out.append(flat[:, start : start + size].reshape((num_tangents, *leaf.shape)))
@@ -161,7 +171,12 @@ def _user_sampler(fn: TangentFn, tree: Any, float_index: Sequence[int]) -> Sampl
                     )
             return [p.astype(jnp.float32) for p in picked]
 
-        return jax.vmap(one)(jax.random.split(key, num_tangents))
+        keys = jax.random.split(key, num_tangents)
+        if num_tangents == 1:
+            # The same values as under vmap; vmap over one key compiled the user's draws
+            # (threefry per leaf) about 8 % slower on the transformer.
+            return [t[None] for t in one(keys[0])]
+        return jax.vmap(one)(keys)
 
     return sampler
 

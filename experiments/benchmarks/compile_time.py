@@ -9,6 +9,11 @@ sensitive than wall time to other jobs on a shared machine) and the optimised pr
 instruction count (lowering is not timed)::
 
     python -m experiments.benchmarks.compile_time --out experiments/results/compile_time_cpu.json
+
+``--floors sphere orthogonal user lowrank`` adds the floors of those families (tangents
+drawn by the library's sampler, ``user`` by the benchmark's callable): ``jvp given`` (plain
+``jax.jvp`` and ``d·v`` with the tangents as arguments), ``draw:F`` (the draw alone) and
+``hand:F`` (the draw and ``jax.jvp`` written by hand in one program, without the library).
 """
 
 from __future__ import annotations
@@ -36,14 +41,20 @@ from experiments.toolkit import (
     synthetic_batch,
     write_json,
 )
+from fgrad_jax._tangents import TANGENTS
 
 
 @dataclass
 class Config:
-    """The programs (``models``, ``tangents``) and the number of timed ``rounds``."""
+    """The programs (``models``, ``tangents``, ``floors``) and the number of timed ``rounds``.
+
+    Attributes:
+        floors: Tangent families (or ``user``) whose floors are compiled too (see above).
+    """
 
     models: tuple[str, ...] = ("transformer", "mlp32")
     tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank", "sphere", "orthogonal")
+    floors: tuple[str, ...] = ()
     rounds: int = 3
     depth: int = 6
     width: int = 128
@@ -73,6 +84,32 @@ def _user_normal(key, tree):
     return treedef.unflatten([jax.random.normal(k, jnp.shape(a)) for k, a in zip(keys, leaves)])
 
 
+def _floors(loss, params, families) -> dict:
+    """The floor programs of ``families`` (see the module docstring)."""
+
+    def draw_for(family):
+        def draw(key, p):
+            if family == "user":
+                return _user_normal(key, p)
+            leaves, treedef = jax.tree.flatten(p)
+            return treedef.unflatten([t[0] for t in TANGENTS[family](key, leaves, 1)])
+
+        return draw
+
+    def jvp_step(p, t):
+        value, d = jax.jvp(loss, (p,), (t,))
+        return value, jax.tree.map(lambda v: d * v, t)
+
+    key = jax.random.key(0)
+    given = jax.tree.map(jnp.ones_like, params)
+    programs = {"jvp given": (jvp_step, (params, given))}
+    for f in families:
+        draw = draw_for(f)
+        programs[f"draw:{f}"] = (draw, (key, params))
+        programs[f"hand:{f}"] = ((lambda d: lambda k, p: jvp_step(p, d(k, p)))(draw), (key, params))
+    return programs
+
+
 def instructions(compiled) -> int:
     return len(re.findall(r"^\s*(?:ROOT )?%?[\w.\-]+ = ", compiled.as_text(), re.M))
 
@@ -86,6 +123,8 @@ def run_model(name: str, cfg: Config) -> dict:
             loss, tangent=_user_normal if tangent == "user" else tangent
         )
         programs[tangent] = (estimate, (key, params))
+    if cfg.floors:
+        programs |= _floors(loss, params, cfg.floors)
     seconds: dict[str, list[float]] = {n: [] for n in programs}
     cpu: dict[str, list[float]] = {n: [] for n in programs}
     sizes = {}
@@ -141,7 +180,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default="out/compile_time.json")
-    add_overrides(ap, Config, ("models", "tangents", "rounds"))
+    add_overrides(ap, Config, ("models", "tangents", "floors", "rounds"))
     cfg = apply_overrides(Config(), ap.parse_args(argv))
     result = {"config": asdict(cfg), "environment": environment()}
     result["models"] = [run_model(m, cfg) for m in cfg.models]

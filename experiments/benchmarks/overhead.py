@@ -8,6 +8,11 @@ back blocked once, and ``loop_steps`` steps in one compiled ``fori_loop``, for t
 ``gpu_check.py``'s MLP section (docs/performance.md, "Per-step overhead on small models")::
 
     python -m experiments.benchmarks.overhead --out experiments/results/overhead_cpu.json
+
+``--floor true`` times instead, pipelined and donated on the tiny MLP, the library's steps
+against two hand-written ones without the library: ``hand:T`` (the library's hashed draw
+of ``T`` from the step's key, plain ``jax.jvp``, SGD) and ``jvp given`` (the tangents as
+arguments, the pure JVP).
 """
 
 from __future__ import annotations
@@ -15,9 +20,24 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
-from experiments.benchmarks.gpu_sections import mlp_case
-from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
+import jax
+import jax.numpy as jnp
+
+from experiments.benchmarks.gpu_sections import LR, make_step, mlp_case, timed_rounds, timing_row
+from experiments.toolkit import (
+    Runner,
+    add_overrides,
+    apply_overrides,
+    environment,
+    init_mlp,
+    mlp_loss,
+    synthetic_batch,
+    write_json,
+)
+from fgrad_jax._hashed import HASHED
+from fgrad_jax._state import step_key
 
 LABELS = ("forward", "backprop", "rademacher", "normal", "lowrank")
 
@@ -30,6 +50,7 @@ class Config:
         rounds: Timed rounds (interleaved).
         warmup: Untimed rounds before them.
         max_seconds: Stop taking rounds after this long (each case gets at least one).
+        floor: Time the tiny MLP's pipelined floors instead (see above).
     """
 
     cases: tuple = (((784, 8, 8, 10), 8, 100), ((784, 1024, 1024, 10), 64, 10))
@@ -37,6 +58,7 @@ class Config:
     rounds: int = 30
     warmup: int = 3
     max_seconds: float = 600.0
+    floor: bool = False
 
 
 def run(cfg: Config) -> dict:
@@ -48,6 +70,53 @@ def run(cfg: Config) -> dict:
         case = mlp_case(list(sizes), batch_size, modes, loop_steps, *timing)
         out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
     return out
+
+
+def run_floor(cfg: Config) -> dict:
+    """Pipelined, donated steps of the tiny MLP: the library's, by hand, with given tangents."""
+    sizes, batch_size, _ = cfg.cases[0]
+    kp, kb = jax.random.split(jax.random.key(0))
+    params = init_mlp(kp, list(sizes))
+    batch = synthetic_batch(kb, batch_size, (sizes[0],))
+    key = jax.random.key(0)
+
+    def by_hand(draw):
+        def step(p, s, b):
+            t, s = draw(p, s)
+            value, d = jax.jvp(lambda q: mlp_loss(q, b), (p,), (t,))
+            return jax.tree.map(lambda a, v: a - LR * d * v, p, t), s, value
+
+        return step
+
+    def hashed(name):
+        def draw(p, count):
+            leaves, treedef = jax.tree.flatten(p)
+            t = HASHED[name](step_key(key, count), leaves, 1)
+            return treedef.unflatten([a[0] for a in t]), count + 1
+
+        return draw
+
+    count = SimpleNamespace(init=lambda p: jnp.zeros((), jnp.int32))
+    given = jax.tree.map(jnp.ones_like, params)
+    steps = {"backprop": make_step(mlp_loss, "backprop")}
+    for name in ("rademacher", "normal"):
+        steps[name] = make_step(mlp_loss, name)
+        steps[f"hand:{name}"] = (count, by_hand(hashed(name)))
+    steps["jvp given"] = (SimpleNamespace(init=lambda p: given), by_hand(lambda p, t: (t, t)))
+    fns = {
+        n: Runner(tx, jax.jit(step, donate_argnums=(0, 1)), params, batch, cfg.pipeline_steps)
+        for n, (tx, step) in steps.items()
+    }
+    deadline = time.time() + cfg.max_seconds
+    times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, deadline)
+    row = timing_row(times, {n: n for n in fns}, "backprop", cfg.pipeline_steps)
+    return {
+        "config": asdict(cfg),
+        "environment": environment(),
+        "sizes": list(sizes),
+        "floor": row,
+        **reps,
+    }
 
 
 def table(result: dict) -> str:
@@ -83,12 +152,14 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default="out/overhead.json")
-    add_overrides(ap, Config, ("rounds", "warmup", "max_seconds", "pipeline_steps"))
+    add_overrides(ap, Config, ("rounds", "warmup", "max_seconds", "pipeline_steps", "floor"))
     args = ap.parse_args(argv)
-    result = run(apply_overrides(Config(), args))
-    result["table"] = table(result)
+    cfg = apply_overrides(Config(), args)
+    result = run_floor(cfg) if cfg.floor else run(cfg)
+    if not cfg.floor:
+        result["table"] = table(result)
     write_json(args.out, result)
-    print(result["table"])
+    print(result.get("table", result.get("floor")))
 
 
 if __name__ == "__main__":
