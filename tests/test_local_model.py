@@ -20,23 +20,27 @@ from fgrad_jax._tangents import HASHED
 class Residual(nn.Module):
     filters: int
     strides: tuple = (1, 1)
+    zero_scale: bool = False  # the last BatchNorm's scale starts at 0 (Flax's ImageNet ResNet)
 
     @nn.compact
     def __call__(self, x, train=True):
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
         y = nn.relu(norm()(nn.Conv(self.filters, (3, 3), self.strides)(x)))
-        y = norm()(nn.Conv(self.filters, (3, 3))(y))
+        last_scale = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+        y = norm(scale_init=last_scale)(nn.Conv(self.filters, (3, 3))(y))
         if x.shape != y.shape:
             x = norm()(nn.Conv(self.filters, (1, 1), self.strides)(x))
         return nn.relu(x + y)
 
 
 class SmallResNet(nn.Module):
+    zero_scale: bool = False
+
     @nn.compact
     def __call__(self, x, train=True):
         x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
-        x = Residual(8)(x, train)
-        x = Residual(16, (2, 2))(x, train)
+        x = Residual(8, zero_scale=self.zero_scale)(x, train)
+        x = Residual(16, (2, 2), zero_scale=self.zero_scale)(x, train)
         return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -395,6 +399,14 @@ def test_split_residual_blocks_score_only_separable_convs():
     cols = local.columns(v.params)
     assert cols["model"]["Residual_0"]["Conv_1"]["kernel"].split
     assert not cols["model"]["Residual_0"]["Conv_0"]["kernel"].split
+
+    # Which convs split is a property of the architecture, not of the starting values: with
+    # the last BatchNorm's scale at 0 the first conv cannot move the block output yet, but
+    # it mixes groups as soon as training moves that scale.
+    zero = fgrad_jax.local_losses(SmallResNet(zero_scale=True), 10, boundaries=Residual, groups=4)
+    assert zero.init(jax.random.key(0), images, train=True).local.split_params == (
+        local.split_params
+    )
 
     patched = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, patches=2)
     patched = patched.init(jax.random.key(0), images, train=True).local

@@ -49,6 +49,7 @@ from fgrad_jax._local.taps import (
     matcher,
     nnx_run,
     path_str,
+    probe_values,
     stand_in_batch,
     stand_ins,
 )
@@ -224,7 +225,7 @@ class ModelLocalLosses:
         with jax.ensure_compile_time_eval():  # concrete even when init is traced
             probe_rngs = {"dropout": jax.random.key(0)} if self._linen else None
             if any(int(np.prod(grid)) * g > 1 for grid, g in splits):
-                probe_leaves, probe_state = stand_ins((leaves, state))
+                probe_leaves, probe_state = probe_values(leaves), stand_ins(state)
                 xs = jnp.asarray(stand_in_batch(x))
 
                 def tapped(flat):

@@ -27,7 +27,7 @@ from fgrad_jax._activity import ActivityPerturbation
 from fgrad_jax._local import split as _split
 from fgrad_jax._local.common import LocalAux, accuracy, column_spec, local_tangent_base
 from fgrad_jax._local.heads import apply_head, head_kind, init_head
-from fgrad_jax._local.taps import stand_in_batch, stand_ins
+from fgrad_jax._local.taps import probe_values, stand_in_batch
 from fgrad_jax._transform import forward_gradient
 
 Array = jax.Array
@@ -149,7 +149,7 @@ class LocalLosses:
         # reads values.
         with jax.ensure_compile_time_eval():
             found = _split.separable_leaves(
-                outputs, stand_ins(leaves), 4, block_of_leaf, layout, seed=7919
+                outputs, probe_values(leaves), 4, block_of_leaf, layout, seed=7919
             )
         problems = {}
         for i in split_blocks:

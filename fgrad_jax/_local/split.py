@@ -266,7 +266,8 @@ def separable_leaves(
 
         table = np.asarray(rows, np.int32)
         leaks = np.asarray(jax.jit(jax.vmap(leak))(jnp.asarray(table)))
-        leaky |= {int(s) for s, bad in zip(table[:, 0], leaks > 0) if bad}
+        # A non-finite leak counts as a leak: the probe cannot vouch for that op.
+        leaky |= {int(s) for s, bad in zip(table[:, 0], ~(leaks == 0)) if bad}
     blocked = {sites[s][0] for s in leaky}
     checked = {sites[s][0] for s in fits}
     return Separability(frozenset(checked - blocked), frozenset(checked))

@@ -199,6 +199,25 @@ def stand_ins(tree: Any) -> Any:
     return jax.tree.map(stand_in, tree)
 
 
+def probe_values(leaves: Any) -> Any:
+    """Parameter values for the separability probe: ``leaves`` (or their stand-ins when
+    traced) moved by seeded noise of a tenth of each leaf's RMS (at least 1e-2). Which ops
+    mix patches or groups is a property of the model, not of its starting values: a
+    zero-initialised BatchNorm scale or LoRA ``lora_b`` would otherwise hide the path that
+    mixes them, and the split would be biased as soon as training moved that value."""
+    rng = np.random.default_rng(104729)
+
+    def move(a):
+        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            return a
+        a32 = np.asarray(a, np.float32)
+        scale = 0.1 * float(np.sqrt(np.mean(np.square(a32)))) if a32.size else 0.0
+        noise = max(scale, 1e-2) * rng.standard_normal(a32.shape)
+        return jnp.asarray(a32 + noise, jnp.result_type(a))
+
+    return jax.tree.map(move, stand_ins(leaves))
+
+
 def stand_in_batch(x: Any, size: int = 4) -> np.ndarray:
     """``size`` random examples shaped like ``x``'s, drawn by numpy: XLA:CPU spends seconds
     compiling ``jax.random`` draws of small 4-D shapes (images), numpy none."""
