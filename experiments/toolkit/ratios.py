@@ -64,12 +64,8 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
         for name in _FIELDS
         if hasattr(ma, f"{name}_size_in_bytes")
     }
-    out["total_bytes"] = (
-        out.get("temp_bytes", 0)
-        + out.get("argument_bytes", 0)
-        + out.get("output_bytes", 0)
-        - out.get("alias_bytes", 0)
-    )
+    counted = sum(out.get(f"{name}_bytes", 0) for name in ("temp", "argument", "output"))
+    out["total_bytes"] = counted - out.get("alias_bytes", 0)
     return out
 
 
@@ -84,12 +80,6 @@ def memory_stats() -> dict:
         return dict(jax.devices()[0].memory_stats() or {})
     except Exception:  # backends without allocator statistics raise
         return {}
-
-
-def device_peak_bytes() -> int | None:
-    """The first device's peak memory in use so far (``None`` where unsupported)."""
-    peak = memory_stats().get("peak_bytes_in_use")
-    return None if peak is None else int(peak)
 
 
 @dataclasses.dataclass
@@ -190,9 +180,7 @@ def measure_ratios(
     params: Any,
     batch: Any,
     *,
-    tangent: Any = "rademacher",
-    num_tangents: int = 1,
-    variants: Sequence[tuple[Any, int]] | None = None,
+    variants: Sequence[tuple[Any, int]],
     lr: float = 1e-4,
     reps: int = 15,
     warmup: int = 2,
@@ -200,13 +188,10 @@ def measure_ratios(
 ) -> dict[str, Any]:
     """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
 
-    ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds (default:
-    the one pair ``tangent``, ``num_tangents``). The caller's ``params`` are copied, never
-    donated. ``memory``: also XLA's compiled memory analysis of each program. Returns a
-    :class:`RatioResult` as a dict.
+    ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds. The
+    caller's ``params`` are copied, never donated. ``memory``: also XLA's compiled memory
+    analysis of each program. Returns a :class:`RatioResult` as a dict.
     """
-    if variants is None:
-        variants = [(tangent, num_tangents)]
     fwd = jax.jit(loss_fn)
     fns: dict[str, Callable[[], Any]] = {"forward": lambda: fwd(params, batch)}
     fns["backprop"] = bp = Runner(*donated_step(loss_fn, lr), params, batch)
@@ -270,5 +255,5 @@ def measure_runtime(
     res.variants[0].memory = compiled_memory(compiled["fgd"][0])
     res.memory = {k: compiled_memory(compiled[k][0]) for k in ("forward", "backprop")}
     res.calls_per_measurement = calls
-    res.device_peak_bytes = device_peak_bytes()
+    res.device_peak_bytes = memory_stats().get("peak_bytes_in_use")
     return to_jsonable(res)
