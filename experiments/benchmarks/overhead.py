@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from experiments.benchmarks.gpu_sections import mlp_case
 from experiments.toolkit import add_overrides, apply_overrides, environment, write_json
+from experiments.toolkit.analysis import md_table
 
 LABELS = ("forward", "backprop", "rademacher", "normal", "lowrank")
 
@@ -52,10 +53,7 @@ def run(cfg: Config) -> dict:
 
 def table(result: dict) -> str:
     """Markdown: ms per step and, in brackets, the paired ratio to the backprop step."""
-    lines = [
-        "| MLP | B | mode | donated | " + " | ".join(LABELS) + " |",
-        "|---|---|---|---|" + "---|" * len(LABELS),
-    ]
+    rows = []
     for case in result["cases"]:
         for row in case["rows"]:
             cells = []
@@ -69,13 +67,8 @@ def table(result: dict) -> str:
                 "pipelined": f"{n} dispatched, blocked once",
             }.get(row["mode"], f"loop of {n}")
             sizes = "-".join(map(str, case["sizes"]))
-            donated = "yes" if row["donated"] else "no"
-            lines.append(
-                f"| {sizes} | {row['batch_size']} | {mode} | {donated} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    return "\n".join(lines)
+            rows.append([sizes, row["batch_size"], mode, "yes" if row["donated"] else "no", *cells])
+    return "\n".join(md_table(" | ".join(("MLP", "B", "mode", "donated", *LABELS)), rows))
 
 
 def main(argv=None):
