@@ -44,9 +44,6 @@ OOM_BYTES_PER_SAMPLE = 152 * 2**30 / 32
 OOM_TARGET = 1.8  # backprop's memory as a multiple of the device's bytes_limit
 
 
-# ----------------------------------------------------------------------------- processes
-
-
 LIVE: set[subprocess.Popen] = set()
 
 
@@ -138,9 +135,6 @@ def worker_main(args) -> int:
         return 1
     write("ok", result)
     return 0
-
-
-# ----------------------------------------------------------------------------- sections
 
 
 def single(name):

@@ -46,9 +46,6 @@ def device_info() -> dict:
     return info
 
 
-# ----------------------------------------------------------------------------- steps
-
-
 def make_step(loss_fn, kind, num_tangents=1, lr=LR):
     """``(tx, step)`` of backprop's (``kind="backprop"``) or the forward gradient's SGD step
     with tangent ``kind``, not jitted (the toolkit's steps, as every experiment times them)."""
@@ -98,9 +95,6 @@ def timing_row(times, names, base, per_call=1):
         if name != base:
             row[label]["over_backprop"] = paired_ratio(times[name], times[base])
     return row
-
-
-# ----------------------------------------------------------------------------- sections 1, 2
 
 
 def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipeline_steps=10):
@@ -178,9 +172,6 @@ def _brief(rows):
     )
 
 
-# ----------------------------------------------------------------------------- sections 3, 4
-
-
 def section_depth_memory(smoke, deadline, spec, emit):
     """XLA temp bytes (and compile seconds) of the donated steps at depth 32 and 2."""
     width, batch_size = (32, 16) if smoke else (1024, 1024)
@@ -227,9 +218,6 @@ def section_transformer(smoke, deadline, spec, emit):
             flush=True,
         )
     return res
-
-
-# ----------------------------------------------------------------------------- sections 5, 6
 
 
 @dataclass

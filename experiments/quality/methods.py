@@ -27,8 +27,6 @@ from fgrad_jax import diagnostics
 
 Array = jax.Array
 
-# ----------------------------------------------------------------------------- models
-
 
 def _flatten(x: Array) -> Array:
     return x.reshape(x.shape[0], -1)
@@ -88,8 +86,6 @@ class _Model:
                 x = layer(x)
         return x
 
-
-# ----------------------------------------------------------------------------- methods
 
 # Patch-/group-wise local losses (Ren et al. 2023) per benchmark model, one entry per block:
 # the CNN's first conv block (14 x 14 x 32 after pooling) in 2 x 2 patches and 4 groups, the
@@ -282,9 +278,6 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     return Method(
         spec, lambda key: net.init(key, x_example), estimator, objective, net.apply, model
     )
-
-
-# ----------------------------------------------------------------------------- steps
 
 
 def init_run(method: Method, lr: Array | float, seed: Array | int) -> tuple[Any, Any]:
