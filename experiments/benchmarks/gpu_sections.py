@@ -52,6 +52,16 @@ def make_step(loss_fn, kind, num_tangents=1, lr=LR):
     return sgd_step(loss_fn, lr, None if kind == "backprop" else kind, num_tangents)
 
 
+def compile_program(loss_fn, kind, params, batch, num_tangents=1, lr=LR):
+    """``(compiled, optimiser state)``, compiled, not run: the forward pass (``kind="forward"``,
+    state ``None``) or the :func:`make_step` step of ``kind``, donated."""
+    if kind == "forward":
+        return jax.jit(loss_fn).lower(params, batch).compile(), None
+    tx, step = make_step(loss_fn, kind, num_tangents, lr)
+    state = tx.init(params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile(), state
+
+
 def in_loop(step, n):
     """``n`` steps inside one compiled ``fori_loop`` on the same batch."""
 
@@ -187,12 +197,7 @@ def section_depth_memory(smoke, deadline, spec, emit):
                 row["cut"] = True
                 break
             t0 = time.perf_counter()
-            if kind == "forward":
-                compiled = jax.jit(mlp_loss).lower(params, batch).compile()
-            else:
-                tx, step = make_step(mlp_loss, kind)
-                jitted = jax.jit(step, donate_argnums=(0, 1))
-                compiled = jitted.lower(params, tx.init(params), batch).compile()
+            compiled, _ = compile_program(mlp_loss, kind, params, batch)
             mem = compiled_memory(compiled) or {}
             row[kind] = {"temp_bytes": mem.get("temp_bytes"), "compile_s": time.perf_counter() - t0}
             bp = row.get("backprop", {}).get("temp_bytes")
@@ -263,15 +268,9 @@ def _compile_gpt(cfg, spec, graphdef, params, out):
         return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
 
     t0 = time.perf_counter()
-    if spec["program"] == "forward":
-        state, args = None, (params, batch)
-        jitted = jax.jit(loss_fn)
-    else:
-        kind = "backprop" if spec["program"] == "backprop" else spec["tangent"]
-        tx, step = make_step(loss_fn, kind, spec.get("num_tangents", 1), lr=spec.get("lr", 1e-5))
-        state, args = tx.init(params), (params, tx.init(params), batch)
-        jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled = jitted.lower(*args).compile()
+    kind = spec["tangent"] if spec["program"] == "fg" else spec["program"]
+    k, lr = spec.get("num_tangents", 1), spec.get("lr", 1e-5)
+    compiled, state = compile_program(loss_fn, kind, params, batch, k, lr)
     out.update(batch=cfg.batch, donated=state is not None, compile_s=time.perf_counter() - t0)
     out["memory"] = compiled_memory(compiled)
     out["xla_needs_bytes"] = (out["memory"] or {}).get("total_bytes")
