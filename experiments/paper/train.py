@@ -150,11 +150,6 @@ def use_scan(cfg: ClassifyConfig) -> bool:
     return not (cfg.name == "cnn" and jax.default_backend() == "cpu")
 
 
-def config_hash(cfg: ClassifyConfig) -> str:
-    """Short hash of the configuration (checkpoints of another config are never reused)."""
-    return hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
-
-
 def _runtime(cfg, loss_fn, params, batch, lr, **kw) -> dict:
     """R_f, R_b and memory of the experiment's own step (:func:`toolkit.measure_runtime`)."""
     rounds, seed, tangent = cfg.runtime_rounds, cfg.seed, cfg.tangent
@@ -216,7 +211,9 @@ def run(
     ckpt = None
     if cfg.checkpoint_every:
         root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
-        ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
+        # Named by the config's hash: checkpoints of another config are never reused.
+        digest = hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()
+        ckpt = root / f"{cfg.name}-{digest[:10]}"
     problem = (loss_fn, init_params, sample_batch)
     kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
     kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
