@@ -151,11 +151,9 @@ def gpt2_memory(args, timeout):
     # projection, are larger than a forward pass's working memory: they would set the peak.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
     env = NO_PREALLOCATE | {"XLA_FLAGS": flags.strip()}
-    specs = {
-        "forward": {"program": "forward"},
-        "backprop": {"program": "backprop"},
-        "fg_k1": {"program": "fg", "tangent": "rademacher", "num_tangents": 1},
-        "fg_k4": {"program": "fg", "tangent": "rademacher", "num_tangents": 4},
+    specs = {"forward": {"program": "forward"}, "backprop": {"program": "backprop"}}
+    specs |= {
+        f"fg_k{k}": {"program": "fg", "tangent": "rademacher", "num_tangents": k} for k in (1, 4)
     }
     # Concurrent: peak_bytes_in_use is per process, and the four fit one device together.
     workers = {

@@ -137,23 +137,10 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
         loss = classifier_loss(cnn)
     else:
         raise ValueError(f"unknown model {cfg.model!r}; use 'mlp' or 'cnn'.")
-    res = measure_ratios(
-        loss,
-        params,
-        batch,
-        variants=cfg.variants,
-        reps=cfg.reps,
-        warmup=cfg.warmup,
-        memory=cfg.memory,
-    )
-    res.update(
-        name=cfg.name,
-        model=cfg.model,
-        batch_size=cfg.batch_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
-    )
+    timing = {k: getattr(cfg, k) for k in ("variants", "reps", "warmup", "memory")}
+    res = measure_ratios(loss, params, batch, **timing)
+    res.update({k: getattr(cfg, k) for k in ("name", "model", "batch_size", "width", "depth")})
+    res["num_params"] = int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
     return res
 
 
