@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -252,29 +253,17 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         losses = _xent(net.apply(p, x), y)
         return losses if per_example else losses.mean()
 
-    if spec.family == "backprop":
-        estimator = None
-    elif spec.family == "fg":
-
-        def estimator(key):
-            return fgrad_jax.forward_gradient(
-                key, num_tangents=spec.k, tangent=spec.tangent, perturb=spec.perturb,
-                tangent_chunk=chunk,
-            )  # fmt: skip
-    elif spec.family == "guided":
-
-        def estimator(key):
-            return fgrad_jax.guided_forward_gradient(
-                key, num_tangents=spec.k, residual_scale=opts.get("guided_residual", 0.1),
-                beta=opts.get("guided_beta", 0.99),
-            )  # fmt: skip
-    else:
-
-        def estimator(key):
-            return fgrad_jax.spsa_gradient(
-                key, num_samples=spec.k, epsilon=opts.get("spsa_epsilon", 1e-3)
-            )
-
+    # estimator(key): the family's gradient transformation with this method's settings.
+    estimator = {
+        "backprop": None,
+        "fg": partial(fgrad_jax.forward_gradient, num_tangents=spec.k, tangent=spec.tangent,
+                      perturb=spec.perturb, tangent_chunk=chunk),
+        "guided": partial(fgrad_jax.guided_forward_gradient, num_tangents=spec.k,
+                          residual_scale=opts.get("guided_residual", 0.1),
+                          beta=opts.get("guided_beta", 0.99)),
+        "spsa": partial(fgrad_jax.spsa_gradient, num_samples=spec.k,
+                        epsilon=opts.get("spsa_epsilon", 1e-3)),
+    }[spec.family]  # fmt: skip
     return Method(
         spec, lambda key: net.init(key, x_example), estimator, objective, net.apply, model
     )
