@@ -163,16 +163,15 @@ def oom_table(sections):
     if not bp and not fg:
         return []
     c = fg.get("config") or bp.get("config") or {}
-    if bp.get("outcome") == "RESOURCE_EXHAUSTED":
-        if bp.get("xla_needs_bytes"):
-            bp_cell = f"RESOURCE_EXHAUSTED (needs {_gib(bp['xla_needs_bytes'])} per XLA)"
-        else:
-            bp_cell = (
-                f"RESOURCE_EXHAUSTED (an allocation of {_gib(bp.get('oom_request_bytes'))} failed)"
-            )
-    else:
+    if bp.get("outcome") != "RESOURCE_EXHAUSTED":
         bp_cell = f"{bp.get('outcome') or res['backprop'].get('status')}"
         bp_cell += f" (XLA needs {_gib(bp.get('xla_needs_bytes'))}, peak {_gib(bp.get('peak_bytes_in_use'))})"
+    elif bp.get("xla_needs_bytes"):
+        bp_cell = f"RESOURCE_EXHAUSTED (needs {_gib(bp['xla_needs_bytes'])} per XLA)"
+    else:
+        bp_cell = (
+            f"RESOURCE_EXHAUSTED (an allocation of {_gib(bp.get('oom_request_bytes'))} failed)"
+        )
     losses = fg.get("losses") or []
     if fg.get("outcome") == "ran" and losses:
         fg_cell = (

@@ -33,17 +33,12 @@ def _paper_t(name: str, lr: float | None):
     return None, "not reported"
 
 
-def _mb(b):
-    return "n/a" if b is None else f"{b / 2**20:.2f}"
-
-
 def _mems(rt: dict) -> str:
     """Compiled memory of f / the FGD step / the backprop step of a runtime record, MiB."""
     mem = rt.get("memory") or {}
-    fg = rt["variants"][0].get("memory")
-    return " / ".join(
-        _mb((m or {}).get("total_bytes")) for m in (mem.get("forward"), fg, mem.get("backprop"))
-    )
+    programs = (mem.get("forward"), rt["variants"][0].get("memory"), mem.get("backprop"))
+    totals = [(m or {}).get("total_bytes") for m in programs]
+    return " / ".join("n/a" if b is None else f"{b / 2**20:.2f}" for b in totals)
 
 
 def _to_threshold_cells(s: dict) -> list[str]:
