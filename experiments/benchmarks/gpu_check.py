@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import signal
@@ -137,12 +138,9 @@ def worker_main(args) -> int:
     return 0
 
 
-def single(name):
-    def run(args, timeout):
-        env = NO_PREALLOCATE if name == "depth_memory" else {}
-        return Worker(args, name, name, {}, env, timeout).collect()
-
-    return run
+def single(name, args, timeout):
+    env = NO_PREALLOCATE if name == "depth_memory" else {}
+    return Worker(args, name, name, {}, env, timeout).collect()
 
 
 def gpt2_memory(args, timeout):
@@ -189,7 +187,7 @@ def oom(args, timeout):
     }
 
 
-RUNNERS = {n: single(n) for n in ("mlp", "wide", "depth_memory", "transformer")}
+RUNNERS = {n: functools.partial(single, n) for n in ("mlp", "wide", "depth_memory", "transformer")}
 RUNNERS |= {"gpt2_memory": gpt2_memory, "oom": oom}
 
 

@@ -185,10 +185,7 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         header = "hidden layers | params | R_f | R_b | R_f/R_b | XLA mem f / FGD / BP (MiB)"
         L += [*md_table(header, rows), ""]
 
-    L.append("## Figures\n")
-    for png in sorted(out.glob("*.png")):
-        L.append(f"![{png.stem}]({png.name})")
-    L.append("")
+    L += ["## Figures\n", *(f"![{png.stem}]({png.name})" for png in sorted(out.glob("*.png"))), ""]
     L.append(
         "Per-run metrics: `runs/<experiment>/<arm>.jsonl` (one line per logged step: "
         "step, cumulative wall time, mean loss of the window per run)."

@@ -98,8 +98,7 @@ def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan
     lrs_a, seeds_a = jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.uint32)
     params, state = init_runs(method, lrs_a, seeds_a)
     total = jnp.float32(epochs * steps)
-    out: dict[str, Any] = {"epoch": [], "time_s": [], "acc": [], "step": [], "cosine": [],
-                            "loss": []}  # fmt: skip
+    out: dict[str, Any] = {k: [] for k in ("epoch", "time_s", "acc", "step", "cosine", "loss")}
     # One chunk run and discarded, so that the clock below counts training, not compilation.
     t0 = time.perf_counter()
     jax.block_until_ready(train(lrs_a, total, params, state, perms_fn(seeds_a, 0), x, y, 0))
