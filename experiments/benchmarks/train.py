@@ -159,12 +159,10 @@ def load_preset(preset: str) -> list[RuntimeConfig]:
     """The configurations of ``configs/<preset>.json``, each with the variants whose tangent
     this fgrad_jax has (``threefry_normal``: the naive baseline above)."""
 
+    tangents = {t: t for t in fgrad_jax.TANGENT_NAMES} | {"threefry_normal": THREEFRY_NORMAL}
+
     def variants(pairs):
-        return [
-            (THREEFRY_NORMAL if t == "threefry_normal" else t, k)
-            for t, k in pairs
-            if t == "threefry_normal" or t in fgrad_jax.TANGENT_NAMES
-        ]
+        return [(tangents[t], k) for t, k in pairs if t in tangents]
 
     rows = json.loads((CONFIGS / f"{preset}.json").read_text())
     return [RuntimeConfig(**{**r, "variants": variants(r["variants"])}) for r in rows]
