@@ -305,18 +305,9 @@ class FunctionConfig:
 
 
 def _problem(cfg: FunctionConfig):
-    fn = FUNCTIONS[cfg.name]
-    start = jnp.asarray(cfg.start, jnp.float32)
-
-    def loss_fn(p, batch):
-        del batch
-        return fn(p)
-
-    def init_params(key):
-        del key
-        return start
-
-    return loss_fn, init_params, None
+    """``(loss_fn, init_params, None)``: the function from the fixed start point, no batches."""
+    fn, start = FUNCTIONS[cfg.name], jnp.asarray(cfg.start, jnp.float32)
+    return (lambda p, batch: fn(p)), (lambda key: start), None
 
 
 def run_function(cfg: FunctionConfig, out: str | Path, progress: bool = True) -> dict:
