@@ -123,13 +123,11 @@ def gpt2_table(sections):
     if not progs:
         return []
 
-    def peak(n):
-        return ((progs.get(n) or {}).get("result") or {}).get("peak_bytes_in_use")
-
+    peaks = {n: (part.get("result") or {}).get("peak_bytes_in_use") for n, part in progs.items()}
     rows = []
     for name, part in progs.items():
         r = part.get("result") or {}
-        p, f, b = peak(name), peak("forward"), peak("backprop")
+        p, f, b = peaks[name], peaks.get("forward"), peaks.get("backprop")
         rows.append(
             [
                 name,
