@@ -137,15 +137,10 @@ def donated_step(
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
-def summarise(
-    times: dict[str, list[float]],
-    fg: Sequence[tuple[str, Any, int]],
-    *,
-    forward: str = "forward",
-    backprop: str = "backprop",
-) -> RatioResult:
-    """The record of interleaved times: ``fg`` lists ``(name in times, tangent, K)``."""
-    t_f, t_b = median(times[forward]), median(times[backprop])
+def summarise(times: dict[str, list[float]], fg: Sequence[tuple[str, Any, int]]) -> RatioResult:
+    """The record of interleaved times of ``"forward"``, ``"backprop"`` and the forward-gradient
+    steps ``fg``, listed as ``(name in times, tangent, K)``."""
+    t_f, t_b = median(times["forward"]), median(times["backprop"])
     variants = []
     for name, tan, k in fg:
         t = median(times[name])
@@ -155,7 +150,7 @@ def summarise(
             t_step_s=t,
             R_f=t / t_f,
             fg_over_bp=t / t_b,
-            paired_ratio=paired_ratio(times[name], times[backprop]),
+            paired_ratio=paired_ratio(times[name], times["backprop"]),
         )
         single = next((n for n, t1, k1 in fg if k1 == 1 and t1 == tan), None)
         if k > 1 and single is not None:
@@ -170,7 +165,7 @@ def summarise(
         R_f=first.R_f,
         fg_over_bp=first.fg_over_bp,
         paired_ratio=first.paired_ratio,
-        reps=len(times[forward]),
+        reps=len(times["forward"]),
         variants=variants,
     )
 
