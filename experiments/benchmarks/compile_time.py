@@ -23,6 +23,7 @@ import jax
 
 import fgrad_jax
 from experiments.benchmarks.train import THREEFRY_NORMAL
+from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import transformer_loss
 from experiments.toolkit import (
     add_overrides,
@@ -38,17 +39,13 @@ from experiments.toolkit.analysis import md_table
 
 
 @dataclass
-class Config:
-    """The programs (``models``, ``tangents``) and the number of timed ``rounds``."""
+class Config(TransformerConfig):
+    """The transformer benchmark's shape (``depth``, ``width``, ``heads``, ``seq_len``,
+    ``batch``), the programs (``models``, ``tangents``) and the number of timed ``rounds``."""
 
     models: tuple[str, ...] = ("transformer", "mlp32")
     tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank", "sphere", "orthogonal")
     rounds: int = 3
-    depth: int = 6
-    width: int = 128
-    heads: int = 4
-    seq_len: int = 32
-    batch: int = 16
 
 
 def _loss_and_params(name: str, cfg: Config):
