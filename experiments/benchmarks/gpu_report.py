@@ -74,18 +74,12 @@ def transformer_table(sections):
     if not res.get("rows"):
         return []
     c = res.get("config", {})
-    rows = [
-        [
-            name,
-            _ms(r["median_ms"]),
-            f"{r['per_forward']:.2f}",
-            f"{r['per_backprop']:.2f}",
-            f"{r['compile_s']:.1f} s",
-            f"{r['compile_s'] / res['rows']['backprop']['compile_s']:.1f}x",
-            "no",
-        ]
-        for name, r in res["rows"].items()
-    ]
+    bp_compile_s = res["rows"]["backprop"]["compile_s"]
+    rows = []
+    for name, r in res["rows"].items():
+        ratios = [f"{r['per_forward']:.2f}", f"{r['per_backprop']:.2f}"]
+        compile_s = [f"{r['compile_s']:.1f} s", f"{r['compile_s'] / bp_compile_s:.1f}x"]
+        rows.append([name, _ms(r["median_ms"]), *ratios, *compile_s, "no"])
     intro = (
         f"nnx transformer (`bench_transformer.py`: {c.get('depth')} blocks, width {c.get('width')}, "
         f"sequence {c.get('seq_len')}, batch {c.get('batch')}, {c.get('rounds')} rounds): the "
@@ -124,22 +118,16 @@ def gpt2_table(sections):
         return []
 
     peaks = {n: (part.get("result") or {}).get("peak_bytes_in_use") for n, part in progs.items()}
+    f, b = peaks.get("forward"), peaks.get("backprop")
     rows = []
     for name, part in progs.items():
-        r = part.get("result") or {}
-        p, f, b = peaks[name], peaks.get("forward"), peaks.get("backprop")
-        rows.append(
-            [
-                name,
-                _yes(r.get("donated")),
-                _gib(p) + ("*" if p and p == r.get("peak_after_compile_bytes") else ""),
-                f"{p / f:.2f}" if p and f else "n/a",
-                f"{p / b:.2f}" if p and b else "n/a",
-                _gib((r.get("memory") or {}).get("temp_bytes")),
-                f"{r['compile_s']:.1f} s" if "compile_s" in r else "n/a",
-                r.get("outcome") or part.get("status"),
-            ]
-        )
+        r, p = part.get("result") or {}, peaks[name]
+        cells = [name, _yes(r.get("donated"))]
+        cells.append(_gib(p) + ("*" if p and p == r.get("peak_after_compile_bytes") else ""))
+        cells += [f"{p / q:.2f}" if p and q else "n/a" for q in (f, b)]
+        cells.append(_gib((r.get("memory") or {}).get("temp_bytes")))
+        cells.append(f"{r['compile_s']:.1f} s" if "compile_s" in r else "n/a")
+        rows.append([*cells, r.get("outcome") or part.get("status")])
     c = res.get("config", {})
     params = next((p["result"].get("num_params") for p in progs.values() if p.get("result")), None)
     header = "program | donated | peak device memory | / forward | / backprop | XLA temp | compile"
