@@ -18,6 +18,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from statistics import median
 
 import jax
 
@@ -30,7 +31,6 @@ from experiments.toolkit import (
     apply_overrides,
     environment,
     init_mlp,
-    median,
     mlp_loss,
     synthetic_batch,
     write_json,

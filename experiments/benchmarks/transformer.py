@@ -13,6 +13,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from statistics import median
 from typing import Any
 
 import jax
@@ -25,7 +26,6 @@ from experiments.toolkit import (
     Transformer,
     add_overrides,
     apply_overrides,
-    median,
     time_interleaved,
     write_json,
 )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from statistics import median
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ import optax
 import fgrad_jax
 
 from .io import to_jsonable
-from .timing import Runner, median, paired_ratio, time_interleaved
+from .timing import Runner, paired_ratio, time_interleaved
 from .train import apply_step, make_step, make_tx
 
 _FIELDS = ("temp", "argument", "output", "alias", "generated_code")
