@@ -52,9 +52,8 @@ def _steps(res, title):
 
 
 def steps_table(sections):
-    rows = []
     mlp = (sections.get("mlp") or {}).get("result") or {}
-    rows += _steps(mlp, "MLP " + "-".join(map(str, mlp.get("sizes", []))))
+    rows = _steps(mlp, "MLP " + "-".join(map(str, mlp.get("sizes", []))))
     wide = (sections.get("wide") or {}).get("result") or {}
     sizes = wide.get("sizes", [0, 0])
     rows += _steps(wide, f"MLP width {sizes[1]}, depth {len(sizes) - 2}")

@@ -116,14 +116,11 @@ def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
     model = models[cfg.name]
     x, y = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
 
-    def init_params(key):
-        return model.init(key, x[:1])
-
     def sample_batch(key):
         idx = jax.random.randint(key, (cfg.batch,), 0, x.shape[0])
         return x[idx], y[idx]
 
-    return classifier_loss(model), init_params, sample_batch, model
+    return classifier_loss(model), (lambda key: model.init(key, x[:1])), sample_batch, model
 
 
 def _accuracy(model, params_stacked, images, labels, batch: int = 1000) -> list[float]:
