@@ -101,12 +101,11 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         rows.append(
             [n, e.get("num_params"), *map(_fmt, ratios), *(f"{t * 1e3:.3f}" for t in ms), _mems(rt)]
         )
-    L += md_table(
+    header = (
         "experiment | params | R_f | R_b | R_f/R_b | paper R_f | paper R_b | paper R_f/R_b "
-        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB)",
-        rows,
+        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB)"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     L.append("## Comparison 1: shared learning rate\n")
     L.append(
@@ -132,13 +131,12 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             estimate, paper = _fmt(s.get("T_ratio_est")), f"{_fmt(pt)} ({note})"
             cells = [n, data, f"{s['lr']:g}", f"{s['runs']} ({div})", *map(_fmt, losses)]
             rows.append([*cells, *_to_threshold_cells(s), estimate, paper, acc])
-    L += md_table(
+    header = (
         "experiment | data | lr | runs (diverged FGD/BP) | initial loss | final FGD | final BP "
         "| threshold | iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b | T_f/T_b, 1 run (est.) "
-        "| paper T_f/T_b | test acc FGD / BP",
-        rows,
+        "| paper T_f/T_b | test acc FGD / BP"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     L.append("## Comparison 2: each method at its own tuned learning rate\n")
     L.append(
@@ -157,12 +155,11 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             best = [f"{t['best_lr']['fgd']:g}", f"{t['best_lr']['sgd']:g}"]
             finals = [_fmt(t["final_loss_fgd"]), _fmt(t["final_loss_sgd"])]
             rows.append([n, lrs, *best, *finals, *_to_threshold_cells(t)])
-    L += md_table(
+    header = (
         "experiment | lrs swept | best lr FGD | best lr BP | final FGD | final BP | threshold "
-        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b",
-        rows,
+        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     depth = results.get("depth")
     if depth:
