@@ -185,19 +185,11 @@ def tune(cfg, base_lr, runs, problem, smooth_window, per_iter, **kw) -> dict:
     return pick_tuned(res, lrs, runs, smooth_window, per_iter)
 
 
-def run(
-    cfg: ClassifyConfig,
-    out: str | Path,
-    progress: bool = True,
-    checkpoint_root: str | Path | None = None,
-    stop_after_chunks: int | None = None,
-):
+def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True) -> dict:
     """Runs one classification experiment; returns its entry of ``results.json``.
 
-    JSONL goes under ``out/runs/<name>/``, orbax checkpoints under ``checkpoint_root``
-    (default ``out/checkpoints``) in a directory named by the config's hash, so a rerun
-    resumes. ``stop_after_chunks`` simulates an interruption of the shared comparison
-    (returns ``None``), for testing resume.
+    JSONL goes under ``out/runs/<name>/``, orbax checkpoints under ``out/checkpoints`` in a
+    directory named by the config's hash, so a rerun resumes.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -207,10 +199,9 @@ def run(
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     ckpt = None
     if cfg.checkpoint_every:
-        root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
         # Named by the config's hash: checkpoints of another config are never reused.
         digest = hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()
-        ckpt = root / f"{cfg.name}-{digest[:10]}"
+        ckpt = out / "checkpoints" / f"{cfg.name}-{digest[:10]}"
     problem = (loss_fn, init_params, sample_batch)
     kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
     kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
@@ -222,12 +213,9 @@ def run(
         chunk=cfg.chunk,
         checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every),
-        stop_after_chunks=stop_after_chunks,
         desc=f"{cfg.name} shared lr",
         **kw,
     )
-    if res is None:
-        return None
 
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
