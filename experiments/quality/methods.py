@@ -197,9 +197,8 @@ class Method:
 
     def value_fn(self, x: Array, y: Array, model_state: Any) -> Callable[[Any], Any]:
         """What the estimator's ``update`` is given as ``value_fn`` at this batch."""
-        if self.init_state is None:
-            return lambda p: self.objective(p, x, y)
-        return lambda p: self.objective(p, x, y, model_state)
+        state = () if self.init_state is None else (model_state,)
+        return lambda p: self.objective(p, x, y, *state)
 
     def mean_objective(self, params: Any, x: Array, y: Array, model_state: Any = ()) -> Any:
         """``(scalar, new model state)``: the scalar whose gradient the estimator estimates
@@ -212,9 +211,8 @@ class Method:
         return (jnp.sum(jnp.mean(out, axis=0)) if out.ndim else out), new
 
     def logits(self, params: Any, x: Array, model_state: Any) -> Array:
-        if self.init_state is None:
-            return self.predict(params, x)
-        return self.predict(params, x, model_state)
+        state = () if self.init_state is None else (model_state,)
+        return self.predict(params, x, *state)
 
 
 def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, **opts) -> Method:
