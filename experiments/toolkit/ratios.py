@@ -229,21 +229,15 @@ def measure_runtime(
     batch, each call from the same inputs, a measurement at least ``min_time`` seconds long;
     ``seed`` seeds the call order and the FGD key. A :class:`RatioResult` as a dict, its one
     variant the FGD step."""
-    fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
-    sgd_tx = make_tx("sgd", lr, decay_k)
     lr_arr = jnp.float32(lr)
-    jitted = {
-        "forward": (jax.jit(loss_fn), (params, batch)),
-        "fgd": (
-            jax.jit(make_step("fgd", loss_fn, decay_k, tangent)),
-            (lr_arr, params, fgd_tx.init(params), batch),
-        ),
-        "backprop": (
-            jax.jit(make_step("sgd", loss_fn, decay_k)),
-            (lr_arr, params, sgd_tx.init(params), batch),
-        ),
+    fgd_state = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent).init(params)
+    sgd_state = make_tx("sgd", lr, decay_k).init(params)
+    programs = {
+        "forward": (loss_fn, (params, batch)),
+        "fgd": (make_step("fgd", loss_fn, decay_k, tangent), (lr_arr, params, fgd_state, batch)),
+        "backprop": (make_step("sgd", loss_fn, decay_k), (lr_arr, params, sgd_state, batch)),
     }
-    compiled = {name: (fn.lower(*args).compile(), args) for name, (fn, args) in jitted.items()}
+    compiled = {n: (jax.jit(fn).lower(*args).compile(), args) for n, (fn, args) in programs.items()}
     fns = {name: (lambda c=c, a=args: c(*a)) for name, (c, args) in compiled.items()}
     calls: dict[str, int] = {}
     times = time_interleaved(fns, rounds, warmup=1, seed=seed, min_time=min_time, calls_out=calls)
