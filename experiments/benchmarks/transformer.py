@@ -74,10 +74,7 @@ def run(cfg: Config) -> dict:
         compile_s[name] = time.perf_counter() - start
         jax.block_until_ready(compiled[name](*args))
 
-    calls = {
-        name: (lambda name=name, args=args: jax.block_until_ready(compiled[name](*args)))
-        for name, (_, args) in programs.items()
-    }
+    calls = {n: (lambda n=n, args=args: compiled[n](*args)) for n, (_, args) in programs.items()}
     times = time_interleaved(calls, cfg.rounds, warmup=0)
     med = {name: median(ts) for name, ts in times.items()}
     rows = {
