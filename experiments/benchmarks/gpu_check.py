@@ -98,8 +98,7 @@ class Worker:
             "wall_s": time.time() - self.start,
             "time_limit_s": self.deadline - self.start,
             "process_env": self.env,
-            "env": part.get("env"),
-            "result": part.get("result"),
+            **{k: part.get(k) for k in ("env", "result")},
         }
         if out["status"] == "running":  # exited without finishing
             out["status"] = "error"

@@ -329,8 +329,7 @@ def gpt_measure(smoke, deadline, spec, emit):
         out["error"] = msg[:2000] if exhausted else traceback.format_exc()[-4000:]
         out["oom_request_bytes"] = _oom_bytes(msg) if exhausted else None
     stats = memory_stats()
-    out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-    out["bytes_limit"] = stats.get("bytes_limit")
+    out |= {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_limit")}
     print(
         f"  gpt {out['program']} {out['tangent'] or ''} K={out['num_tangents'] or '-'} "
         f"B={cfg.batch}: {out['outcome']}, "
