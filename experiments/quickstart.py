@@ -118,10 +118,7 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - start
     result = {
         "dataset": data.name,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "num_tangents": args.num_tangents,
-        "tangent": args.tangent,
+        **{k: getattr(args, k) for k in ("steps", "batch_size", "num_tangents", "tangent")},
         "steps_per_call": chunk,
         "test_accuracy": float(accuracy(model, test_x, test_y)),
         "train_seconds": round(elapsed, 2),

@@ -96,11 +96,10 @@ def collectives(cfg: Config) -> dict:
 
     mesh = Mesh(np.array(jax.devices()[: cfg.mesh]), ("data",))
     x, y = _example("mlp", cfg.batch_size)
+    sharding = NamedSharding(mesh, P("data"))
     out = {}
     for name in cfg.mesh_methods:
-        fn, params, state, xs, ys = _compiled_step(
-            name, "mlp", x, y, NamedSharding(mesh, P("data"))
-        )
+        fn, params, state, xs, ys = _compiled_step(name, "mlp", x, y, sharding)
         hlo = fn.lower(params, state, xs, ys).compile().as_text()
         counted = collective_bytes(hlo)
         out[name] = {"collective_bytes": counted, "total": int(sum(counted.values()))}

@@ -23,65 +23,45 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from statistics import median
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
 
 import fgrad_jax
+from experiments.benchmarks.train import THREEFRY_NORMAL
+from experiments.benchmarks.transformer import Config as TransformerConfig
+from experiments.benchmarks.transformer import transformer_loss
 from experiments.toolkit import (
-    Transformer,
     add_overrides,
     apply_overrides,
     environment,
     init_mlp,
-    median,
     mlp_loss,
     synthetic_batch,
     write_json,
 )
+from experiments.toolkit.analysis import md_table
 from fgrad_jax._tangents import TANGENTS
 
 
 @dataclass
-class Config:
-    """The programs (``models``, ``tangents``, ``floors``) and the number of timed ``rounds``.
-
-    Attributes:
-        floors: Tangent families (or ``user``) whose floors are compiled too (see above).
-    """
+class Config(TransformerConfig):
+    """The transformer benchmark's shape (``depth``, ``width``, ``heads``, ``seq_len``,
+    ``batch``), the programs (``models``, ``tangents``, ``floors``: tangent families, or
+    ``user``, whose floors are compiled too, see above) and the number of timed ``rounds``."""
 
     models: tuple[str, ...] = ("transformer", "mlp32")
     tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank", "sphere", "orthogonal")
     floors: tuple[str, ...] = ()
     rounds: int = 3
-    depth: int = 6
-    width: int = 128
-    heads: int = 4
-    seq_len: int = 32
-    batch: int = 16
 
 
 def _loss_and_params(name: str, cfg: Config):
     if name == "transformer":
-        graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
-        x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq_len, cfg.width))
-        y = jnp.zeros(cfg.batch, jnp.int32)
-
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        return loss, params
+        return transformer_loss(cfg)
     batch = synthetic_batch(jax.random.key(1), 64, (784,))
     return (lambda p: mlp_loss(p, batch)), init_mlp(jax.random.key(0), [784] + [1024] * 32 + [10])
-
-
-def _user_normal(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([jax.random.normal(k, jnp.shape(a)) for k, a in zip(keys, leaves)])
 
 
 def _floors(loss, params, families) -> dict:
@@ -90,7 +70,7 @@ def _floors(loss, params, families) -> dict:
     def draw_for(family):
         def draw(key, p):
             if family == "user":
-                return _user_normal(key, p)
+                return THREEFRY_NORMAL(key, p)
             leaves, treedef = jax.tree.flatten(p)
             return treedef.unflatten([t[0] for t in TANGENTS[family](key, leaves, 1)])
 
@@ -119,8 +99,9 @@ def run_model(name: str, cfg: Config) -> dict:
     key = jax.random.key(0)
     programs = {"jax.grad": (jax.grad(loss), (params,))}
     for tangent in (*cfg.tangents, "user"):
+        # "user": a tangent callable drawing jax.random.normal per leaf (the generic path).
         estimate = fgrad_jax.forward_grad(
-            loss, tangent=_user_normal if tangent == "user" else tangent
+            loss, tangent=THREEFRY_NORMAL if tangent == "user" else tangent
         )
         programs[tangent] = (estimate, (key, params))
     if cfg.floors:
@@ -157,22 +138,15 @@ def run_model(name: str, cfg: Config) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        "| model | program | compile s | / jax.grad | CPU s | CPU / jax.grad | HLO instructions |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """Markdown: one row per model and program."""
+    rows = []
     for m in result["models"]:
         for n, row in m["rows"].items():
-            cpu = (
-                f"{row['cpu_seconds']:.2f} | {row['cpu_over_grad']:.2f}"
-                if "cpu_seconds" in row
-                else "- | -"
-            )
-            lines.append(
-                f"| {m['model']} | {n} | {row['seconds']:.2f} | {row['over_grad']:.2f} | "
-                f"{cpu} | {row['instructions']:,} |"
-            )
-    return "\n".join(lines)
+            cpu = [f"{row[k]:.2f}" if k in row else "-" for k in ("cpu_seconds", "cpu_over_grad")]
+            times = [f"{row['seconds']:.2f}", f"{row['over_grad']:.2f}"]
+            rows.append([m["model"], n, *times, *cpu, f"{row['instructions']:,}"])
+    header = "model | program | compile s | / jax.grad | CPU s | CPU / jax.grad | HLO instructions"
+    return "\n".join(md_table(header, rows))
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import signal
@@ -42,9 +43,6 @@ SMOKE_GPT = {"vocab": 32, "width": 8, "depth": 1, "heads": 2, "seq_len": 4, "bat
 # the backprop process corrects this first guess from XLA's memory analysis.
 OOM_BYTES_PER_SAMPLE = 152 * 2**30 / 32
 OOM_TARGET = 1.8  # backprop's memory as a multiple of the device's bytes_limit
-
-
-# ----------------------------------------------------------------------------- processes
 
 
 LIVE: set[subprocess.Popen] = set()
@@ -100,8 +98,7 @@ class Worker:
             "wall_s": time.time() - self.start,
             "time_limit_s": self.deadline - self.start,
             "process_env": self.env,
-            "env": part.get("env"),
-            "result": part.get("result"),
+            **{k: part.get(k) for k in ("env", "result")},
         }
         if out["status"] == "running":  # exited without finishing
             out["status"] = "error"
@@ -140,15 +137,9 @@ def worker_main(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- sections
-
-
-def single(name):
-    def run(args, timeout):
-        env = NO_PREALLOCATE if name == "depth_memory" else {}
-        return Worker(args, name, name, {}, env, timeout).collect()
-
-    return run
+def single(name, args, timeout):
+    env = NO_PREALLOCATE if name == "depth_memory" else {}
+    return Worker(args, name, name, {}, env, timeout).collect()
 
 
 def gpt2_memory(args, timeout):
@@ -157,11 +148,9 @@ def gpt2_memory(args, timeout):
     # projection, are larger than a forward pass's working memory: they would set the peak.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
     env = NO_PREALLOCATE | {"XLA_FLAGS": flags.strip()}
-    specs = {
-        "forward": {"program": "forward"},
-        "backprop": {"program": "backprop"},
-        "fg_k1": {"program": "fg", "tangent": "rademacher", "num_tangents": 1},
-        "fg_k4": {"program": "fg", "tangent": "rademacher", "num_tangents": 4},
+    specs = {"forward": {"program": "forward"}, "backprop": {"program": "backprop"}}
+    specs |= {
+        f"fg_k{k}": {"program": "fg", "tangent": "rademacher", "num_tangents": k} for k in (1, 4)
     }
     # Concurrent: peak_bytes_in_use is per process, and the four fit one device together.
     workers = {
@@ -197,7 +186,7 @@ def oom(args, timeout):
     }
 
 
-RUNNERS = {n: single(n) for n in ("mlp", "wide", "depth_memory", "transformer")}
+RUNNERS = {n: functools.partial(single, n) for n in ("mlp", "wide", "depth_memory", "transformer")}
 RUNNERS |= {"gpt2_memory": gpt2_memory, "oom": oom}
 
 

@@ -52,9 +52,8 @@ def _steps(res, title):
 
 
 def steps_table(sections):
-    rows = []
     mlp = (sections.get("mlp") or {}).get("result") or {}
-    rows += _steps(mlp, "MLP " + "-".join(map(str, mlp.get("sizes", []))))
+    rows = _steps(mlp, "MLP " + "-".join(map(str, mlp.get("sizes", []))))
     wide = (sections.get("wide") or {}).get("result") or {}
     sizes = wide.get("sizes", [0, 0])
     rows += _steps(wide, f"MLP width {sizes[1]}, depth {len(sizes) - 2}")
@@ -74,18 +73,12 @@ def transformer_table(sections):
     if not res.get("rows"):
         return []
     c = res.get("config", {})
-    rows = [
-        [
-            name,
-            _ms(r["median_ms"]),
-            f"{r['per_forward']:.2f}",
-            f"{r['per_backprop']:.2f}",
-            f"{r['compile_s']:.1f} s",
-            f"{r['compile_s'] / res['rows']['backprop']['compile_s']:.1f}x",
-            "no",
-        ]
-        for name, r in res["rows"].items()
-    ]
+    bp_compile_s = res["rows"]["backprop"]["compile_s"]
+    rows = []
+    for name, r in res["rows"].items():
+        ratios = [f"{r['per_forward']:.2f}", f"{r['per_backprop']:.2f}"]
+        compile_s = [f"{r['compile_s']:.1f} s", f"{r['compile_s'] / bp_compile_s:.1f}x"]
+        rows.append([name, _ms(r["median_ms"]), *ratios, *compile_s, "no"])
     intro = (
         f"nnx transformer (`bench_transformer.py`: {c.get('depth')} blocks, width {c.get('width')}, "
         f"sequence {c.get('seq_len')}, batch {c.get('batch')}, {c.get('rounds')} rounds): the "
@@ -123,25 +116,17 @@ def gpt2_table(sections):
     if not progs:
         return []
 
-    def peak(n):
-        return ((progs.get(n) or {}).get("result") or {}).get("peak_bytes_in_use")
-
+    peaks = {n: (part.get("result") or {}).get("peak_bytes_in_use") for n, part in progs.items()}
+    f, b = peaks.get("forward"), peaks.get("backprop")
     rows = []
     for name, part in progs.items():
-        r = part.get("result") or {}
-        p, f, b = peak(name), peak("forward"), peak("backprop")
-        rows.append(
-            [
-                name,
-                _yes(r.get("donated")),
-                _gib(p) + ("*" if p and p == r.get("peak_after_compile_bytes") else ""),
-                f"{p / f:.2f}" if p and f else "n/a",
-                f"{p / b:.2f}" if p and b else "n/a",
-                _gib((r.get("memory") or {}).get("temp_bytes")),
-                f"{r['compile_s']:.1f} s" if "compile_s" in r else "n/a",
-                r.get("outcome") or part.get("status"),
-            ]
-        )
+        r, p = part.get("result") or {}, peaks[name]
+        cells = [name, _yes(r.get("donated"))]
+        cells.append(_gib(p) + ("*" if p and p == r.get("peak_after_compile_bytes") else ""))
+        cells += [f"{p / q:.2f}" if p and q else "n/a" for q in (f, b)]
+        cells.append(_gib((r.get("memory") or {}).get("temp_bytes")))
+        cells.append(f"{r['compile_s']:.1f} s" if "compile_s" in r else "n/a")
+        rows.append([*cells, r.get("outcome") or part.get("status")])
     c = res.get("config", {})
     params = next((p["result"].get("num_params") for p in progs.values() if p.get("result")), None)
     header = "program | donated | peak device memory | / forward | / backprop | XLA temp | compile"
@@ -163,16 +148,15 @@ def oom_table(sections):
     if not bp and not fg:
         return []
     c = fg.get("config") or bp.get("config") or {}
-    if bp.get("outcome") == "RESOURCE_EXHAUSTED":
-        if bp.get("xla_needs_bytes"):
-            bp_cell = f"RESOURCE_EXHAUSTED (needs {_gib(bp['xla_needs_bytes'])} per XLA)"
-        else:
-            bp_cell = (
-                f"RESOURCE_EXHAUSTED (an allocation of {_gib(bp.get('oom_request_bytes'))} failed)"
-            )
-    else:
+    if bp.get("outcome") != "RESOURCE_EXHAUSTED":
         bp_cell = f"{bp.get('outcome') or res['backprop'].get('status')}"
         bp_cell += f" (XLA needs {_gib(bp.get('xla_needs_bytes'))}, peak {_gib(bp.get('peak_bytes_in_use'))})"
+    elif bp.get("xla_needs_bytes"):
+        bp_cell = f"RESOURCE_EXHAUSTED (needs {_gib(bp['xla_needs_bytes'])} per XLA)"
+    else:
+        bp_cell = (
+            f"RESOURCE_EXHAUSTED (an allocation of {_gib(bp.get('oom_request_bytes'))} failed)"
+        )
     losses = fg.get("losses") or []
     if fg.get("outcome") == "ran" and losses:
         fg_cell = (

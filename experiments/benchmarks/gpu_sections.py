@@ -46,13 +46,20 @@ def device_info() -> dict:
     return info
 
 
-# ----------------------------------------------------------------------------- steps
-
-
 def make_step(loss_fn, kind, num_tangents=1, lr=LR):
     """``(tx, step)`` of backprop's (``kind="backprop"``) or the forward gradient's SGD step
     with tangent ``kind``, not jitted (the toolkit's steps, as every experiment times them)."""
     return sgd_step(loss_fn, lr, None if kind == "backprop" else kind, num_tangents)
+
+
+def compile_program(loss_fn, kind, params, batch, num_tangents=1, lr=LR):
+    """``(compiled, optimiser state)``, compiled, not run: the forward pass (``kind="forward"``,
+    state ``None``) or the :func:`make_step` step of ``kind``, donated."""
+    if kind == "forward":
+        return jax.jit(loss_fn).lower(params, batch).compile(), None
+    tx, step = make_step(loss_fn, kind, num_tangents, lr)
+    state = tx.init(params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile(), state
 
 
 def in_loop(step, n):
@@ -98,9 +105,6 @@ def timing_row(times, names, base, per_call=1):
         if name != base:
             row[label]["over_backprop"] = paired_ratio(times[name], times[base])
     return row
-
-
-# ----------------------------------------------------------------------------- sections 1, 2
 
 
 def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipeline_steps=10):
@@ -178,9 +182,6 @@ def _brief(rows):
     )
 
 
-# ----------------------------------------------------------------------------- sections 3, 4
-
-
 def section_depth_memory(smoke, deadline, spec, emit):
     """XLA temp bytes (and compile seconds) of the donated steps at depth 32 and 2."""
     width, batch_size = (32, 16) if smoke else (1024, 1024)
@@ -196,12 +197,7 @@ def section_depth_memory(smoke, deadline, spec, emit):
                 row["cut"] = True
                 break
             t0 = time.perf_counter()
-            if kind == "forward":
-                compiled = jax.jit(mlp_loss).lower(params, batch).compile()
-            else:
-                tx, step = make_step(mlp_loss, kind)
-                jitted = jax.jit(step, donate_argnums=(0, 1))
-                compiled = jitted.lower(params, tx.init(params), batch).compile()
+            compiled, _ = compile_program(mlp_loss, kind, params, batch)
             mem = compiled_memory(compiled) or {}
             row[kind] = {"temp_bytes": mem.get("temp_bytes"), "compile_s": time.perf_counter() - t0}
             bp = row.get("backprop", {}).get("temp_bytes")
@@ -227,9 +223,6 @@ def section_transformer(smoke, deadline, spec, emit):
             flush=True,
         )
     return res
-
-
-# ----------------------------------------------------------------------------- sections 5, 6
 
 
 @dataclass
@@ -275,15 +268,9 @@ def _compile_gpt(cfg, spec, graphdef, params, out):
         return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
 
     t0 = time.perf_counter()
-    if spec["program"] == "forward":
-        state, args = None, (params, batch)
-        jitted = jax.jit(loss_fn)
-    else:
-        kind = "backprop" if spec["program"] == "backprop" else spec["tangent"]
-        tx, step = make_step(loss_fn, kind, spec.get("num_tangents", 1), lr=spec.get("lr", 1e-5))
-        state, args = tx.init(params), (params, tx.init(params), batch)
-        jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled = jitted.lower(*args).compile()
+    kind = spec["tangent"] if spec["program"] == "fg" else spec["program"]
+    k, lr = spec.get("num_tangents", 1), spec.get("lr", 1e-5)
+    compiled, state = compile_program(loss_fn, kind, params, batch, k, lr)
     out.update(batch=cfg.batch, donated=state is not None, compile_s=time.perf_counter() - t0)
     out["memory"] = compiled_memory(compiled)
     out["xla_needs_bytes"] = (out["memory"] or {}).get("total_bytes")
@@ -342,8 +329,7 @@ def gpt_measure(smoke, deadline, spec, emit):
         out["error"] = msg[:2000] if exhausted else traceback.format_exc()[-4000:]
         out["oom_request_bytes"] = _oom_bytes(msg) if exhausted else None
     stats = memory_stats()
-    out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-    out["bytes_limit"] = stats.get("bytes_limit")
+    out |= {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_limit")}
     print(
         f"  gpt {out['program']} {out['tangent'] or ''} K={out['num_tangents'] or '-'} "
         f"B={cfg.batch}: {out['outcome']}, "

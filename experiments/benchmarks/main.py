@@ -70,20 +70,14 @@ def main(argv=None):
     results = {"environment": environment(), "preset": args.preset, "configs": []}
     if args.mesh:
         results["mesh"] = []
+        sharded = {"mesh_size": args.mesh, "reps": args.reps or 9, "fsdp": args.fsdp}
+        variants = [(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
+        sharded["variants"] = [*variants, ("rademacher", 4), ("normal", 4)]
         for bsz in (64, 1024):
             kp, kb = jax.random.split(jax.random.key(0))
             params = init_mlp(kp, [784, 1024, 1024, 10])
             batch = synthetic_batch(kb, bsz, (784,))
-            res = measure_sharded(
-                mlp_loss,
-                params,
-                batch,
-                mesh_size=args.mesh,
-                reps=args.reps or 9,
-                fsdp=args.fsdp,
-                variants=[(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
-                + [("rademacher", 4), ("normal", 4)],
-            )
+            res = measure_sharded(mlp_loss, params, batch, **sharded)
             res.update(name=f"mesh {args.mesh}, B={bsz}", batch_size=bsz)
             results["mesh"].append(res)
             print(format_result(res), flush=True)

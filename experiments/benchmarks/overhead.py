@@ -36,6 +36,7 @@ from experiments.toolkit import (
     synthetic_batch,
     write_json,
 )
+from experiments.toolkit.analysis import md_table
 from fgrad_jax._hashed import HASHED
 from fgrad_jax._state import step_key
 
@@ -121,10 +122,7 @@ def run_floor(cfg: Config) -> dict:
 
 def table(result: dict) -> str:
     """Markdown: ms per step and, in brackets, the paired ratio to the backprop step."""
-    lines = [
-        "| MLP | B | mode | donated | " + " | ".join(LABELS) + " |",
-        "|---|---|---|---|" + "---|" * len(LABELS),
-    ]
+    rows = []
     for case in result["cases"]:
         for row in case["rows"]:
             cells = []
@@ -138,13 +136,8 @@ def table(result: dict) -> str:
                 "pipelined": f"{n} dispatched, blocked once",
             }.get(row["mode"], f"loop of {n}")
             sizes = "-".join(map(str, case["sizes"]))
-            donated = "yes" if row["donated"] else "no"
-            lines.append(
-                f"| {sizes} | {row['batch_size']} | {mode} | {donated} | "
-                + " | ".join(cells)
-                + " |"
-            )
-    return "\n".join(lines)
+            rows.append([sizes, row["batch_size"], mode, "yes" if row["donated"] else "no", *cells])
+    return "\n".join(md_table(" | ".join(("MLP", "B", "mode", "donated", *LABELS)), rows))
 
 
 def main(argv=None):

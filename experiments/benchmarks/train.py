@@ -26,27 +26,19 @@ from experiments.toolkit import (
 )
 
 CONFIGS = Path(__file__).parent / "configs"
+LR = 1e-4  # of every timed SGD step (the timing does not depend on it)
 
 
 def measure_sharded(
-    loss_fn,
-    params,
-    batch,
-    *,
-    mesh_size: int,
-    variants,
-    lr: float = 1e-4,
-    reps: int = 9,
-    warmup: int = 2,
-    fsdp: bool = False,
+    loss_fn, params, batch, *, mesh_size: int, variants, reps: int = 9, fsdp: bool = False
 ) -> dict[str, Any]:
     """Data parallel: batch sharded over a 1-D mesh of ``mesh_size`` devices, params replicated
     (or, with ``fsdp``, each leaf sharded over the same axis along its largest axis that the
     mesh divides; leaves with none stay replicated).
 
-    Times the steps with :func:`experiments.toolkit.measure_ratios` (XLA's memory analysis
-    per device) and counts the bytes of every collective in each compiled step
-    (``_sharding.collective_bytes``).
+    Times the steps (learning rate ``LR``) with :func:`experiments.toolkit.measure_ratios`
+    (XLA's memory analysis per device) and counts the bytes of every collective in each
+    compiled step (``_sharding.collective_bytes``).
     """
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -64,14 +56,12 @@ def measure_sharded(
         axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % mesh_size == 0]
         return P(*["data" if a == (axes[0] if axes else -1) else None for a in range(x.ndim)])
 
-    params = jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params
-    )
+    params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    res = measure_ratios(loss_fn, params, batch, variants=variants, lr=lr, reps=reps, warmup=warmup)
+    res = measure_ratios(loss_fn, params, batch, variants=variants, lr=LR, reps=reps)
 
     def collectives(tangent=None, k=1):
-        tx, st = donated_step(loss_fn, lr, tangent, k)
+        tx, st = donated_step(loss_fn, LR, tangent, k)
         return collective_bytes(st.lower(params, tx.init(params), batch).compile().as_text())
 
     res.update(mesh_size=mesh_size, fsdp=fsdp, backprop_collective_bytes=collectives())
@@ -137,23 +127,10 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
         loss = classifier_loss(cnn)
     else:
         raise ValueError(f"unknown model {cfg.model!r}; use 'mlp' or 'cnn'.")
-    res = measure_ratios(
-        loss,
-        params,
-        batch,
-        variants=cfg.variants,
-        reps=cfg.reps,
-        warmup=cfg.warmup,
-        memory=cfg.memory,
-    )
-    res.update(
-        name=cfg.name,
-        model=cfg.model,
-        batch_size=cfg.batch_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_params=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
-    )
+    timing = {k: getattr(cfg, k) for k in ("variants", "reps", "warmup", "memory")}
+    res = measure_ratios(loss, params, batch, **timing)
+    res.update({k: getattr(cfg, k) for k in ("name", "model", "batch_size", "width", "depth")})
+    res["num_params"] = int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
     return res
 
 
@@ -166,16 +143,12 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
         sizes = [784] + [width] * depth + [10]
         params = init_mlp(kp, sizes)
         batch = synthetic_batch(kb, batch_size, (784,))
-        row = {
-            "depth": depth,
-            "width": width,
-            "batch_size": batch_size,
-            "param_bytes": int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params))),
-        }
-        tx, st = donated_step(mlp_loss, 1e-4)
+        row = {"depth": depth, "width": width, "batch_size": batch_size}
+        row["param_bytes"] = int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params)))
+        tx, st = donated_step(mlp_loss, LR)
         row["backprop"] = memory_of(st, params, tx.init(params), batch)
         for t in tangents:
-            tx, st = donated_step(mlp_loss, 1e-4, t)
+            tx, st = donated_step(mlp_loss, LR, t)
             row[t] = memory_of(st, params, tx.init(params), batch)
             row[f"{t}_temp_over_backprop"] = row[t]["temp_bytes"] / row["backprop"]["temp_bytes"]
         rows.append(row)
@@ -186,12 +159,10 @@ def load_preset(preset: str) -> list[RuntimeConfig]:
     """The configurations of ``configs/<preset>.json``, each with the variants whose tangent
     this fgrad_jax has (``threefry_normal``: the naive baseline above)."""
 
+    tangents = {t: t for t in fgrad_jax.TANGENT_NAMES} | {"threefry_normal": THREEFRY_NORMAL}
+
     def variants(pairs):
-        return [
-            (THREEFRY_NORMAL if t == "threefry_normal" else t, k)
-            for t, k in pairs
-            if t == "threefry_normal" or t in fgrad_jax.TANGENT_NAMES
-        ]
+        return [(tangents[t], k) for t, k in pairs if t in tangents]
 
     rows = json.loads((CONFIGS / f"{preset}.json").read_text())
     return [RuntimeConfig(**{**r, "variants": variants(r["variants"])}) for r in rows]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from statistics import median
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,6 @@ from experiments.toolkit import (
     Transformer,
     add_overrides,
     apply_overrides,
-    median,
     time_interleaved,
     write_json,
 )
@@ -43,9 +45,10 @@ class Config:
     tangents: tuple[str, ...] = ("rademacher", "normal", "lowrank")
 
 
-def run(cfg: Config) -> dict:
-    model = Transformer(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
+def transformer_loss(cfg: Any) -> tuple[Callable, Any]:
+    """``(loss, params)``: the transformer of ``cfg``'s shape (any object with ``depth``,
+    ``width``, ``heads``, ``seq_len``, ``batch``) on one fixed random batch, ``loss(params)``."""
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq_len, cfg.width))
     y = jnp.zeros(cfg.batch, jnp.int32)
 
@@ -53,6 +56,11 @@ def run(cfg: Config) -> dict:
         logits = nnx.merge(graphdef, p)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    return loss, params
+
+
+def run(cfg: Config) -> dict:
+    loss, params = transformer_loss(cfg)
     key = jax.random.key(0)
     programs = {"forward": (loss, (params,)), "backprop": (jax.grad(loss), (params,))}
     for tangent in cfg.tangents:
@@ -66,10 +74,7 @@ def run(cfg: Config) -> dict:
         compile_s[name] = time.perf_counter() - start
         jax.block_until_ready(compiled[name](*args))
 
-    calls = {
-        name: (lambda name=name, args=args: jax.block_until_ready(compiled[name](*args)))
-        for name, (_, args) in programs.items()
-    }
+    calls = {n: (lambda n=n, args=args: compiled[n](*args)) for n, (_, args) in programs.items()}
     times = time_interleaved(calls, cfg.rounds, warmup=0)
     med = {name: median(ts) for name, ts in times.items()}
     rows = {

@@ -66,17 +66,14 @@ def _load_arm(path: Path):
     return header, steps, times, loss, params
 
 
-def _arms(run_dir: Path):
-    return sorted(p for p in run_dir.glob("*.jsonl") if not p.name.startswith("tune_"))
-
-
 def loss_figure(out: Path, name: str, entry: dict):
     """Loss vs iterations and vs wall time (mean over the runs that did not diverge, band =
     their min..max; the legend counts the diverged runs)."""
     run_dir = out / "runs" / name
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", ":", "-."]
-    arms = [(path, *_load_arm(path)) for path in _arms(run_dir)]
+    paths = sorted(p for p in run_dir.glob("*.jsonl") if not p.name.startswith("tune_"))
+    arms = [(path, *_load_arm(path)) for path in paths]
     # One line style per learning rate, shared by both methods (colour = method).
     lrs = sorted({a[1].get("lrs", [0.0])[0] for a in arms})
     for path, header, steps, times, loss, _ in arms:

@@ -21,13 +21,6 @@ PAPER = {
 }
 
 
-def _paper_runtime(name: str):
-    if name == "mlp":
-        p = PAPER["mlp"][2e-5]
-        return p["R_f"], p["R_b"], p["ratio"]
-    return None, None, None
-
-
 def _paper_t(name: str, lr: float | None):
     p = PAPER.get(name)
     if name == "mlp":
@@ -40,17 +33,12 @@ def _paper_t(name: str, lr: float | None):
     return None, "not reported"
 
 
-def _mb(b):
-    return "n/a" if b is None else f"{b / 2**20:.2f}"
-
-
 def _mems(rt: dict) -> str:
     """Compiled memory of f / the FGD step / the backprop step of a runtime record, MiB."""
     mem = rt.get("memory") or {}
-    fg = rt["variants"][0].get("memory")
-    return " / ".join(
-        _mb((m or {}).get("total_bytes")) for m in (mem.get("forward"), fg, mem.get("backprop"))
-    )
+    programs = (mem.get("forward"), rt["variants"][0].get("memory"), mem.get("backprop"))
+    totals = [(m or {}).get("total_bytes") for m in programs]
+    return " / ".join("n/a" if b is None else f"{b / 2**20:.2f}" for b in totals)
 
 
 def _to_threshold_cells(s: dict) -> list[str]:
@@ -108,16 +96,16 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
     for n, e in exps.items():
         rt = e["runtime"]
         ms = [rt["t_forward_s"], rt["variants"][0]["t_step_s"], rt["t_backprop_s"]]
-        ratios = [e["R_f"], e["R_b"], e["fg_over_bp"], *_paper_runtime(n)]
+        paper = PAPER["mlp"][2e-5] if n == "mlp" else {}  # the paper's runtimes: MLP only
+        ratios = [e["R_f"], e["R_b"], e["fg_over_bp"], *map(paper.get, ("R_f", "R_b", "ratio"))]
         rows.append(
             [n, e.get("num_params"), *map(_fmt, ratios), *(f"{t * 1e3:.3f}" for t in ms), _mems(rt)]
         )
-    L += md_table(
+    header = (
         "experiment | params | R_f | R_b | R_f/R_b | paper R_f | paper R_b | paper R_f/R_b "
-        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB)",
-        rows,
+        "| f (ms) | FGD iter (ms) | BP iter (ms) | XLA mem f / FGD / BP (MiB)"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     L.append("## Comparison 1: shared learning rate\n")
     L.append(
@@ -143,13 +131,12 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             estimate, paper = _fmt(s.get("T_ratio_est")), f"{_fmt(pt)} ({note})"
             cells = [n, data, f"{s['lr']:g}", f"{s['runs']} ({div})", *map(_fmt, losses)]
             rows.append([*cells, *_to_threshold_cells(s), estimate, paper, acc])
-    L += md_table(
+    header = (
         "experiment | data | lr | runs (diverged FGD/BP) | initial loss | final FGD | final BP "
         "| threshold | iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b | T_f/T_b, 1 run (est.) "
-        "| paper T_f/T_b | test acc FGD / BP",
-        rows,
+        "| paper T_f/T_b | test acc FGD / BP"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     L.append("## Comparison 2: each method at its own tuned learning rate\n")
     L.append(
@@ -168,12 +155,11 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
             best = [f"{t['best_lr']['fgd']:g}", f"{t['best_lr']['sgd']:g}"]
             finals = [_fmt(t["final_loss_fgd"]), _fmt(t["final_loss_sgd"])]
             rows.append([n, lrs, *best, *finals, *_to_threshold_cells(t)])
-    L += md_table(
+    header = (
         "experiment | lrs swept | best lr FGD | best lr BP | final FGD | final BP | threshold "
-        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b",
-        rows,
+        "| iters FGD / BP | T_f (s) | T_b (s) | T_f/T_b"
     )
-    L.append("")
+    L += [*md_table(header, rows), ""]
 
     depth = results.get("depth")
     if depth:
@@ -196,10 +182,7 @@ def write_report(out: Path, results: dict, wall_time: float | None = None) -> Pa
         header = "hidden layers | params | R_f | R_b | R_f/R_b | XLA mem f / FGD / BP (MiB)"
         L += [*md_table(header, rows), ""]
 
-    L.append("## Figures\n")
-    for png in sorted(out.glob("*.png")):
-        L.append(f"![{png.stem}]({png.name})")
-    L.append("")
+    L += ["## Figures\n", *(f"![{png.stem}]({png.name})" for png in sorted(out.glob("*.png"))), ""]
     L.append(
         "Per-run metrics: `runs/<experiment>/<arm>.jsonl` (one line per logged step: "
         "step, cumulative wall time, mean loss of the window per run)."

@@ -116,14 +116,11 @@ def make_problem(cfg: ClassifyConfig, data: datasets.Dataset):
     model = models[cfg.name]
     x, y = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
 
-    def init_params(key):
-        return model.init(key, x[:1])
-
     def sample_batch(key):
         idx = jax.random.randint(key, (cfg.batch,), 0, x.shape[0])
         return x[idx], y[idx]
 
-    return classifier_loss(model), init_params, sample_batch, model
+    return classifier_loss(model), (lambda key: model.init(key, x[:1])), sample_batch, model
 
 
 def _accuracy(model, params_stacked, images, labels, batch: int = 1000) -> list[float]:
@@ -148,11 +145,6 @@ def use_scan(cfg: ClassifyConfig) -> bool:
     if cfg.scan is not None:
         return bool(cfg.scan)
     return not (cfg.name == "cnn" and jax.default_backend() == "cpu")
-
-
-def config_hash(cfg: ClassifyConfig) -> str:
-    """Short hash of the configuration (checkpoints of another config are never reused)."""
-    return hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _runtime(cfg, loss_fn, params, batch, lr, **kw) -> dict:
@@ -193,19 +185,11 @@ def tune(cfg, base_lr, runs, problem, smooth_window, per_iter, **kw) -> dict:
     return pick_tuned(res, lrs, runs, smooth_window, per_iter)
 
 
-def run(
-    cfg: ClassifyConfig,
-    out: str | Path,
-    progress: bool = True,
-    checkpoint_root: str | Path | None = None,
-    stop_after_chunks: int | None = None,
-):
+def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True) -> dict:
     """Runs one classification experiment; returns its entry of ``results.json``.
 
-    JSONL goes under ``out/runs/<name>/``, orbax checkpoints under ``checkpoint_root``
-    (default ``out/checkpoints``) in a directory named by the config's hash, so a rerun
-    resumes. ``stop_after_chunks`` simulates an interruption of the shared comparison
-    (returns ``None``), for testing resume.
+    JSONL goes under ``out/runs/<name>/``, orbax checkpoints under ``out/checkpoints`` in a
+    directory named by the config's hash, so a rerun resumes.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -215,8 +199,9 @@ def run(
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     ckpt = None
     if cfg.checkpoint_every:
-        root = Path(checkpoint_root) if checkpoint_root is not None else out / "checkpoints"
-        ckpt = root / f"{cfg.name}-{config_hash(cfg)}"
+        # Named by the config's hash: checkpoints of another config are never reused.
+        digest = hashlib.sha256(json.dumps(to_jsonable(cfg), sort_keys=True).encode()).hexdigest()
+        ckpt = out / "checkpoints" / f"{cfg.name}-{digest[:10]}"
     problem = (loss_fn, init_params, sample_batch)
     kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
     kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
@@ -228,12 +213,9 @@ def run(
         chunk=cfg.chunk,
         checkpoint_dir=ckpt,
         checkpoint_every=max(1, cfg.checkpoint_every),
-        stop_after_chunks=stop_after_chunks,
         desc=f"{cfg.name} shared lr",
         **kw,
     )
-    if res is None:
-        return None
 
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
@@ -308,18 +290,9 @@ class FunctionConfig:
 
 
 def _problem(cfg: FunctionConfig):
-    fn = FUNCTIONS[cfg.name]
-    start = jnp.asarray(cfg.start, jnp.float32)
-
-    def loss_fn(p, batch):
-        del batch
-        return fn(p)
-
-    def init_params(key):
-        del key
-        return start
-
-    return loss_fn, init_params, None
+    """``(loss_fn, init_params, None)``: the function from the fixed start point, no batches."""
+    fn, start = FUNCTIONS[cfg.name], jnp.asarray(cfg.start, jnp.float32)
+    return (lambda p, batch: fn(p)), (lambda key: start), None
 
 
 def run_function(cfg: FunctionConfig, out: str | Path, progress: bool = True) -> dict:

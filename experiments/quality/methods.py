@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -26,8 +27,6 @@ from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
 Array = jax.Array
-
-# ----------------------------------------------------------------------------- models
 
 
 def _flatten(x: Array) -> Array:
@@ -88,8 +87,6 @@ class _Model:
                 x = layer(x)
         return x
 
-
-# ----------------------------------------------------------------------------- methods
 
 # Patch-/group-wise local losses (Ren et al. 2023) per benchmark model, one entry per block:
 # the CNN's first conv block (14 x 14 x 32 after pooling) in 2 x 2 patches and 4 groups, the
@@ -200,9 +197,8 @@ class Method:
 
     def value_fn(self, x: Array, y: Array, model_state: Any) -> Callable[[Any], Any]:
         """What the estimator's ``update`` is given as ``value_fn`` at this batch."""
-        if self.init_state is None:
-            return lambda p: self.objective(p, x, y)
-        return lambda p: self.objective(p, x, y, model_state)
+        state = () if self.init_state is None else (model_state,)
+        return lambda p: self.objective(p, x, y, *state)
 
     def mean_objective(self, params: Any, x: Array, y: Array, model_state: Any = ()) -> Any:
         """``(scalar, new model state)``: the scalar whose gradient the estimator estimates
@@ -215,9 +211,8 @@ class Method:
         return (jnp.sum(jnp.mean(out, axis=0)) if out.ndim else out), new
 
     def logits(self, params: Any, x: Array, model_state: Any) -> Array:
-        if self.init_state is None:
-            return self.predict(params, x)
-        return self.predict(params, x, model_state)
+        state = () if self.init_state is None else (model_state,)
+        return self.predict(params, x, *state)
 
 
 def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, **opts) -> Method:
@@ -256,35 +251,20 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
         losses = _xent(net.apply(p, x), y)
         return losses if per_example else losses.mean()
 
-    if spec.family == "backprop":
-        estimator = None
-    elif spec.family == "fg":
-
-        def estimator(key):
-            return fgrad_jax.forward_gradient(
-                key, num_tangents=spec.k, tangent=spec.tangent, perturb=spec.perturb,
-                tangent_chunk=chunk,
-            )  # fmt: skip
-    elif spec.family == "guided":
-
-        def estimator(key):
-            return fgrad_jax.guided_forward_gradient(
-                key, num_tangents=spec.k, residual_scale=opts.get("guided_residual", 0.1),
-                beta=opts.get("guided_beta", 0.99),
-            )  # fmt: skip
-    else:
-
-        def estimator(key):
-            return fgrad_jax.spsa_gradient(
-                key, num_samples=spec.k, epsilon=opts.get("spsa_epsilon", 1e-3)
-            )
-
+    # estimator(key): the family's gradient transformation with this method's settings.
+    estimator = {
+        "backprop": None,
+        "fg": partial(fgrad_jax.forward_gradient, num_tangents=spec.k, tangent=spec.tangent,
+                      perturb=spec.perturb, tangent_chunk=chunk),
+        "guided": partial(fgrad_jax.guided_forward_gradient, num_tangents=spec.k,
+                          residual_scale=opts.get("guided_residual", 0.1),
+                          beta=opts.get("guided_beta", 0.99)),
+        "spsa": partial(fgrad_jax.spsa_gradient, num_samples=spec.k,
+                        epsilon=opts.get("spsa_epsilon", 1e-3)),
+    }[spec.family]  # fmt: skip
     return Method(
         spec, lambda key: net.init(key, x_example), estimator, objective, net.apply, model
     )
-
-
-# ----------------------------------------------------------------------------- steps
 
 
 def init_run(method: Method, lr: Array | float, seed: Array | int) -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments.toolkit.analysis import md_table
 from experiments.toolkit.io import read_json, read_jsonl
 
 # Ren, Kornblith, Liao & Hinton (ICLR 2023), Table 3, test error % -> accuracy %.
@@ -225,9 +226,7 @@ def write_report(out: str | Path, against: str | Path | None = None) -> Path:
     if res.get("skipped"):
         L += ["", f"**Skipped by the time budget:** {', '.join(res['skipped'])}."]
     L += ["", "## Results (test accuracy %, mean ± std over seeds)", ""]
-    L.append("| method | no backward | MLP | MLP lr | MLP s | CNN | CNN lr | CNN s | "
-             "final cosine MLP / CNN |")  # fmt: skip
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for name, e in methods.items():
         row = [f"`{name}`", "no" if name == "backprop" else "yes"]
         for m in ("mlp", "cnn"):
@@ -238,7 +237,9 @@ def write_report(out: str | Path, against: str | Path | None = None) -> Path:
                 row += ["–", "–", "–"]
         row.append(" / ".join(f"{_final_cosine(e[m]):.3f}" if m in e else "–"
                               for m in ("mlp", "cnn")))  # fmt: skip
-        L.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    L += md_table("method | no backward | MLP | MLP lr | MLP s | CNN | CNN lr | CNN s | "
+                  "final cosine MLP / CNN", rows)  # fmt: skip
     warmed = all("compile_s" in e for m in methods.values() for e in m.values())
     compiled = ("compilation, sweep and evaluation excluded" if warmed else
                 "sweep and evaluation excluded, the first chunk's compilation included (runs "
@@ -248,14 +249,15 @@ def write_report(out: str | Path, against: str | Path | None = None) -> Path:
           "quarter of the run of the cosine between the estimate the next step would take and "
           "the true gradient (jax.grad, diagnosis only) of the method's own objective "
           "(local losses: the sum of the block losses), on fixed held-out batches.", ""]  # fmt: skip
-    L += ["## Learning-rate sweep (held-out accuracy %)", "", "| model | method | lrs → acc | chosen |",
-          "|---|---|---|---|"]  # fmt: skip
+    rows = []
     for name, e in methods.items():
         for m in models:
             if m in e:
                 sw = e[m]["sweep"]
                 pairs = ", ".join(f"{lr:g} → {_pct(a)}" for lr, a in zip(sw["lrs"], sw["val_acc"]))
-                L.append(f"| {m} | `{name}` | {pairs} | {e[m]['lr']:g} |")
+                rows.append([m, f"`{name}`", pairs, f"{e[m]['lr']:g}"])
+    L += ["## Learning-rate sweep (held-out accuracy %)", ""]
+    L += md_table("model | method | lrs → acc | chosen", rows)
     L += ["", "## Targets of issue 10", "", *targets(methods)]
     L += ["", "Ranking (the targets ask the quick preset to rank the methods as the full one):", ""]
     L += [f"- {m.upper()}: {ranking(methods, m)}" for m in models]
@@ -263,11 +265,9 @@ def write_report(out: str | Path, against: str | Path | None = None) -> Path:
         other = read_json(Path(against) / "quality.json")["methods"]
         L += ["", *agreement_lines(methods, other, f"`{Path(against).name}`")]
     n_lrs = max((len(e["sweep"]["lrs"]) for r in methods.values() for e in r.values()), default=0)
-    L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", "",
-          "| data set (model) | method | test accuracy % |", "|---|---|---|"]  # fmt: skip
-    for ds, row in REN.items():
-        for meth, acc in row.items():
-            L.append(f"| {ds} | {meth} | {acc:.2f} |")
+    L += ["", "## Ren et al. (ICLR 2023, Table 3), for comparison", ""]
+    rows = [[ds, meth, f"{acc:.2f}"] for ds, row in REN.items() for meth, acc in row.items()]
+    L += md_table("data set (model) | method | test accuracy %", rows)
     L += ["", "Not the same protocol: Ren et al. train MLP-Mixers (M/1/16 on MNIST, M/8/16 on "
           "CIFAR-10) for many more epochs, with their LocalMixer architecture, patch- and "
           "group-wise local losses and tuned schedules; here a plain MLP and the Flax example "

@@ -160,13 +160,10 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
     aux_example = {k: v for k, v in state_example.items() if k != "params"}
     estimator = None
     if spec.family == "fg":
-
-        def estimator(key):
-            return fgrad_jax.forward_gradient(
-                key, num_tangents=spec.k, tangent=spec.tangent, has_aux=True,
-                aux_example=aux_example, tangent_chunk=chunk,
-            )  # fmt: skip
-
+        estimator = functools.partial(
+            fgrad_jax.forward_gradient, num_tangents=spec.k, tangent=spec.tangent, has_aux=True,
+            aux_example=aux_example, tangent_chunk=chunk,
+        )  # fmt: skip
     return method_cls(
         spec,
         init=lambda key: init_variables(key)["params"],

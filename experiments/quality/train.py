@@ -98,17 +98,21 @@ def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan
     lrs_a, seeds_a = jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.uint32)
     params, state = init_runs(method, lrs_a, seeds_a)
     total = jnp.float32(epochs * steps)
-    out: dict[str, Any] = {"epoch": [], "time_s": [], "acc": [], "step": [], "cosine": [],
-                            "loss": []}  # fmt: skip
+    out: dict[str, Any] = {k: [] for k in ("epoch", "time_s", "acc", "step", "cosine", "loss")}
+
+    def record(curves: tuple[str, ...], **values) -> None:
+        """Logs ``values`` and appends those named in ``curves`` to the returned curves."""
+        for k in curves:
+            out[k].append(values[k])
+        logger.log({"phase": phase, **values})
+
     # One chunk run and discarded, so that the clock below counts training, not compilation.
     t0 = time.perf_counter()
     jax.block_until_ready(train(lrs_a, total, params, state, perms_fn(seeds_a, 0), x, y, 0))
     out["compile_s"] = time.perf_counter() - t0
     clock = 0.0
     cos = np.asarray(cosine(params, state, split.x_diag, split.y_diag))
-    out["step"].append(0)
-    out["cosine"].append(cos)
-    logger.log({"phase": phase, "step": 0, "time_s": 0.0, "cosine": cos})
+    record(("step", "cosine"), step=0, time_s=0.0, cosine=cos)
     for e in range(epochs):
         perms = perms_fn(seeds_a, e)
         for start in range(0, steps, chunk):
@@ -117,18 +121,11 @@ def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan
             losses = np.asarray(jax.block_until_ready(losses))
             clock += time.perf_counter() - t0
             cos = np.asarray(cosine(params, state, split.x_diag, split.y_diag))
-            step_no = e * steps + start + chunk
-            out["step"].append(step_no)
-            out["cosine"].append(cos)
-            out["loss"].append(losses.mean(axis=1))
-            logger.log({"phase": phase, "step": step_no, "time_s": clock, "epoch": e,
-                        "loss": losses.mean(axis=1), "cosine": cos})  # fmt: skip
+            record(("step", "cosine", "loss"), step=e * steps + start + chunk, time_s=clock,
+                   epoch=e, loss=losses.mean(axis=1), cosine=cos)  # fmt: skip
         acc = np.asarray(evaluate(params, state))
-        out["epoch"].append(e + 1)
-        out["time_s"].append(clock)
-        out["acc"].append(acc)
-        logger.log({"phase": phase, "epoch": e + 1, "time_s": clock, "acc": acc,
-                    "step": (e + 1) * steps})  # fmt: skip
+        record(("epoch", "time_s", "acc"), epoch=e + 1, time_s=clock, acc=acc,
+               step=(e + 1) * steps)  # fmt: skip
     out["steps_per_epoch"] = steps
     return out
 

@@ -43,8 +43,7 @@ class ViT(nn.Module):
         del train  # no dropout or batch statistics: the same call trains and evaluates
         x = nn.Conv(self.width, (self.patch, self.patch), (self.patch, self.patch))(x)
         x = x.reshape(x.shape[0], -1, self.width)
-        pos = self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
-        x = x + pos
+        x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
         for _ in range(self.depth):
             x = EncoderBlock(self.width)(x)
         return nn.Dense(self.num_classes)(jnp.mean(nn.LayerNorm()(x), axis=1))

@@ -35,5 +35,5 @@ from .models import (
     synthetic_batch,
 )
 from .ratios import compiled_memory, donated_step, measure_ratios, measure_runtime, memory_of
-from .timing import Runner, median, paired_ratio, time_interleaved
+from .timing import Runner, paired_ratio, time_interleaved
 from .train import Arm, train_arms

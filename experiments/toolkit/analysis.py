@@ -58,23 +58,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if (a is not None and b) else None
 
 
-def _to_threshold(cf, cb, time_f, time_b) -> dict[str, Any]:
-    """Final losses of the smoothed curves, the common threshold (the higher of the two: a
-    level both methods reach), iterations to it, and ``time_m(iteration)`` at them."""
-    final_f, final_b = float(cf[-1]), float(cb[-1])
-    threshold = max(final_f, final_b)
-    i_f, i_b = first_crossing(cf, threshold), first_crossing(cb, threshold)
-    t_f = time_f(i_f) if i_f is not None else None
-    t_b = time_b(i_b) if i_b is not None else None
+def _to_threshold(curves: dict[str, np.ndarray], time_at: dict[str, Any]) -> dict[str, Any]:
+    """Final losses of the methods' smoothed curves, the common threshold (the higher of the
+    two: a level both methods reach), iterations to it, and ``time_at[m](iteration)`` at them."""
+    final = {m: float(curves[m][-1]) for m in METHODS}
+    threshold = max(final.values())
+    iters = {m: first_crossing(curves[m], threshold) for m in METHODS}
+    t = {m: time_at[m](i) if i is not None else None for m, i in iters.items()}
     return {
-        "final_loss_fgd": final_f,
-        "final_loss_sgd": final_b,
+        **{f"final_loss_{m}": final[m] for m in METHODS},
         "threshold": threshold,
-        "iters_to_threshold_fgd": i_f,
-        "iters_to_threshold_sgd": i_b,
-        "T_f": t_f,
-        "T_b": t_b,
-        "T_ratio": _ratio(t_f, t_b),
+        **{f"iters_to_threshold_{m}": iters[m] for m in METHODS},
+        "T_f": t["fgd"],
+        "T_b": t["sgd"],
+        "T_ratio": _ratio(t["fgd"], t["sgd"]),
     }
 
 
@@ -87,20 +84,15 @@ def summarise_pair(fgd: ArmResult, sgd: ArmResult, smooth_window: int) -> dict[s
     program of all runs, compilation excluded) at the first step the smoothed curve is at or
     below the threshold.
     """
-    cf = smooth(mean_curve(fgd.losses), smooth_window)
-    cb = smooth(mean_curve(sgd.losses), smooth_window)
+    arms = {"fgd": fgd, "sgd": sgd}
+    curves = {m: smooth(mean_curve(a.losses), smooth_window) for m, a in arms.items()}
     return {
         "initial_loss": float(np.nanmean(np.concatenate([fgd.losses[:, 0], sgd.losses[:, 0]]))),
-        **_to_threshold(
-            cf, cb, lambda i: float(fgd.step_time[i]), lambda i: float(sgd.step_time[i])
-        ),
-        "wall_time_fgd": fgd.wall_time,
-        "wall_time_sgd": sgd.wall_time,
-        "time_per_iter_fgd": fgd.wall_time / fgd.losses.shape[1],
-        "time_per_iter_sgd": sgd.wall_time / sgd.losses.shape[1],
+        **_to_threshold(curves, {m: lambda i, a=a: float(a.step_time[i]) for m, a in arms.items()}),
+        **{f"wall_time_{m}": a.wall_time for m, a in arms.items()},
+        **{f"time_per_iter_{m}": a.wall_time / a.losses.shape[1] for m, a in arms.items()},
         "runs": int(fgd.losses.shape[0]),
-        "diverged_runs_fgd": int(diverged(fgd.losses).sum()),
-        "diverged_runs_sgd": int(diverged(sgd.losses).sum()),
+        **{f"diverged_runs_{m}": int(diverged(a.losses).sum()) for m, a in arms.items()},
     }
 
 
@@ -157,14 +149,7 @@ def pick_tuned(
         out["final_loss"][m] = finals
         out["best_lr"][m] = float(lrs[best])
         curves[m] = cs[best]
-    out.update(
-        _to_threshold(
-            curves["fgd"],
-            curves["sgd"],
-            lambda i: (i + 1) * per_iter["fgd"],
-            lambda i: (i + 1) * per_iter["sgd"],
-        )
-    )
+    out.update(_to_threshold(curves, {m: lambda i, m=m: (i + 1) * per_iter[m] for m in METHODS}))
     out["T_definition"] = "iterations to threshold x median time of one iteration"
     return out
 

@@ -18,8 +18,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-# ----------------------------------------------------------------------------- 2-D functions
-
 
 def beale(p: jax.Array) -> jax.Array:
     """Beale's function; minimum 0 at ``(3, 0.5)``."""
@@ -37,8 +35,6 @@ FUNCTIONS = {"beale": beale, "rosenbrock": rosenbrock}
 MINIMA = {"beale": (3.0, 0.5), "rosenbrock": (1.0, 1.0)}
 # Plot windows of the contour figures.
 WINDOWS = {"beale": ((-1.0, 4.0), (-1.5, 2.0)), "rosenbrock": ((-2.0, 2.0), (-1.0, 3.0))}
-
-# ----------------------------------------------------------------------------- plain-JAX MLP
 
 
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
@@ -71,9 +67,6 @@ def synthetic_batch(
     x = jax.random.normal(kx, (batch_size, *in_shape), jnp.float32)
     y = jax.random.randint(ky, (batch_size,), 0, classes)
     return x, y
-
-
-# ----------------------------------------------------------------------------- linen models
 
 
 class LogReg(nn.Module):
@@ -127,9 +120,6 @@ def classifier_loss(model: nn.Module):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return loss
-
-
-# ----------------------------------------------------------------------------- nnx transformer
 
 
 class Block(nnx.Module):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from statistics import median
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ import optax
 import fgrad_jax
 
 from .io import to_jsonable
-from .timing import Runner, median, paired_ratio, time_interleaved
+from .timing import Runner, paired_ratio, time_interleaved
 from .train import apply_step, make_step, make_tx
 
 _FIELDS = ("temp", "argument", "output", "alias", "generated_code")
@@ -64,12 +65,8 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
         for name in _FIELDS
         if hasattr(ma, f"{name}_size_in_bytes")
     }
-    out["total_bytes"] = (
-        out.get("temp_bytes", 0)
-        + out.get("argument_bytes", 0)
-        + out.get("output_bytes", 0)
-        - out.get("alias_bytes", 0)
-    )
+    counted = sum(out.get(f"{name}_bytes", 0) for name in ("temp", "argument", "output"))
+    out["total_bytes"] = counted - out.get("alias_bytes", 0)
     return out
 
 
@@ -84,12 +81,6 @@ def memory_stats() -> dict:
         return dict(jax.devices()[0].memory_stats() or {})
     except Exception:  # backends without allocator statistics raise
         return {}
-
-
-def device_peak_bytes() -> int | None:
-    """The first device's peak memory in use so far (``None`` where unsupported)."""
-    peak = memory_stats().get("peak_bytes_in_use")
-    return None if peak is None else int(peak)
 
 
 @dataclasses.dataclass
@@ -147,15 +138,10 @@ def donated_step(
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
-def summarise(
-    times: dict[str, list[float]],
-    fg: Sequence[tuple[str, Any, int]],
-    *,
-    forward: str = "forward",
-    backprop: str = "backprop",
-) -> RatioResult:
-    """The record of interleaved times: ``fg`` lists ``(name in times, tangent, K)``."""
-    t_f, t_b = median(times[forward]), median(times[backprop])
+def summarise(times: dict[str, list[float]], fg: Sequence[tuple[str, Any, int]]) -> RatioResult:
+    """The record of interleaved times of ``"forward"``, ``"backprop"`` and the forward-gradient
+    steps ``fg``, listed as ``(name in times, tangent, K)``."""
+    t_f, t_b = median(times["forward"]), median(times["backprop"])
     variants = []
     for name, tan, k in fg:
         t = median(times[name])
@@ -165,7 +151,7 @@ def summarise(
             t_step_s=t,
             R_f=t / t_f,
             fg_over_bp=t / t_b,
-            paired_ratio=paired_ratio(times[name], times[backprop]),
+            paired_ratio=paired_ratio(times[name], times["backprop"]),
         )
         single = next((n for n, t1, k1 in fg if k1 == 1 and t1 == tan), None)
         if k > 1 and single is not None:
@@ -180,7 +166,7 @@ def summarise(
         R_f=first.R_f,
         fg_over_bp=first.fg_over_bp,
         paired_ratio=first.paired_ratio,
-        reps=len(times[forward]),
+        reps=len(times["forward"]),
         variants=variants,
     )
 
@@ -190,9 +176,7 @@ def measure_ratios(
     params: Any,
     batch: Any,
     *,
-    tangent: Any = "rademacher",
-    num_tangents: int = 1,
-    variants: Sequence[tuple[Any, int]] | None = None,
+    variants: Sequence[tuple[Any, int]],
     lr: float = 1e-4,
     reps: int = 15,
     warmup: int = 2,
@@ -200,13 +184,10 @@ def measure_ratios(
 ) -> dict[str, Any]:
     """Times f, a backprop SGD step and forward-gradient SGD steps, interleaved; medians.
 
-    ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds (default:
-    the one pair ``tangent``, ``num_tangents``). The caller's ``params`` are copied, never
-    donated. ``memory``: also XLA's compiled memory analysis of each program. Returns a
-    :class:`RatioResult` as a dict.
+    ``variants``: ``(tangent, num_tangents)`` pairs, all timed in the same rounds. The
+    caller's ``params`` are copied, never donated. ``memory``: also XLA's compiled memory
+    analysis of each program. Returns a :class:`RatioResult` as a dict.
     """
-    if variants is None:
-        variants = [(tangent, num_tangents)]
     fwd = jax.jit(loss_fn)
     fns: dict[str, Callable[[], Any]] = {"forward": lambda: fwd(params, batch)}
     fns["backprop"] = bp = Runner(*donated_step(loss_fn, lr), params, batch)
@@ -248,21 +229,15 @@ def measure_runtime(
     batch, each call from the same inputs, a measurement at least ``min_time`` seconds long;
     ``seed`` seeds the call order and the FGD key. A :class:`RatioResult` as a dict, its one
     variant the FGD step."""
-    fgd_tx = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent)
-    sgd_tx = make_tx("sgd", lr, decay_k)
     lr_arr = jnp.float32(lr)
-    jitted = {
-        "forward": (jax.jit(loss_fn), (params, batch)),
-        "fgd": (
-            jax.jit(make_step("fgd", loss_fn, decay_k, tangent)),
-            (lr_arr, params, fgd_tx.init(params), batch),
-        ),
-        "backprop": (
-            jax.jit(make_step("sgd", loss_fn, decay_k)),
-            (lr_arr, params, sgd_tx.init(params), batch),
-        ),
+    fgd_state = make_tx("fgd", lr, decay_k, key=seed, tangent=tangent).init(params)
+    sgd_state = make_tx("sgd", lr, decay_k).init(params)
+    programs = {
+        "forward": (loss_fn, (params, batch)),
+        "fgd": (make_step("fgd", loss_fn, decay_k, tangent), (lr_arr, params, fgd_state, batch)),
+        "backprop": (make_step("sgd", loss_fn, decay_k), (lr_arr, params, sgd_state, batch)),
     }
-    compiled = {name: (fn.lower(*args).compile(), args) for name, (fn, args) in jitted.items()}
+    compiled = {n: (jax.jit(fn).lower(*args).compile(), args) for n, (fn, args) in programs.items()}
     fns = {name: (lambda c=c, a=args: c(*a)) for name, (c, args) in compiled.items()}
     calls: dict[str, int] = {}
     times = time_interleaved(fns, rounds, warmup=1, seed=seed, min_time=min_time, calls_out=calls)
@@ -270,5 +245,5 @@ def measure_runtime(
     res.variants[0].memory = compiled_memory(compiled["fgd"][0])
     res.memory = {k: compiled_memory(compiled[k][0]) for k in ("forward", "backprop")}
     res.calls_per_measurement = calls
-    res.device_peak_bytes = device_peak_bytes()
+    res.device_peak_bytes = memory_stats().get("peak_bytes_in_use")
     return to_jsonable(res)

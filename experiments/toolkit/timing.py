@@ -71,11 +71,6 @@ def time_interleaved(
     return times
 
 
-def median(times: list[float]) -> float:
-    """Median of a list of times."""
-    return statistics.median(times)
-
-
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median over rounds of ``num[i] / den[i]`` (two candidates timed in the same rounds)."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True))

@@ -235,20 +235,11 @@ def _open_loggers(arms, plan, out_dir, start_chunk, log_every) -> dict[str, Json
     resume_step = start_chunk * plan.chunk - 1 if start_chunk else None
     loggers = {a.name: JsonlLogger(Path(out_dir) / f"{a.name}.jsonl", resume_step) for a in arms}
     if start_chunk == 0:
+        shared = {k: getattr(plan, k) for k in ("num_steps", "decay_k", "chunk")}
         for a in arms:
-            loggers[a.name].log(
-                {
-                    "header": True,
-                    "arm": a.name,
-                    "method": a.method,
-                    "lrs": list(a.lrs),
-                    "seeds": list(a.seeds),
-                    "num_steps": plan.num_steps,
-                    "decay_k": plan.decay_k,
-                    "chunk": plan.chunk,
-                    "log_every": log_every,
-                }
-            )
+            header = {"header": True, "arm": a.name, "method": a.method, "lrs": list(a.lrs)}
+            header |= {"seeds": list(a.seeds), **shared, "log_every": log_every}
+            loggers[a.name].log(header)
     return loggers
 
 
