@@ -22,7 +22,6 @@ class LoRADense(nn.Module):
 
     features: int
     rank: int = 0
-    b_std: float = 0.0  # > 0: lora_b ~ N(0, b_std) at init instead of zeros (analysis only)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -31,8 +30,7 @@ class LoRADense(nn.Module):
             a = self.param(
                 "lora_a", nn.initializers.normal(x.shape[-1] ** -0.5), (x.shape[-1], self.rank)
             )
-            init_b = nn.initializers.normal(self.b_std) if self.b_std else nn.initializers.zeros
-            b = self.param("lora_b", init_b, (self.rank, self.features))
+            b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
             y = y + (x @ a) @ b
         return y
 
@@ -60,33 +58,26 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     lora_rank: int = 0
-    lora_b_std: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, t, w = x.shape
         h = self.cfg.heads
-        qkv = LoRADense(3 * w, self.lora_rank, self.lora_b_std, name="qkv")(nn.LayerNorm()(x))
+        qkv = LoRADense(3 * w, self.lora_rank, name="qkv")(nn.LayerNorm()(x))
         q, k, v = jnp.split(qkv.reshape(b, t, 3 * h, w // h), 3, axis=2)
         att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(w // h), axis=-1)
         o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, w)
-        x = x + LoRADense(w, self.lora_rank, self.lora_b_std, name="out")(o)
-        y = nn.gelu(
-            LoRADense(self.cfg.mlp, self.lora_rank, self.lora_b_std, name="mlp_in")(
-                nn.LayerNorm()(x)
-            )
-        )
-        return x + LoRADense(w, self.lora_rank, self.lora_b_std, name="mlp_out")(y)
+        x = x + LoRADense(w, self.lora_rank, name="out")(o)
+        y = nn.gelu(LoRADense(self.cfg.mlp, self.lora_rank, name="mlp_in")(nn.LayerNorm()(x)))
+        return x + LoRADense(w, self.lora_rank, name="mlp_out")(y)
 
 
 class ViT(nn.Module):
     """Patch embedding, learned positions, ``depth`` blocks, final LayerNorm, mean over
-    tokens, head (the quality benchmark's ``vit`` layout, attention written out).
-    ``lora_b_std`` only changes the adapters' initialisation (see :func:`build`)."""
+    tokens, head (the quality benchmark's ``vit`` layout, attention written out)."""
 
     cfg: ModelConfig
     lora_rank: int = 0
-    lora_b_std: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -95,17 +86,14 @@ class ViT(nn.Module):
         x = x.reshape(x.shape[0], -1, w)
         x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
         for i in range(self.cfg.depth):
-            x = Block(self.cfg, self.lora_rank, self.lora_b_std, name=f"block_{i}")(x)
+            x = Block(self.cfg, self.lora_rank, name=f"block_{i}")(x)
         return nn.Dense(10, name="head")(jnp.mean(nn.LayerNorm(name="final_norm")(x), axis=1))
 
 
-def build(cfg: ModelConfig, lora_rank: int = 0, lora_b_std: float = 0.0) -> nn.Module:
-    """The linen module of ``cfg`` (inputs ``(N, 28, 28, 1)``, 10 logits). ``lora_b_std``
-    (ViT): non-zero adapters at init, for analyses that read the initial values (the
-    separability check of patch- and group-wise local losses, which a zero ``lora_b``
-    would pass trivially); the fine-tuning itself starts from ``lora_b = 0``."""
+def build(cfg: ModelConfig, lora_rank: int = 0) -> nn.Module:
+    """The linen module of ``cfg`` (inputs ``(N, 28, 28, 1)``, 10 logits)."""
     if cfg.name == "cnn":
         return CNN(cfg, lora_rank)
     if cfg.name == "vit":
-        return ViT(cfg, lora_rank, lora_b_std)
+        return ViT(cfg, lora_rank)
     raise ValueError(f"unknown model {cfg.name!r}")

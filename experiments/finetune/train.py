@@ -175,11 +175,7 @@ def local_model(module: Any, rows: bool = False) -> Any:
     key = (module.cfg, module.lora_rank, rows)
     if key not in _LOCAL:
         patches = 28 // module.cfg.patch if rows else None
-        # init analyses the model at its initial values; with lora_b = 0 every adapter's
-        # first op would pass the separability check of split losses trivially (its output
-        # reaches nothing), so the analysed copy starts with lora_b != 0 (same apply).
-        analysed = models.build(module.cfg, module.lora_rank, lora_b_std=0.1)
-        local = fgrad_jax.local_losses(analysed, 10, boundaries=models.Block, patches=patches)
+        local = fgrad_jax.local_losses(module, 10, boundaries=models.Block, patches=patches)
         _, _, _LOCAL[key] = local.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
     return _LOCAL[key]
 
