@@ -5,6 +5,7 @@ from fgrad_jax._activity import activity_perturbation
 from fgrad_jax._estimator import forward_grad, value_and_forward_grad
 from fgrad_jax._flax import apply_forward_gradient, nnx_value_and_forward_grad, nnx_value_fn
 from fgrad_jax._guided import GuidedForwardGradientState, guided, guided_forward_gradient
+from fgrad_jax._hashed import hashed
 from fgrad_jax._local import LocalAux, LocalLosses, LocalVariables, ModelLocalLosses, local_losses
 from fgrad_jax._lowrank import lowrank
 from fgrad_jax._spsa import spsa, spsa_gradient
@@ -41,6 +42,7 @@ __all__ = [
     "forward_gradient_state",
     "guided",
     "guided_forward_gradient",
+    "hashed",
     "local_losses",
     "lowrank",
     "mean_of_products",

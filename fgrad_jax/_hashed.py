@@ -272,3 +272,51 @@ _RADEMACHER = HashedTangents("rademacher", _random.rademacher_at, keep_below_byt
 # of store is 8 MiB of tangents (16 MiB of tangents, kept per leaf, before issue 20).
 _NORMAL = HashedTangents("normal", _random.normal_at, keep_below_bytes=16 << 20)
 HASHED: dict[str, HashedTangents] = {"rademacher": _RADEMACHER, "normal": _NORMAL}
+
+
+def hashed(distribution: str = "rademacher", store: str | int = "auto") -> HashedTangents:
+    """The counter-hash tangents of ``tangent="rademacher"`` / ``"normal"``, with the trade
+    between compile time and working memory chosen explicitly.
+
+    The K tangents are either drawn once as one kernel and stored through the step
+    (compile-lean: the program does not grow with the number of parameter leaves, but
+    K x parameters floats stay alive), or drawn lazily inside the JVP right before each
+    leaf's operation and again, bitwise the same, for the update (memory-lean: working
+    memory flat in depth, one draw kernel per leaf, which is what compile time grows
+    with). The estimates are the same either way.
+
+    Args:
+        distribution: ``"rademacher"`` or ``"normal"``.
+        store: ``"auto"`` (the default of the plain names: stored while the store, K x
+            parameters x 8 bytes, is at most 12 MiB for Rademacher and 16 MiB for the
+            Gaussian), ``"always"`` (compile-lean), ``"never"`` (memory-lean), or a byte
+            limit. Tangents are stored on one device only: under a multi-device sharding
+            they are always drawn lazily.
+
+    Returns:
+        A tangent strategy for ``tangent=``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, fgrad_jax
+        >>> f = lambda p: jnp.sum(jnp.tanh(p["w"]))
+        >>> lean = fgrad_jax.forward_grad(f, tangent=fgrad_jax.hashed("normal", store="never"))
+        >>> kept = fgrad_jax.forward_grad(f, tangent=fgrad_jax.hashed("normal", store="always"))
+        >>> p = {"w": jnp.ones((3, 4))}
+        >>> bool(jnp.allclose(lean(jax.random.key(0), p)["w"], kept(jax.random.key(0), p)["w"]))
+        True
+    """
+    if distribution not in HASHED:
+        raise ValueError(
+            f"distribution must be one of {sorted(HASHED)}; got {distribution!r} (other "
+            "tangents, e.g. tangent='sphere', have no lazy form)."
+        )
+    limits = {"always": 1 << 62, "never": 0, "auto": HASHED[distribution].keep_below_bytes}
+    if isinstance(store, str) and store in limits:
+        limit = limits[store]
+    elif isinstance(store, int) and not isinstance(store, bool) and store >= 0:
+        limit = store
+    else:
+        raise ValueError(
+            f"store must be 'auto', 'always', 'never' or a byte limit >= 0; got {store!r}."
+        )
+    return dataclasses.replace(HASHED[distribution], keep_below_bytes=limit)

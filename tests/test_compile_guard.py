@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -63,7 +64,7 @@ def instructions(compiled) -> int:
     return len(re.findall(r"^\s*(?:ROOT )?%?[\w.\-]+ = ", compiled.as_text(), re.M))
 
 
-def _programs(one_device: bool = False):
+def _programs(one_device: bool = False, tangent="rademacher"):
     graphdef, params = nnx.split(_Transformer(nnx.Rngs(0)), nnx.Param)
     x = jnp.ones((4, 8, 32), jnp.float32)
     y = jnp.zeros(4, jnp.int32)
@@ -72,12 +73,25 @@ def _programs(one_device: bool = False):
         logits = nnx.merge(graphdef, p)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    step = fgrad_jax.forward_grad(loss, tangent="rademacher")
+    step = fgrad_jax.forward_grad(loss, tangent=tangent)
     mesh = Mesh(np.array(jax.devices()[:1]), ("d",)) if one_device else None
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         fg = jax.jit(step).lower(jax.random.key(0), params).compile()
         bp = jax.jit(jax.grad(loss)).lower(params).compile()
     return fg, bp
+
+
+def _estimate(tangent, key=3):
+    graphdef, params = nnx.split(_Transformer(nnx.Rngs(0)), nnx.Param)
+    x = jnp.ones((4, 8, 32), jnp.float32)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    with jax.set_mesh(mesh):
+        step = jax.jit(fgrad_jax.forward_grad(loss, tangent=tangent))
+        return jax.tree.leaves(step(jax.random.key(key), params))
 
 
 def test_rademacher_step_does_not_grow():
@@ -101,3 +115,22 @@ def test_rademacher_step_on_one_device_does_not_grow():
         "draws split into one kernel per leaf again?"
     )
     assert n > n_grad
+
+
+def test_hashed_store_selects_the_compile_lean_or_the_memory_lean_form():
+    """``fgrad_jax.hashed(store=...)``: "always" stores one draw (the program does not grow
+    with the leaves), "never" draws per leaf inside the JVP (more instructions), "auto" is
+    the plain name's program; the estimates agree (float32, different programs: 1e-5)."""
+    sizes = {
+        store: instructions(_programs(True, fgrad_jax.hashed("rademacher", store))[0])
+        for store in ("always", "never", "auto")
+    }
+    assert sizes["auto"] == instructions(_programs(True)[0])  # this model is stored by default
+    assert sizes["always"] == sizes["auto"] < sizes["never"]
+    kept, lazy = (_estimate(fgrad_jax.hashed("normal", s)) for s in ("always", "never"))
+    for a, b in zip(kept, lazy):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="store must be 'auto', 'always', 'never'"):
+        fgrad_jax.hashed("rademacher", store="sometimes")
+    with pytest.raises(ValueError, match="no lazy form"):
+        fgrad_jax.hashed("sphere")
