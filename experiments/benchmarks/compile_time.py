@@ -99,11 +99,12 @@ def run_model(name: str, cfg: Config) -> dict:
     key = jax.random.key(0)
     programs = {"jax.grad": (jax.grad(loss), (params,))}
     for tangent in (*cfg.tangents, "user"):
-        # "user": a tangent callable drawing jax.random.normal per leaf (the generic path).
-        estimate = fgrad_jax.forward_grad(
-            loss, tangent=THREEFRY_NORMAL if tangent == "user" else tangent
-        )
-        programs[tangent] = (estimate, (key, params))
+        # "user": a tangent callable drawing jax.random.normal per leaf (the generic path);
+        # "rademacher:always" etc.: fgrad_jax.hashed("rademacher", store="always").
+        chosen = THREEFRY_NORMAL if tangent == "user" else tangent
+        if ":" in tangent:
+            chosen = fgrad_jax.hashed(*tangent.split(":"))
+        programs[tangent] = (fgrad_jax.forward_grad(loss, tangent=chosen), (key, params))
     if cfg.floors:
         programs |= _floors(loss, params, cfg.floors)
     seconds: dict[str, list[float]] = {n: [] for n in programs}
