@@ -23,12 +23,14 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from statistics import median
 
 import jax
 import jax.numpy as jnp
 
 import fgrad_jax
+from experiments.benchmarks.gpu_sections import first_tangent
 from experiments.benchmarks.train import THREEFRY_NORMAL
 from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import transformer_loss
@@ -67,24 +69,14 @@ def _loss_and_params(name: str, cfg: Config):
 def _floors(loss, params, families) -> dict:
     """The floor programs of ``families`` (see the module docstring)."""
 
-    def draw_for(family):
-        def draw(key, p):
-            if family == "user":
-                return THREEFRY_NORMAL(key, p)
-            leaves, treedef = jax.tree.flatten(p)
-            return treedef.unflatten([t[0] for t in TANGENTS[family](key, leaves, 1)])
-
-        return draw
-
     def jvp_step(p, t):
         value, d = jax.jvp(loss, (p,), (t,))
         return value, jax.tree.map(lambda v: d * v, t)
 
     key = jax.random.key(0)
-    given = jax.tree.map(jnp.ones_like, params)
-    programs = {"jvp given": (jvp_step, (params, given))}
+    programs = {"jvp given": (jvp_step, (params, jax.tree.map(jnp.ones_like, params)))}
     for f in families:
-        draw = draw_for(f)
+        draw = THREEFRY_NORMAL if f == "user" else partial(first_tangent, TANGENTS[f])
         programs[f"draw:{f}"] = (draw, (key, params))
         programs[f"hand:{f}"] = ((lambda d: lambda k, p: jvp_step(p, d(k, p)))(draw), (key, params))
     return programs

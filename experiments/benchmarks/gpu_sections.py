@@ -52,6 +52,18 @@ def make_step(loss_fn, kind, num_tangents=1, lr=LR):
     return sgd_step(loss_fn, lr, None if kind == "backprop" else kind, num_tangents)
 
 
+def first_tangent(sampler, key, params):
+    """The first tangent that a library ``sampler(key, leaves, K)`` draws for ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([t[0] for t in sampler(key, leaves, 1)])
+
+
+def mlp_problem(sizes, batch_size):
+    """``(params, batch)`` of the MLP ``sizes`` on a synthetic batch, from ``key(0)``."""
+    kp, kb = jax.random.split(jax.random.key(0))
+    return init_mlp(kp, sizes), synthetic_batch(kb, batch_size, (sizes[0],))
+
+
 def compile_program(loss_fn, kind, params, batch, num_tangents=1, lr=LR):
     """``(compiled, optimiser state)``, compiled, not run: the forward pass (``kind="forward"``,
     state ``None``) or the :func:`make_step` step of ``kind``, donated."""
@@ -108,9 +120,7 @@ def timing_row(times, names, base, per_call=1):
 
 
 def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipeline_steps=10):
-    kp, kb = jax.random.split(jax.random.key(0))
-    params = init_mlp(kp, sizes)
-    batch = synthetic_batch(kb, batch_size, (sizes[0],))
+    params, batch = mlp_problem(sizes, batch_size)
     fns = {}
     for kind in ("backprop", *TANGENTS):
         tx, step = make_step(mlp_loss, kind)
@@ -187,9 +197,7 @@ def section_depth_memory(smoke, deadline, spec, emit):
     width, batch_size = (32, 16) if smoke else (1024, 1024)
     out = {"width": width, "batch_size": batch_size, "donated": True, "depths": []}
     for depth in (4, 2) if smoke else (32, 2):
-        kp, kb = jax.random.split(jax.random.key(0))
-        params = init_mlp(kp, [784] + [width] * depth + [10])
-        batch = synthetic_batch(kb, batch_size, (784,))
+        params, batch = mlp_problem([784] + [width] * depth + [10], batch_size)
         row = {"depth": depth}
         out["depths"].append(row)
         for kind in ("forward", "backprop", *TANGENTS):

@@ -25,15 +25,21 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.gpu_sections import LR, make_step, mlp_case, timed_rounds, timing_row
+from experiments.benchmarks.gpu_sections import (
+    LR,
+    first_tangent,
+    make_step,
+    mlp_case,
+    mlp_problem,
+    timed_rounds,
+    timing_row,
+)
 from experiments.toolkit import (
     Runner,
     add_overrides,
     apply_overrides,
     environment,
-    init_mlp,
     mlp_loss,
-    synthetic_batch,
     write_json,
 )
 from experiments.toolkit.analysis import md_table
@@ -76,9 +82,7 @@ def run(cfg: Config) -> dict:
 def run_floor(cfg: Config) -> dict:
     """Pipelined, donated steps of the tiny MLP: the library's, by hand, with given tangents."""
     sizes, batch_size, _ = cfg.cases[0]
-    kp, kb = jax.random.split(jax.random.key(0))
-    params = init_mlp(kp, list(sizes))
-    batch = synthetic_batch(kb, batch_size, (sizes[0],))
+    params, batch = mlp_problem(list(sizes), batch_size)
     key = jax.random.key(0)
 
     def by_hand(draw):
@@ -90,34 +94,23 @@ def run_floor(cfg: Config) -> dict:
         return step
 
     def hashed(name):
-        def draw(p, count):
-            leaves, treedef = jax.tree.flatten(p)
-            t = HASHED[name](step_key(key, count), leaves, 1)
-            return treedef.unflatten([a[0] for a in t]), count + 1
-
-        return draw
+        return lambda p, c: (first_tangent(HASHED[name], step_key(key, c), p), c + 1)
 
     count = SimpleNamespace(init=lambda p: jnp.zeros((), jnp.int32))
-    given = jax.tree.map(jnp.ones_like, params)
     steps = {"backprop": make_step(mlp_loss, "backprop")}
     for name in ("rademacher", "normal"):
         steps[name] = make_step(mlp_loss, name)
         steps[f"hand:{name}"] = (count, by_hand(hashed(name)))
-    steps["jvp given"] = (SimpleNamespace(init=lambda p: given), by_hand(lambda p, t: (t, t)))
+    given = SimpleNamespace(init=lambda p: jax.tree.map(jnp.ones_like, p))
+    steps["jvp given"] = (given, by_hand(lambda p, t: (t, t)))
     fns = {
         n: Runner(tx, jax.jit(step, donate_argnums=(0, 1)), params, batch, cfg.pipeline_steps)
         for n, (tx, step) in steps.items()
     }
-    deadline = time.time() + cfg.max_seconds
-    times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, deadline)
+    times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, time.time() + cfg.max_seconds)
     row = timing_row(times, {n: n for n in fns}, "backprop", cfg.pipeline_steps)
-    return {
-        "config": asdict(cfg),
-        "environment": environment(),
-        "sizes": list(sizes),
-        "floor": row,
-        **reps,
-    }
+    head = {"config": asdict(cfg), "environment": environment()}
+    return head | {"sizes": list(sizes), "floor": row, **reps}
 
 
 def table(result: dict) -> str:
