@@ -44,6 +44,7 @@ from experiments.toolkit import (
     write_json,
 )
 from experiments.toolkit.analysis import md_table
+from experiments.toolkit.timing import paired_ratio
 from fgrad_jax._tangents import TANGENTS
 
 
@@ -90,11 +91,9 @@ def run_model(name: str, cfg: Config) -> dict:
     loss, params = _loss_and_params(name, cfg)
     key = jax.random.key(0)
     programs = {"jax.grad": (jax.grad(loss), (params,))}
+    user = {"user": THREEFRY_NORMAL}  # a callable drawing jax.random.normal per leaf
     for tangent in (*cfg.tangents, "user"):
-        # "user": a tangent callable drawing jax.random.normal per leaf (the generic path).
-        estimate = fgrad_jax.forward_grad(
-            loss, tangent=THREEFRY_NORMAL if tangent == "user" else tangent
-        )
+        estimate = fgrad_jax.forward_grad(loss, tangent=user.get(tangent, tangent))
         programs[tangent] = (estimate, (key, params))
     if cfg.floors:
         programs |= _floors(loss, params, cfg.floors)
@@ -115,17 +114,11 @@ def run_model(name: str, cfg: Config) -> dict:
             seconds[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
             sizes[n] = instructions(compiled)
-    rows = {}
+    rows, g = {}, "jax.grad"
     for n, ts in seconds.items():
-        ratios = [t / g for t, g in zip(ts, seconds["jax.grad"])]
-        cpu_ratios = [t / g for t, g in zip(cpu[n], cpu["jax.grad"])]
-        rows[n] = {
-            "seconds": median(ts),
-            "over_grad": median(ratios),
-            "cpu_seconds": median(cpu[n]),
-            "cpu_over_grad": median(cpu_ratios),
-            "instructions": sizes[n],
-        }
+        rows[n] = {"seconds": median(ts), "over_grad": paired_ratio(ts, seconds[g])}
+        rows[n] |= {"cpu_seconds": median(cpu[n]), "cpu_over_grad": paired_ratio(cpu[n], cpu[g])}
+        rows[n]["instructions"] = sizes[n]
     return {"model": name, "rounds": cfg.rounds, "rows": rows}
 
 

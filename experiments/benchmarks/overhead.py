@@ -69,14 +69,12 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    out = {"config": asdict(cfg), "environment": environment(), "cases": []}
-    deadline = time.time() + cfg.max_seconds
+    cases, modes = [], ("dispatched", "pipelined", "loop")
+    timing = (cfg.rounds, cfg.warmup, time.time() + cfg.max_seconds, cfg.pipeline_steps)
     for sizes, batch_size, loop_steps in cfg.cases:
-        modes = ("dispatched", "pipelined", "loop")
-        timing = (cfg.rounds, cfg.warmup, deadline, cfg.pipeline_steps)
         case = mlp_case(list(sizes), batch_size, modes, loop_steps, *timing)
-        out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
-    return out
+        cases.append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
+    return {"cases": cases}
 
 
 def run_floor(cfg: Config) -> dict:
@@ -109,8 +107,7 @@ def run_floor(cfg: Config) -> dict:
     }
     times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, time.time() + cfg.max_seconds)
     row = timing_row(times, {n: n for n in fns}, "backprop", cfg.pipeline_steps)
-    head = {"config": asdict(cfg), "environment": environment()}
-    return head | {"sizes": list(sizes), "floor": row, **reps}
+    return {"sizes": list(sizes), "floor": row, **reps}
 
 
 def table(result: dict) -> str:
@@ -141,7 +138,8 @@ def main(argv=None):
     add_overrides(ap, Config, ("rounds", "warmup", "max_seconds", "pipeline_steps", "floor"))
     args = ap.parse_args(argv)
     cfg = apply_overrides(Config(), args)
-    result = run_floor(cfg) if cfg.floor else run(cfg)
+    result = {"config": asdict(cfg), "environment": environment()}
+    result |= run_floor(cfg) if cfg.floor else run(cfg)
     if not cfg.floor:
         result["table"] = table(result)
     write_json(args.out, result)
