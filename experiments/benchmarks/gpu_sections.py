@@ -28,10 +28,9 @@ from experiments.toolkit import (
     Runner,
     compiled_memory,
     environment,
-    init_mlp,
     mlp_loss,
+    mlp_problem,
     paired_ratio,
-    synthetic_batch,
     time_interleaved,
 )
 from experiments.toolkit.ratios import memory_stats, sgd_step
@@ -56,12 +55,6 @@ def first_tangent(sampler, key, params):
     """The first tangent that a library ``sampler(key, leaves, K)`` draws for ``params``."""
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten([t[0] for t in sampler(key, leaves, 1)])
-
-
-def mlp_problem(sizes, batch_size):
-    """``(params, batch)`` of the MLP ``sizes`` on a synthetic batch, from ``key(0)``."""
-    kp, kb = jax.random.split(jax.random.key(0))
-    return init_mlp(kp, sizes), synthetic_batch(kb, batch_size, (sizes[0],))
 
 
 def compile_program(loss_fn, kind, params, batch, num_tangents=1, lr=LR):

@@ -30,7 +30,6 @@ from experiments.benchmarks.gpu_sections import (
     first_tangent,
     make_step,
     mlp_case,
-    mlp_problem,
     timed_rounds,
     timing_row,
 )
@@ -40,6 +39,7 @@ from experiments.toolkit import (
     apply_overrides,
     environment,
     mlp_loss,
+    mlp_problem,
     write_json,
 )
 from experiments.toolkit.analysis import md_table
