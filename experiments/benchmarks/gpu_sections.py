@@ -158,9 +158,8 @@ def section_mlp(smoke, deadline, spec, emit):
     out = {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "tangents": TANGENTS, "cases": []}
     out["environment"] = environment()
     for batch_size in (8,) if smoke else (64, 1024):
-        case = mlp_case(
-            sizes, batch_size, ("dispatched", "pipelined", "loop"), loop_steps, reps, 2, deadline
-        )
+        modes = ("dispatched", "pipelined", "loop")
+        case = mlp_case(sizes, batch_size, modes, loop_steps, reps, 2, deadline)
         out["cases"].append(case)
         emit(out)
         print(f"  mlp B={batch_size}: {_brief(case['rows'])}", flush=True)
