@@ -67,12 +67,8 @@ def main(argv=None) -> dict:
     test_y = jnp.asarray(data.test_labels)
 
     model = MLP((train_x.shape[1], args.hidden, data.num_classes), nnx.Rngs(args.seed))
-    tx = optax.chain(
-        fgrad_jax.forward_gradient(
-            key=args.seed, num_tangents=args.num_tangents, tangent=args.tangent
-        ),
-        optax.adam(args.learning_rate),
-    )
+    fg = {"key": args.seed, "num_tangents": args.num_tangents, "tangent": args.tangent}
+    tx = optax.chain(fgrad_jax.forward_gradient(**fg), optax.adam(args.learning_rate))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

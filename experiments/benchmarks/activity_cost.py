@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass
 
 if "--mesh" in sys.argv:  # host devices must be set before jax is imported
     _n = sys.argv[sys.argv.index("--mesh") + 1]
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
-    )
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}"
 
 import jax
 import jax.numpy as jnp

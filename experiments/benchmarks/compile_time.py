@@ -23,12 +23,14 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from statistics import median
 
 import jax
 import jax.numpy as jnp
 
 import fgrad_jax
+from experiments.benchmarks.gpu_sections import first_tangent
 from experiments.benchmarks.train import THREEFRY_NORMAL
 from experiments.benchmarks.transformer import Config as TransformerConfig
 from experiments.benchmarks.transformer import transformer_loss
@@ -42,6 +44,7 @@ from experiments.toolkit import (
     write_json,
 )
 from experiments.toolkit.analysis import md_table
+from experiments.toolkit.timing import paired_ratio
 from fgrad_jax._tangents import TANGENTS
 
 
@@ -67,24 +70,14 @@ def _loss_and_params(name: str, cfg: Config):
 def _floors(loss, params, families) -> dict:
     """The floor programs of ``families`` (see the module docstring)."""
 
-    def draw_for(family):
-        def draw(key, p):
-            if family == "user":
-                return THREEFRY_NORMAL(key, p)
-            leaves, treedef = jax.tree.flatten(p)
-            return treedef.unflatten([t[0] for t in TANGENTS[family](key, leaves, 1)])
-
-        return draw
-
     def jvp_step(p, t):
         value, d = jax.jvp(loss, (p,), (t,))
         return value, jax.tree.map(lambda v: d * v, t)
 
     key = jax.random.key(0)
-    given = jax.tree.map(jnp.ones_like, params)
-    programs = {"jvp given": (jvp_step, (params, given))}
+    programs = {"jvp given": (jvp_step, (params, jax.tree.map(jnp.ones_like, params)))}
     for f in families:
-        draw = draw_for(f)
+        draw = THREEFRY_NORMAL if f == "user" else partial(first_tangent, TANGENTS[f])
         programs[f"draw:{f}"] = (draw, (key, params))
         programs[f"hand:{f}"] = ((lambda d: lambda k, p: jvp_step(p, d(k, p)))(draw), (key, params))
     return programs
@@ -98,13 +91,12 @@ def run_model(name: str, cfg: Config) -> dict:
     loss, params = _loss_and_params(name, cfg)
     key = jax.random.key(0)
     programs = {"jax.grad": (jax.grad(loss), (params,))}
+    user = {"user": THREEFRY_NORMAL}  # a callable drawing jax.random.normal per leaf
     for tangent in (*cfg.tangents, "user"):
-        # "user": a tangent callable drawing jax.random.normal per leaf (the generic path);
         # "rademacher:always" etc.: fgrad_jax.hashed("rademacher", store="always").
-        chosen = THREEFRY_NORMAL if tangent == "user" else tangent
-        if ":" in tangent:
-            chosen = fgrad_jax.hashed(*tangent.split(":"))
-        programs[tangent] = (fgrad_jax.forward_grad(loss, tangent=chosen), (key, params))
+        chosen = fgrad_jax.hashed(*tangent.split(":")) if ":" in tangent else tangent
+        estimate = fgrad_jax.forward_grad(loss, tangent=user.get(tangent, chosen))
+        programs[tangent] = (estimate, (key, params))
     if cfg.floors:
         programs |= _floors(loss, params, cfg.floors)
     seconds: dict[str, list[float]] = {n: [] for n in programs}
@@ -124,17 +116,11 @@ def run_model(name: str, cfg: Config) -> dict:
             seconds[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
             sizes[n] = instructions(compiled)
-    rows = {}
+    rows, g = {}, "jax.grad"
     for n, ts in seconds.items():
-        ratios = [t / g for t, g in zip(ts, seconds["jax.grad"])]
-        cpu_ratios = [t / g for t, g in zip(cpu[n], cpu["jax.grad"])]
-        rows[n] = {
-            "seconds": median(ts),
-            "over_grad": median(ratios),
-            "cpu_seconds": median(cpu[n]),
-            "cpu_over_grad": median(cpu_ratios),
-            "instructions": sizes[n],
-        }
+        rows[n] = {"seconds": median(ts), "over_grad": paired_ratio(ts, seconds[g])}
+        rows[n] |= {"cpu_seconds": median(cpu[n]), "cpu_over_grad": paired_ratio(cpu[n], cpu[g])}
+        rows[n]["instructions"] = sizes[n]
     return {"model": name, "rounds": cfg.rounds, "rows": rows}
 
 

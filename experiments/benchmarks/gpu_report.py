@@ -165,16 +165,11 @@ def oom_table(sections):
         )
     else:
         fg_cell = f"{fg.get('outcome') or (res.get('fg') or {}).get('status')}: {fg.get('error', '')[:200]}"
-    row = [
-        f"{c.get('depth')} blocks, width {c.get('width')}, sequence {c.get('seq_len')}, "
-        f"vocabulary {c.get('vocab')}",
-        c.get("batch"),
-        fg.get("num_params") or bp.get("num_params"),
-        _gib(fg.get("bytes_limit") or bp.get("bytes_limit")),
-        "yes",
-        bp_cell,
-        fg_cell,
-    ]
+    shape = f"{c.get('depth')} blocks, width {c.get('width')}, sequence {c.get('seq_len')}, "
+    shape += f"vocabulary {c.get('vocab')}"
+    n = fg.get("num_params") or bp.get("num_params")
+    limit = fg.get("bytes_limit") or bp.get("bytes_limit")
+    row = [shape, c.get("batch"), n, _gib(limit), "yes", bp_cell, fg_cell]
     header = "GPT | batch | parameters | bytes_limit | donated | backprop step"
     intro = (
         "Backprop out of memory, the forward gradient training (one process each, preallocation on, "

@@ -28,10 +28,9 @@ from experiments.toolkit import (
     Runner,
     compiled_memory,
     environment,
-    init_mlp,
     mlp_loss,
+    mlp_problem,
     paired_ratio,
-    synthetic_batch,
     time_interleaved,
 )
 from experiments.toolkit.ratios import memory_stats, sgd_step
@@ -50,6 +49,12 @@ def make_step(loss_fn, kind, num_tangents=1, lr=LR):
     """``(tx, step)`` of backprop's (``kind="backprop"``) or the forward gradient's SGD step
     with tangent ``kind``, not jitted (the toolkit's steps, as every experiment times them)."""
     return sgd_step(loss_fn, lr, None if kind == "backprop" else kind, num_tangents)
+
+
+def first_tangent(sampler, key, params):
+    """The first tangent that a library ``sampler(key, leaves, K)`` draws for ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([t[0] for t in sampler(key, leaves, 1)])
 
 
 def compile_program(loss_fn, kind, params, batch, num_tangents=1, lr=LR):
@@ -108,9 +113,7 @@ def timing_row(times, names, base, per_call=1):
 
 
 def mlp_case(sizes, batch_size, modes, loop_steps, reps, warmup, deadline, pipeline_steps=10):
-    kp, kb = jax.random.split(jax.random.key(0))
-    params = init_mlp(kp, sizes)
-    batch = synthetic_batch(kb, batch_size, (sizes[0],))
+    params, batch = mlp_problem(sizes, batch_size)
     fns = {}
     for kind in ("backprop", *TANGENTS):
         tx, step = make_step(mlp_loss, kind)
@@ -155,9 +158,8 @@ def section_mlp(smoke, deadline, spec, emit):
     out = {"sizes": sizes, "loop_steps": loop_steps, "lr": LR, "tangents": TANGENTS, "cases": []}
     out["environment"] = environment()
     for batch_size in (8,) if smoke else (64, 1024):
-        case = mlp_case(
-            sizes, batch_size, ("dispatched", "pipelined", "loop"), loop_steps, reps, 2, deadline
-        )
+        modes = ("dispatched", "pipelined", "loop")
+        case = mlp_case(sizes, batch_size, modes, loop_steps, reps, 2, deadline)
         out["cases"].append(case)
         emit(out)
         print(f"  mlp B={batch_size}: {_brief(case['rows'])}", flush=True)
@@ -187,9 +189,7 @@ def section_depth_memory(smoke, deadline, spec, emit):
     width, batch_size = (32, 16) if smoke else (1024, 1024)
     out = {"width": width, "batch_size": batch_size, "donated": True, "depths": []}
     for depth in (4, 2) if smoke else (32, 2):
-        kp, kb = jax.random.split(jax.random.key(0))
-        params = init_mlp(kp, [784] + [width] * depth + [10])
-        batch = synthetic_batch(kb, batch_size, (784,))
+        params, batch = mlp_problem([784] + [width] * depth + [10], batch_size)
         row = {"depth": depth}
         out["depths"].append(row)
         for kind in ("forward", "backprop", *TANGENTS):

@@ -18,15 +18,11 @@ import sys
 import time
 
 # `--mesh N` on a CPU host: N host devices must be requested before jax is imported.
-if "--mesh" in sys.argv[1:-1] and "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    _n = sys.argv[sys.argv.index("--mesh") + 1]
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
-    ).strip()
-
-import jax
+if "--mesh" in sys.argv[1:-1]:
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        _n = sys.argv[sys.argv.index("--mesh") + 1]
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
 
 from experiments.benchmarks.train import (
     load_preset,
@@ -38,9 +34,8 @@ from experiments.benchmarks.train import (
 from experiments.toolkit import (
     apply_overrides,
     environment,
-    init_mlp,
     mlp_loss,
-    synthetic_batch,
+    mlp_problem,
     write_json,
 )
 
@@ -74,17 +69,13 @@ def main(argv=None):
         variants = [(t, 1) for t in tangents_available(("rademacher", "normal", "lowrank"))]
         sharded["variants"] = [*variants, ("rademacher", 4), ("normal", 4)]
         for bsz in (64, 1024):
-            kp, kb = jax.random.split(jax.random.key(0))
-            params = init_mlp(kp, [784, 1024, 1024, 10])
-            batch = synthetic_batch(kb, bsz, (784,))
+            params, batch = mlp_problem([784, 1024, 1024, 10], bsz)
             res = measure_sharded(mlp_loss, params, batch, **sharded)
             res.update(name=f"mesh {args.mesh}, B={bsz}", batch_size=bsz)
             results["mesh"].append(res)
             print(format_result(res), flush=True)
-            sent = [
-                res["backprop_collective_bytes"],
-                *(v["collective_bytes"] for v in res["variants"]),
-            ]
+            sent = [res["backprop_collective_bytes"]]
+            sent += [v["collective_bytes"] for v in res["variants"]]
             print(f"   collective bytes (backprop, then each variant): {sent}", flush=True)
     for cfg in load_preset(args.preset):
         if args.only and cfg.name not in args.only:

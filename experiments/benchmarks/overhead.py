@@ -25,15 +25,21 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.gpu_sections import LR, make_step, mlp_case, timed_rounds, timing_row
+from experiments.benchmarks.gpu_sections import (
+    LR,
+    first_tangent,
+    make_step,
+    mlp_case,
+    timed_rounds,
+    timing_row,
+)
 from experiments.toolkit import (
     Runner,
     add_overrides,
     apply_overrides,
     environment,
-    init_mlp,
     mlp_loss,
-    synthetic_batch,
+    mlp_problem,
     write_json,
 )
 from experiments.toolkit.analysis import md_table
@@ -63,22 +69,18 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    out = {"config": asdict(cfg), "environment": environment(), "cases": []}
-    deadline = time.time() + cfg.max_seconds
+    cases, modes = [], ("dispatched", "pipelined", "loop")
+    timing = (cfg.rounds, cfg.warmup, time.time() + cfg.max_seconds, cfg.pipeline_steps)
     for sizes, batch_size, loop_steps in cfg.cases:
-        modes = ("dispatched", "pipelined", "loop")
-        timing = (cfg.rounds, cfg.warmup, deadline, cfg.pipeline_steps)
         case = mlp_case(list(sizes), batch_size, modes, loop_steps, *timing)
-        out["cases"].append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
-    return out
+        cases.append({"sizes": list(sizes), "loop_steps": loop_steps, **case})
+    return {"cases": cases}
 
 
 def run_floor(cfg: Config) -> dict:
     """Pipelined, donated steps of the tiny MLP: the library's, by hand, with given tangents."""
     sizes, batch_size, _ = cfg.cases[0]
-    kp, kb = jax.random.split(jax.random.key(0))
-    params = init_mlp(kp, list(sizes))
-    batch = synthetic_batch(kb, batch_size, (sizes[0],))
+    params, batch = mlp_problem(list(sizes), batch_size)
     key = jax.random.key(0)
 
     def by_hand(draw):
@@ -90,34 +92,22 @@ def run_floor(cfg: Config) -> dict:
         return step
 
     def hashed(name):
-        def draw(p, count):
-            leaves, treedef = jax.tree.flatten(p)
-            t = HASHED[name](step_key(key, count), leaves, 1)
-            return treedef.unflatten([a[0] for a in t]), count + 1
-
-        return draw
+        return lambda p, c: (first_tangent(HASHED[name], step_key(key, c), p), c + 1)
 
     count = SimpleNamespace(init=lambda p: jnp.zeros((), jnp.int32))
-    given = jax.tree.map(jnp.ones_like, params)
     steps = {"backprop": make_step(mlp_loss, "backprop")}
     for name in ("rademacher", "normal"):
         steps[name] = make_step(mlp_loss, name)
         steps[f"hand:{name}"] = (count, by_hand(hashed(name)))
-    steps["jvp given"] = (SimpleNamespace(init=lambda p: given), by_hand(lambda p, t: (t, t)))
+    given = SimpleNamespace(init=lambda p: jax.tree.map(jnp.ones_like, p))
+    steps["jvp given"] = (given, by_hand(lambda p, t: (t, t)))
     fns = {
         n: Runner(tx, jax.jit(step, donate_argnums=(0, 1)), params, batch, cfg.pipeline_steps)
         for n, (tx, step) in steps.items()
     }
-    deadline = time.time() + cfg.max_seconds
-    times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, deadline)
+    times, reps = timed_rounds(fns, cfg.rounds, cfg.warmup, time.time() + cfg.max_seconds)
     row = timing_row(times, {n: n for n in fns}, "backprop", cfg.pipeline_steps)
-    return {
-        "config": asdict(cfg),
-        "environment": environment(),
-        "sizes": list(sizes),
-        "floor": row,
-        **reps,
-    }
+    return {"sizes": list(sizes), "floor": row, **reps}
 
 
 def table(result: dict) -> str:
@@ -148,7 +138,8 @@ def main(argv=None):
     add_overrides(ap, Config, ("rounds", "warmup", "max_seconds", "pipeline_steps", "floor"))
     args = ap.parse_args(argv)
     cfg = apply_overrides(Config(), args)
-    result = run_floor(cfg) if cfg.floor else run(cfg)
+    result = {"config": asdict(cfg), "environment": environment()}
+    result |= run_floor(cfg) if cfg.floor else run(cfg)
     if not cfg.floor:
         result["table"] = table(result)
     write_json(args.out, result)

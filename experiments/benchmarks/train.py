@@ -18,10 +18,10 @@ from experiments.toolkit import (
     CNN,
     classifier_loss,
     donated_step,
-    init_mlp,
     measure_ratios,
     memory_of,
     mlp_loss,
+    mlp_problem,
     synthetic_batch,
 )
 
@@ -116,9 +116,7 @@ def run_config(cfg: RuntimeConfig) -> dict[str, Any]:
     """Measures one configuration; the :func:`experiments.toolkit.measure_ratios` dict plus its config."""
     kp, kb = jax.random.split(jax.random.key(0))
     if cfg.model == "mlp":
-        sizes = [784] + [cfg.width] * cfg.depth + [10]
-        params = init_mlp(kp, sizes)
-        batch = synthetic_batch(kb, cfg.batch_size, (784,))
+        params, batch = mlp_problem([784] + [cfg.width] * cfg.depth + [10], cfg.batch_size)
         loss = mlp_loss
     elif cfg.model == "cnn":
         cnn = CNN()
@@ -139,10 +137,7 @@ def memory_sweep(depths=(2, 4, 8, 16, 32), width=1024, batch_size=1024, tangents
     tangents = tangents or tangents_available(("rademacher", "normal", "lowrank"))
     rows = []
     for depth in depths:
-        kp, kb = jax.random.split(jax.random.key(0))
-        sizes = [784] + [width] * depth + [10]
-        params = init_mlp(kp, sizes)
-        batch = synthetic_batch(kb, batch_size, (784,))
+        params, batch = mlp_problem([784] + [width] * depth + [10], batch_size)
         row = {"depth": depth, "width": width, "batch_size": batch_size}
         row["param_bytes"] = int(sum(p.nbytes for p in jax.tree_util.tree_leaves(params)))
         tx, st = donated_step(mlp_loss, LR)

@@ -77,23 +77,13 @@ def run(cfg: Config) -> dict:
     calls = {n: (lambda n=n, args=args: compiled[n](*args)) for n, (_, args) in programs.items()}
     times = time_interleaved(calls, cfg.rounds, warmup=0)
     med = {name: median(ts) for name, ts in times.items()}
-    rows = {
-        name: {
-            "median_ms": 1e3 * med[name],
-            "per_forward": med[name] / med["forward"],
-            "per_backprop": med[name] / med["backprop"],
-            "compile_s": compile_s[name],
-        }
-        for name in programs
-    }
+    rows = {}
+    for name in programs:
+        rows[name] = {"median_ms": 1e3 * med[name], "per_forward": med[name] / med["forward"]}
+        rows[name] |= {"per_backprop": med[name] / med["backprop"], "compile_s": compile_s[name]}
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
-    return {
-        "config": asdict(cfg),
-        "params": n_params,
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "rows": rows,
-    }
+    out = {"config": asdict(cfg), "params": n_params, "device": str(jax.devices()[0])}
+    return out | {"jax": jax.__version__, "rows": rows}
 
 
 def main(argv=None):

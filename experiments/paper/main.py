@@ -77,12 +77,8 @@ def main(argv=None) -> dict:
     for note in notes:
         print(f"NOTE: {note}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    full_config = {
-        "preset": a.preset,
-        "out": str(out),
-        "experiments": list(selected),
-        **{k: v for k, v in configs.items() if k in selected},
-    }
+    full_config = {"preset": a.preset, "out": str(out), "experiments": list(selected)}
+    full_config |= {k: v for k, v in configs.items() if k in selected}
 
     experiments = {}
     for name in [n for n in EXPERIMENTS if n in selected]:
@@ -95,11 +91,8 @@ def main(argv=None) -> dict:
     if "depth" in selected:
         t = time.perf_counter()
         results["depth"] = train.run_depth(configs["depth"], progress=progress)
-        print(
-            f"[{time.perf_counter() - t:6.1f} s] depth: "
-            + ", ".join(f"{r['depth']}:{r['fg_over_bp']:.2f}" for r in results["depth"]["rows"]),
-            flush=True,
-        )
+        ratios = ", ".join(f"{r['depth']}:{r['fg_over_bp']:.2f}" for r in results["depth"]["rows"])
+        print(f"[{time.perf_counter() - t:6.1f} s] depth: {ratios}", flush=True)
     wall = time.perf_counter() - t0
     results["wall_time_s"] = wall
     results["environment"] = environment(full_config)

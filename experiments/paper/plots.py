@@ -102,16 +102,13 @@ def loss_figure(out: Path, name: str, entry: dict):
     # A curve that hardly falls is not a plotting accident: say so on the figure.
     drops = [np.nanmean(a[4][-1]) / np.nanmean(a[4][0]) for a in arms if len(a[4]) > 1]
     if drops and min(drops) > 0.8:
-        axes[0].text(
-            0.02,
-            0.03,
-            f"the loss falls by {max(0.0, 100 * (1 - min(drops))):.0f} % at most: the shared rate and\n"
-            "step count are too small for this model to train far; each method at\n"
-            "its own rate: tuned_sweeps.png",
-            transform=axes[0].transAxes,
-            fontsize=8,
-            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+        note = (
+            f"the loss falls by {max(0.0, 100 * (1 - min(drops))):.0f} % at most: the shared "
+            "rate and\nstep count are too small for this model to train far; each method at\n"
+            "its own rate: tuned_sweeps.png"
         )
+        box = {"facecolor": "white", "alpha": 0.8, "lw": 0}
+        axes[0].text(0.02, 0.03, note, transform=axes[0].transAxes, fontsize=8, bbox=box)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("wall time (s, all runs of an arm vmapped together)")
     axes[0].legend(fontsize=8)
@@ -133,11 +130,13 @@ def function_figure(out: Path, name: str, entry: dict):
     start = entry["config"]["start"]
     for method in ("fgd", "sgd"):
         _, _, _, loss, params = _load_arm(out / "runs" / name / f"{method}.jsonl")
+        fg = method == "fgd"
         # GD is deterministic: its runs coincide, one is drawn.
-        runs = params.shape[1] if method == "fgd" else 1
+        runs = params.shape[1] if fg else 1
         bad = diverged(loss.T)
         label = LABELS[method]
-        if method == "fgd":
+        look = {"lw": 1.0 if fg else 2.5, "marker": "o" if fg else None, "zorder": 3 if fg else 4}
+        if fg:
             label += f", {runs} runs"
             if bad.any():
                 label += f" ({int(bad.sum())} diverged: dashed)"
@@ -145,19 +144,9 @@ def function_figure(out: Path, name: str, entry: dict):
             traj = np.vstack([start, params[:, r]])
             # The FGD runs thin and solid (each ending in a dot), backprop dotted on top: where
             # the paths coincide, both stay visible.
-            ax.plot(
-                traj[:, 0],
-                traj[:, 1],
-                ("--" if bad[r] else "-") if method == "fgd" else ":",
-                color=COLORS[method],
-                lw=1.0 if method == "fgd" else 2.5,
-                alpha=0.8,
-                marker="o" if method == "fgd" else None,
-                markevery=[-1],
-                ms=3,
-                zorder=3 if method == "fgd" else 4,
-                label=label if r == 0 else None,
-            )
+            style = ("--" if bad[r] else "-") if fg else ":"
+            look["label"] = label if r == 0 else None
+            ax.plot(*traj.T, style, color=COLORS[method], alpha=0.8, markevery=[-1], ms=3, **look)
     ax.plot(*start, "ko", ms=6, label="start")
     ax.plot(*entry["minimum"], "*", color="gold", mec="k", ms=14, label="minimum")
     ax.set(xlim=(xs.min(), xs.max()), ylim=(ys.min(), ys.max()), xlabel="x", ylabel="y")

@@ -149,10 +149,8 @@ def use_scan(cfg: ClassifyConfig) -> bool:
 
 def _runtime(cfg, loss_fn, params, batch, lr, **kw) -> dict:
     """R_f, R_b and memory of the experiment's own step (:func:`toolkit.measure_runtime`)."""
-    rounds, seed, tangent = cfg.runtime_rounds, cfg.seed, cfg.tangent
-    return measure_runtime(
-        loss_fn, params, batch, lr=lr, rounds=rounds, seed=seed, tangent=tangent, **kw
-    )
+    kw |= {"rounds": cfg.runtime_rounds, "seed": cfg.seed, "tangent": cfg.tangent}
+    return measure_runtime(loss_fn, params, batch, lr=lr, **kw)
 
 
 def _shared_arms(lrs, seeds) -> list[Arm]:
@@ -206,16 +204,10 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True) -> dict:
     kw = {"decay_k": cfg.decay_k, "log_every": cfg.log_every, "out_dir": run_dir}
     kw |= {"progress": progress, "tangent": cfg.tangent, "run_axis": cfg.run_axis}
     kw["scan"] = use_scan(cfg)
-    res = train_arms(
-        _shared_arms(cfg.lrs, seeds),
-        *problem,
-        num_steps=cfg.steps,
-        chunk=cfg.chunk,
-        checkpoint_dir=ckpt,
-        checkpoint_every=max(1, cfg.checkpoint_every),
-        desc=f"{cfg.name} shared lr",
-        **kw,
-    )
+    first = {"num_steps": cfg.steps, "chunk": cfg.chunk, "checkpoint_dir": ckpt}
+    first["checkpoint_every"] = max(1, cfg.checkpoint_every)
+    arms, desc = _shared_arms(cfg.lrs, seeds), f"{cfg.name} shared lr"
+    res = train_arms(arms, *problem, desc=desc, **first, **kw)
 
     key = jax.random.key(cfg.seed)
     params1 = init_params(key)
@@ -238,18 +230,16 @@ def run(cfg: ClassifyConfig, out: str | Path, progress: bool = True) -> dict:
     kw |= {"num_steps": steps, "chunk": min(cfg.chunk, steps)}
     tuned = tune(cfg, cfg.lrs[0], cfg.tune_seeds, problem, cfg.smooth_window, per_iter, **kw)
     tuned["steps"] = steps
+    shape = data.train_images.shape
+    dataset = {"name": data.name, "train": int(shape[0]), "test": int(data.test_images.shape[0])}
+    dataset["image_shape"] = list(shape[1:])
     return {
         **_headline(rt, shared[0]),
         "shared_lr": shared,
         "tuned": tuned,
         "runtime": rt,
         "num_params": num_params(params1),
-        "dataset": {
-            "name": data.name,
-            "train": int(data.train_images.shape[0]),
-            "test": int(data.test_images.shape[0]),
-            "image_shape": list(data.train_images.shape[1:]),
-        },
+        "dataset": dataset,
         "model": repr(model),
         "scan": use_scan(cfg),
         "wall_time_s": time.perf_counter() - t_start,

@@ -32,6 +32,7 @@ from .models import (
     init_mlp,
     landscape,
     mlp_loss,
+    mlp_problem,
     synthetic_batch,
 )
 from .ratios import compiled_memory, donated_step, measure_ratios, measure_runtime, memory_of

@@ -137,14 +137,10 @@ def pick_tuned(
     curves = {}
     for m in METHODS:
         losses = results[f"tune_{m}"].losses.reshape(len(lrs), runs_per_lr, -1)
-        finals, cs = [], []
-        for li in range(len(lrs)):
-            c = smooth(mean_curve(losses[li]), smooth_window)
-            cs.append(c)
-            v = float(c[-1])
-            # A rate at which any seed diverges does not count as tuned.
-            bad = diverged(losses[li]).any() or not math.isfinite(v)
-            finals.append(math.inf if bad else v)
+        cs = [smooth(mean_curve(runs), smooth_window) for runs in losses]
+        # A rate at which any seed diverges does not count as tuned.
+        bad = [diverged(runs).any() or not math.isfinite(c[-1]) for runs, c in zip(losses, cs)]
+        finals = [math.inf if b else float(c[-1]) for b, c in zip(bad, cs)]
         best = int(np.argmin(finals))
         out["final_loss"][m] = finals
         out["best_lr"][m] = float(lrs[best])

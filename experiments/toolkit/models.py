@@ -39,15 +39,11 @@ WINDOWS = {"beale": ((-1.0, 4.0), (-1.5, 2.0)), "rosenbrock": ((-2.0, 2.0), (-1.
 
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
     """Dense layers with ReLU between them; LeCun-normal kernels, zero biases."""
-    params = []
-    for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes)):
-        params.append(
-            {
-                "w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
-                "b": jnp.zeros((n,), jnp.float32),
-            }
-        )
-    return params
+    pairs = zip(jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes))
+    return [
+        {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m), "b": jnp.zeros(n)}
+        for k, (m, n) in pairs
+    ]
 
 
 def mlp_loss(params: list[dict[str, jax.Array]], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -109,6 +105,12 @@ class CNN(nn.Module):
             if i % 2 == 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def mlp_problem(sizes: Sequence[int], batch_size: int) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """``(params, batch)``: the MLP ``sizes`` and a synthetic batch, both from ``key(0)``."""
+    kp, kb = jax.random.split(jax.random.key(0))
+    return init_mlp(kp, sizes), synthetic_batch(kb, batch_size, (sizes[0],))
 
 
 def classifier_loss(model: nn.Module):

@@ -191,24 +191,16 @@ def measure_ratios(
     fwd = jax.jit(loss_fn)
     fns: dict[str, Callable[[], Any]] = {"forward": lambda: fwd(params, batch)}
     fns["backprop"] = bp = Runner(*donated_step(loss_fn, lr), params, batch)
-    runners, fg = [], []
-    for i, (tan, k) in enumerate(variants):
-        fns[f"fg{i}"] = r = Runner(*donated_step(loss_fn, lr, tan, k), params, batch)
-        runners.append(r)
-        fg.append((f"fg{i}", tan, k))
-    if memory:
-        mem = {
-            "forward": memory_of(fwd, params, batch),
-            "backprop": memory_of(bp.step, bp.params, bp.state, batch),
-        }
-    times = time_interleaved(fns, reps, warmup)
-    res = summarise(times, fg)
+    fg = [(f"fg{i}", tan, k) for i, (tan, k) in enumerate(variants)]
+    runners = [Runner(*donated_step(loss_fn, lr, tan, k), params, batch) for _, tan, k in fg]
+    fns |= {name: r for (name, _, _), r in zip(fg, runners)}
+    res = summarise(time_interleaved(fns, reps, warmup), fg)
     for v, r in zip(res.variants, runners):
         v.final_loss = float(fgrad_jax.forward_gradient_state(r.state).value)
-        if memory:
-            v.memory = memory_of(r.step, r.params, r.state, batch)
+        v.memory = memory_of(r.step, r.params, r.state, batch) if memory else None
     if memory:
-        res.memory = mem
+        res.memory = {"forward": memory_of(fwd, params, batch)}
+        res.memory["backprop"] = memory_of(bp.step, bp.params, bp.state, batch)
     return to_jsonable(res)
 
 
