@@ -151,7 +151,11 @@ def test_resnet_local_step_updates_batch_stats_and_scores():
 def test_resnet_local_variants_by_name():
     import flax.linen as nn
 
-    from experiments.quality.resnet import ResidualBlock, resnet_local_options
+    from experiments.quality.resnet import ResidualBlock
+    from experiments.quality.resnet import resnet_local_options as options
+
+    def resnet_local_options(name):
+        return options(parse_method(name))
 
     assert resnet_local_options("local_a_k16") == {"boundaries": ResidualBlock}
     assert resnet_local_options("local_a_layer_k16")["batch_coupling"] == "per_example"

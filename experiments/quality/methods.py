@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import fgrad_jax
-from experiments.quality.resnet import _xent, local_estimator, local_variant, make_resnet_method
+from experiments.quality.resnet import _xent, local_estimator, make_resnet_method
 from experiments.toolkit.train import make_chunk
 from fgrad_jax import diagnostics
 
@@ -130,13 +130,16 @@ _PATTERNS = {
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A parsed method name: its family, tangent law, perturbation and number K of tangents."""
+    """A parsed method name: its family, tangent law, perturbation, number K of tangents
+    and, for local losses, the variant infix (``"_split_"`` for ``local_a_split_k16`` and
+    ``local_bp_split``, ``""`` for none)."""
 
     name: str
     family: str
     tangent: str = "normal"
     perturb: str = "weights"
     k: int = 1
+    variant: str = ""
 
     @property
     def forward_only(self) -> bool:
@@ -151,7 +154,7 @@ def parse_method(name: str) -> MethodSpec:
 
     Example:
         >>> parse_method("fg_rademacher_k4")
-        MethodSpec(name='fg_rademacher_k4', family='fg', tangent='rademacher', perturb='weights', k=4)
+        MethodSpec(name='fg_rademacher_k4', family='fg', tangent='rademacher', perturb='weights', k=4, variant='')
     """
     if name == "backprop":
         return MethodSpec(name, "backprop")
@@ -161,9 +164,10 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, "fg", "rademacher", "activations", int(m.group(1)))
     if m := _PATTERNS["local"].match(name):
         perturb = "weights" if m.group(1) == "w" else "activations"
-        return MethodSpec(name, "local", "rademacher", perturb, int(m.group(3)))
-    if _PATTERNS["local_bp"].match(name):
-        return MethodSpec(name, "local_bp")
+        variant = f"{m.group(2)}_" if m.group(2) else ""
+        return MethodSpec(name, "local", "rademacher", perturb, int(m.group(3)), variant)
+    if m := _PATTERNS["local_bp"].match(name):
+        return MethodSpec(name, "local_bp", variant=f"{m.group(1)}_" if m.group(1) else "")
     if m := _PATTERNS["guided"].match(name):
         return MethodSpec(name, "guided", "rademacher", "weights", int(m.group(1)))
     if m := _PATTERNS["spsa"].match(name):
@@ -228,11 +232,10 @@ def make_method(name: str, model: str, x_example: Array, num_classes: int = 10, 
     layers = model_layers(model, num_classes)
     chunk = spec.k if opts.get("tangents_at_once", False) else None
     if spec.family in ("local", "local_bp"):
-        variant = local_variant(name)
-        if variant not in ("", "_split_", "_splitall_"):
+        if spec.variant not in ("", "_split_", "_splitall_"):
             raise ValueError(f"{name}: this variant is defined for the resnet only.")
-        split = SPLITS[model] if variant == "_split_" else {}
-        if variant == "_splitall_":
+        split = SPLITS[model] if spec.variant == "_split_" else {}
+        if spec.variant == "_splitall_":
             layers, split = model_blocks(model, num_classes), SPLITS_ALL[model]
         unbound = fgrad_jax.local_losses(layers, num_classes, **split)
         _, local = unbound.init(jax.random.key(0), x_example)  # knows heads and columns

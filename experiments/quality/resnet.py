@@ -13,7 +13,6 @@ unchanged model, the new BatchNorm statistics as the aux); and block-local losse
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,22 +80,15 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
 }
 
 
-def local_variant(name: str) -> str:
-    """The variant infix of a local method's name: ``"_split_"`` for ``local_a_split_k16``
-    and ``local_bp_split``, ``""`` for ``local_a_k16``."""
-    m = re.match(r"local_(?:[wa]|bp)(_[a-z]+?)?(?:_k\d+)?$", name)
-    return f"{m.group(1)}_" if m and m.group(1) else ""
-
-
-def resnet_local_options(name: str, variants: dict | None = None) -> dict[str, Any]:
-    """``local_losses`` keywords of the local method ``name`` (by its variant) among
-    ``variants`` (default: the resnet's)."""
+def resnet_local_options(spec: Any, variants: dict | None = None) -> dict[str, Any]:
+    """``local_losses`` keywords of the local method ``spec`` (a ``MethodSpec``, by its
+    variant) among ``variants`` (default: the resnet's)."""
     variants = RESNET_LOCAL if variants is None else variants
-    if (variant := local_variant(name)) not in variants:
+    if spec.variant not in variants:
         known = ", ".join(v.strip("_") for v in variants if v) or "none"
-        raise ValueError(f"{name}: unknown local variant {variant.strip('_')!r} on this "
-                         f"model; its variants: {known}.")  # fmt: skip
-    return variants[variant]
+        raise ValueError(f"{spec.name}: unknown local variant {spec.variant.strip('_')!r} on "
+                         f"this model; its variants: {known}.")  # fmt: skip
+    return variants[spec.variant]
 
 
 def _xent(logits: Array, y: Array) -> Array:
@@ -128,9 +120,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family in ("local", "local_bp"):
-        unbound = fgrad_jax.local_losses(
-            model, num_classes, **resnet_local_options(spec.name, variants)
-        )
+        unbound = fgrad_jax.local_losses(model, num_classes, **resnet_local_options(spec, variants))
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         batch = jnp.zeros((8, *x1.shape[1:]), x1.dtype)
