@@ -459,3 +459,45 @@ def test_custom_heads_on_model_blocks():
         fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, head=[None]).init(
             jax.random.key(0), images, train=True
         )
+
+
+def test_mask_freezes_leaves_and_keeps_the_rest_unbiased():
+    """``forward_gradient(mask=...)`` of a model's local losses: the frozen block's leaves get
+    exactly zero, the trained ones an unbiased estimate of their own block's gradient (mean
+    of 4,000 single-tangent estimates within 5 standard errors)."""
+    import jax.flatten_util
+
+    local = fgrad_jax.local_losses(TinyNet(), 3, boundaries=DenseBN)
+    x = jax.random.normal(jax.random.key(5), (8, 5))
+    y = jnp.arange(8) % 3
+    v = local.init(jax.random.key(0), x, train=True)
+    local, params = v.local, v.params
+    frozen = "DenseBN_0"
+
+    def mask(tree):
+        trained = {k: jax.tree.map(lambda _, t=k != frozen: t, s) for k, s in tree["model"].items()}
+        return {"model": trained, "heads": jax.tree.map(lambda _: True, tree["heads"])}
+
+    value_fn = local.value_fn(x, y, v.state, train=True)
+
+    def estimate(key):
+        tx = local.forward_gradient(key, mask=mask)
+        updates, _ = tx.update(None, tx.init(params), params, value_fn=value_fn)
+        return jax.flatten_util.ravel_pytree(updates)[0]
+
+    samples = np.asarray(jax.jit(jax.vmap(estimate))(jax.random.split(jax.random.key(7), 4000)))
+    grads = jax.grad(
+        lambda p: jnp.sum(jnp.mean(local.losses(p, x, y, v.state, train=True)[0], axis=0))
+    )(params)
+    truth = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
+    flags = {"model": {k: k == frozen for k in params["model"]}, "heads": False}
+    is_frozen = jax.tree.map(
+        lambda flag, sub: jax.tree.map(lambda a: jnp.full(a.shape, flag), sub), flags, params
+    )
+    is_frozen = np.asarray(jax.flatten_util.ravel_pytree(is_frozen)[0], bool)
+    assert is_frozen.any() and (~is_frozen).any()
+    np.testing.assert_array_equal(samples[:, is_frozen], 0.0)
+    assert np.abs(truth[is_frozen]).max() > 1e-3, "the frozen leaves have a gradient to hide"
+    trained = samples[:, ~is_frozen]
+    assert np.abs(trained).max() > 0
+    assert _max_z(trained, truth[~is_frozen]) < 5.0

@@ -274,11 +274,8 @@ def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Call
             "heads": jax.tree.map(lambda _: True, tree["heads"]),
         }
 
-    est = fgrad_jax.forward_gradient(
-        key=preset.seed,
-        num_tangents=method.samples,
-        tangent=local.tangent(method.perturb, "rademacher"),
-        mask=mask,
+    est = local.forward_gradient(
+        preset.seed, num_tangents=method.samples, perturb=method.perturb, mask=mask
     )
     opt = optax.scale_by_adam() if method.optimizer == "adam" else optax.identity()
 
@@ -293,9 +290,7 @@ def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Call
             )(trainable)
         else:
             full = local_tree({**frozen, **trainable})
-            grads, est_state = est.update(
-                None, est_state, full, value_fn=lambda p: local.losses(p, x, y, {})[0]
-            )
+            grads, est_state = est.update(None, est_state, full, value_fn=local.value_fn(x, y))
             flat = flat_of_local_tree(grads)
         updates, opt_s = opt.update({k: flat[k] for k in trainable}, opt_s, trainable)
         value = fgrad_jax.forward_gradient_state(est_state).value

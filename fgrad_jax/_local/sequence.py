@@ -295,6 +295,8 @@ class LocalLosses:
         tangent: str = "rademacher",
         tangent_chunk: int | None = None,
         with_aux: bool = False,
+        mask: Any = None,
+        on_nonfinite: str = "zero",
     ) -> optax.GradientTransformationExtraArgs:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents; the state's
         ``value`` is the sum over blocks of the mean local losses. ``tangent_chunk`` is
@@ -302,7 +304,9 @@ class LocalLosses:
         tangents in one pass, for accelerators with memory to spare). ``with_aux=True``
         (with ``value_fn(x, y, with_aux=True)``): ``forward_gradient_state(opt_state).aux``
         is the step's :class:`~fgrad_jax.LocalAux` (per-block losses, the model's loss and
-        accuracy)."""
+        accuracy). ``mask`` (over ``{"blocks": ..., "heads": ...}``, or a callable on it)
+        and ``on_nonfinite`` are :func:`fgrad_jax.forward_gradient`'s: frozen leaves get no
+        tangents and zero updates."""
         self._check_init()
         zero = jnp.float32(0)
         aux = lambda: LocalAux({}, jnp.zeros((len(self.blocks),), jnp.float32), zero, zero)
@@ -313,6 +317,8 @@ class LocalLosses:
             tangent_chunk=tangent_chunk,
             has_aux=with_aux,
             aux_example=jax.eval_shape(aux) if with_aux else None,
+            mask=mask,
+            on_nonfinite=on_nonfinite,
         )
 
     def update_model(self, params: Any) -> None:
