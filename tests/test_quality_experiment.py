@@ -4,6 +4,7 @@ activity-perturbed FG, one epoch on 640 Fashion-MNIST images), and of its report
 import dataclasses
 import doctest
 
+import numpy as np
 import pytest
 
 from experiments.quality import main as quality
@@ -146,6 +147,19 @@ def test_resnet_local_step_updates_batch_stats_and_scores():
     assert loss.shape == (2,) and bool(jnp.all(jnp.isfinite(loss)))
     acc = methods.make_accuracy(method, 4)(new_params, new_state, x, y)
     assert acc.shape == (2,)
+    # The evaluation's refresh: 150 training-mode passes at fixed weights reach the fixed
+    # point of the momentum-0.9 average (one more pass changes nothing within 1 %), far
+    # from the statistics one step left; 0 passes is the identity.
+    fresh = methods.make_refresh(method, 8, 150)(new_params, new_state, x, y)
+    again = methods.make_refresh(method, 8, 1)(new_params, fresh, x, y)
+    for a, b in zip(jax.tree.leaves(fresh[2]), jax.tree.leaves(again[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(fresh[2]), after)]
+    assert max(moved) > 1e-2
+    assert fresh[:2] == new_state[:2] or jax.tree.all(
+        jax.tree.map(lambda a, b: bool(jnp.all(a == b)), fresh[:2], new_state[:2])
+    )
+    assert methods.make_refresh(method, 8, 0)(new_params, new_state, x, y) is new_state
 
 
 def test_resnet_local_variants_by_name():

@@ -353,6 +353,30 @@ def make_train_chunk(method: Method, batch_size: int, chunk: int, scan: bool = T
     return train
 
 
+def make_refresh(method: Method, batch_size: int, passes: int) -> Callable:
+    """``refresh(params, state, xs, ys) -> state`` with the model state (BatchNorm running
+    statistics) re-estimated at ``params`` by ``passes`` training-mode forward passes over
+    the first batches of ``xs`` (the estimators' noisy steps move the weights faster than
+    a momentum-0.9 average follows; ``docs/quality.md``). The identity for a model without
+    state or ``passes=0``; the training state itself is never changed."""
+    if method.init_state is None or passes == 0:
+        return lambda params, state, xs, ys: state
+    one = jax.jit(
+        jax.vmap(
+            lambda p, s, x, y: method.mean_objective(p, x, y, s)[1], in_axes=(0, 0, None, None)
+        )
+    )
+
+    def refresh(params, state, xs, ys):
+        est_state, adam_state, model_state = state
+        starts = [(i * batch_size) % (xs.shape[0] - batch_size + 1) for i in range(passes)]
+        for i in starts:
+            model_state = one(params, model_state, xs[i : i + batch_size], ys[i : i + batch_size])
+        return est_state, adam_state, model_state
+
+    return refresh
+
+
 def make_accuracy(method: Method, eval_batch: int) -> Callable:
     """``accuracy(params, state, xs, ys) -> (runs,)``, in batches of ``eval_batch``, which
     must divide ``len(xs)``."""

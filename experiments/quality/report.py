@@ -229,17 +229,24 @@ def write_report(out: str | Path, against: str | Path | None = None) -> Path:
     rows = []
     for name, e in methods.items():
         row = [f"`{name}`", "no" if name == "backprop" else "yes"]
-        for m in ("mlp", "cnn"):
-            if m in e:
-                row += [f"{_pct(e[m]['test_acc'])} ± {_pct(e[m]['test_acc_std'])}",
-                        f"{e[m]['lr']:g}", f"{e[m]['seconds']:.1f}"]  # fmt: skip
-            else:
-                row += ["–", "–", "–"]
-        row.append(" / ".join(f"{_final_cosine(e[m]):.3f}" if m in e else "–"
-                              for m in ("mlp", "cnn")))  # fmt: skip
+        for m in models:
+            row += ([f"{_pct(e[m]['test_acc'])} ± {_pct(e[m]['test_acc_std'])}",
+                     f"{e[m]['lr']:g}", f"{e[m]['seconds']:.1f}"] if m in e else ["–"] * 3)  # fmt: skip
+        row.append(" / ".join(f"{_final_cosine(e[m]):.3f}" if m in e else "–" for m in models))
         rows.append(row)
-    L += md_table("method | no backward | MLP | MLP lr | MLP s | CNN | CNN lr | CNN s | "
-                  "final cosine MLP / CNN", rows)  # fmt: skip
+    label = {"mlp": "MLP", "cnn": "CNN", "resnet": "ResNet", "vit": "ViT"}
+    names = [label[m] for m in models]
+    L += md_table(" | ".join(["method | no backward"] + [f"{n} | {n} lr | {n} s" for n in names]
+                             + [f"final cosine {' / '.join(names)}"]), rows)  # fmt: skip
+    stale = [
+        (n, m, e[m]) for n, e in methods.items() for m in models if e.get(m, {}).get("bn_refresh")
+    ]
+    if stale:
+        L += ["", f"BatchNorm models ({', '.join(sorted({m for _, m, _ in stale}))}): accuracy "
+              f"after re-estimating the running statistics at the final weights "
+              f"({stale[0][2]['bn_refresh']} training-mode forward passes, every method alike); "
+              "with the statistics as training left them: "
+              + ", ".join(f"`{n}` {_pct(e['test_acc_stale'])}" for n, _, e in stale) + "."]  # fmt: skip
     warmed = all("compile_s" in e for m in methods.values() for e in m.values())
     compiled = ("compilation, sweep and evaluation excluded" if warmed else
                 "sweep and evaluation excluded, the first chunk's compilation included (runs "

@@ -18,6 +18,7 @@ from experiments.quality.methods import (
     make_cosine,
     make_method,
     make_perms,
+    make_refresh,
     make_train_chunk,
 )
 from experiments.toolkit.io import JsonlLogger
@@ -98,7 +99,9 @@ def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan
     lrs_a, seeds_a = jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.uint32)
     params, state = init_runs(method, lrs_a, seeds_a)
     total = jnp.float32(epochs * steps)
-    out: dict[str, Any] = {k: [] for k in ("epoch", "time_s", "acc", "step", "cosine", "loss")}
+    out: dict[str, Any] = {
+        k: [] for k in ("epoch", "time_s", "acc", "acc_stale", "step", "cosine", "loss")
+    }
 
     def record(curves: tuple[str, ...], **values) -> None:
         """Logs ``values`` and appends those named in ``curves`` to the returned curves."""
@@ -123,9 +126,9 @@ def _train(method, lrs, seeds, split, epochs, cfg, logger, phase, evaluate, scan
             cos = np.asarray(cosine(params, state, split.x_diag, split.y_diag))
             record(("step", "cosine", "loss"), step=e * steps + start + chunk, time_s=clock,
                    epoch=e, loss=losses.mean(axis=1), cosine=cos)  # fmt: skip
-        acc = np.asarray(evaluate(params, state))
-        record(("epoch", "time_s", "acc"), epoch=e + 1, time_s=clock, acc=acc,
-               step=(e + 1) * steps)  # fmt: skip
+        acc, stale = (np.asarray(a) for a in evaluate(params, state))
+        record(("epoch", "time_s", "acc", "acc_stale"), epoch=e + 1, time_s=clock, acc=acc,
+               acc_stale=stale, step=(e + 1) * steps)  # fmt: skip
     out["steps_per_epoch"] = steps
     return out
 
@@ -145,17 +148,26 @@ def run_method(name: str, model: str, split: Split, cfg: Any, out_dir: Path) -> 
                 "seeds": cfg.seeds, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "train_size": int(split.x_train.shape[0])})  # fmt: skip
     acc = make_accuracy(method, cfg.eval_batch)
+    refresh = make_refresh(method, cfg.batch_size, cfg.bn_refresh)
+
+    def evaluate(xs, ys):
+        """``(params, state) -> (accuracy after the statistics' refresh, without it)``."""
+        return lambda p, s: (
+            acc(p, refresh(p, s, split.x_train, split.y_train), xs, ys),
+            acc(p, s, xs, ys),
+        )
+
     t_sweep = time.perf_counter()
     sweep_seeds = [cfg.seeds[0]] * len(grid)
     sw = _train(method, grid, sweep_seeds, split, cfg.sweep_epochs, cfg, logger, "sweep",
-                lambda p, s: acc(p, s, split.x_val, split.y_val), scan)  # fmt: skip
+                evaluate(split.x_val, split.y_val), scan)  # fmt: skip
     val = [float(a) for a in sw["acc"][-1]]
     best = int(np.nanargmax(np.nan_to_num(val, nan=-1.0)))
     lr = grid[best]
     sweep_s = time.perf_counter() - t_sweep
     logger.log({"phase": "sweep_result", "lrs": grid, "val_acc": val, "chosen_lr": lr})
     fin = _train(method, [lr] * len(cfg.seeds), list(cfg.seeds), split, cfg.epochs, cfg, logger,
-                 "final", lambda p, s: acc(p, s, split.x_test, split.y_test), scan)  # fmt: skip
+                 "final", evaluate(split.x_test, split.y_test), scan)  # fmt: skip
     final = np.asarray(fin["acc"][-1], np.float64)
     cos = np.asarray(fin["cosine"], np.float64)
     return {
@@ -164,6 +176,8 @@ def run_method(name: str, model: str, split: Split, cfg: Any, out_dir: Path) -> 
         "seconds": float(fin["time_s"][-1]),
         "compile_s": float(fin["compile_s"]),
         "test_acc_per_seed": final.tolist(),
+        "bn_refresh": cfg.bn_refresh if method.init_state is not None else 0,
+        "test_acc_stale": float(np.mean(fin["acc_stale"][-1])),
         "lr": lr,
         "sweep": {"lrs": list(grid), "val_acc": val, "seconds_incl_compile": sweep_s},
         "forward_only": method.spec.forward_only,

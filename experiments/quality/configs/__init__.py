@@ -58,6 +58,11 @@ class QualityConfig:
             ``quality.train.LR_GRIDS``).
         tangents_at_once: Pass ``tangent_chunk=K`` (all K tangents in one pass) instead of
             the library's automatic chunks, which bound memory at the cost of a loop.
+        bn_refresh: Before each evaluation of a model with running statistics (the
+            ResNet's BatchNorm), re-estimate them at the evaluated weights by this many
+            training-mode forward passes over training batches, for every method alike
+            (the training state is unchanged; ``test_acc_stale`` keeps the accuracy with
+            the statistics as training left them). 0: no refresh.
     """
 
     preset: str = "quick"
@@ -86,6 +91,7 @@ class QualityConfig:
     max_minutes: float | None = None
     lrs: tuple[float, ...] | None = None
     tangents_at_once: bool = False
+    bn_refresh: int = 64
 
 
 CONFIGS = Path(__file__).parent
