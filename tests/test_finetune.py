@@ -189,3 +189,22 @@ def test_local_losses_on_the_pretrained_vit_estimate_adapters_and_heads_only():
     assert set(flatten_dict(train.model_params({**frozen, **trainable}))) == set(
         flatten_dict(pretrained)
     ) | {k for k in trainable if k[-1] in ("lora_a", "lora_b")}
+
+
+def test_step_rate_schedules():
+    """``schedule="cosine"`` starts at the swept rate, halves it midway and ends near 0;
+    ``"constant"`` (the presets') keeps it; anything else names the two."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from experiments.finetune.configs import MethodConfig
+    from experiments.finetune.train import step_rate
+
+    method = MethodConfig("m", "fg", "lora", "adam", (1e-2,), schedule="cosine")
+    rates = [float(step_rate(method, 1e-2, jnp.int32(i), 100)) for i in (0, 50, 99)]
+    np.testing.assert_allclose(rates, [1e-2, 5e-3, 2.4672e-6], rtol=1e-3)
+    flat = dataclasses.replace(method, schedule="constant")
+    assert step_rate(flat, 1e-2, jnp.int32(99), 100) == 1e-2
+    with pytest.raises(ValueError, match="use 'constant' or 'cosine'"):
+        step_rate(dataclasses.replace(method, schedule="linear"), 1e-2, jnp.int32(0), 100)

@@ -61,6 +61,9 @@ class MethodConfig:
         head_lr: Multiplier of the learning rate on the heads (the model's and the
             block-local ones) when more than the head is trained: head-only methods choose
             rates 10x those of LoRA, and one rate for both starves one of them.
+        schedule: ``"constant"`` (MeZO's) or ``"cosine"``: the rate decays from the swept
+            value to 0 over the run along a half cosine (long runs, where a constant rate
+            leaves the estimate's noise in the last steps).
     """
 
     name: str
@@ -74,6 +77,7 @@ class MethodConfig:
     local: bool = False
     local_rows: bool = False
     head_lr: float = 1.0
+    schedule: str = "constant"
 
     def forward_passes_per_step(self) -> int:
         """Forward passes of one step: 1 for backprop (plus its backward pass), K for a

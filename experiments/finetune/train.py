@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -201,6 +202,17 @@ def flat_of_local_tree(tree: dict) -> dict:
     return flat
 
 
+def step_rate(method: MethodConfig, lr: Array | float, i: Array, steps: int) -> Array | float:
+    """The learning rate of step ``i`` (from 0) of ``steps`` under ``method.schedule``."""
+    if method.schedule == "constant":
+        return lr
+    if method.schedule != "cosine":
+        raise ValueError(
+            f"{method.name}: schedule={method.schedule!r}; use 'constant' or 'cosine'."
+        )
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * i.astype(jnp.float32) / steps))
+
+
 def scaled(updates: dict, lr: Array, method: MethodConfig) -> dict:
     """``-lr * updates``, times ``method.head_lr`` on the heads' leaves."""
     return {
@@ -382,17 +394,21 @@ def finetune(
         return acc(x_val, y_val), acc(x_te, y_te)
 
     # Everything is an argument (no array constants: XLA would constant-fold the model).
+    rate = functools.partial(step_rate, method, steps=steps)
+    rate(0.0, jnp.int32(0))  # a bad schedule fails here, before anything is compiled
+
     def run(lr, trainable, frozen, xs, ys, evals):
         def chunk(carry, batch):
             def body(c, b):
-                t, s, _ = step(c[0], c[1], frozen, b[0], b[1], lr)
+                t, s, _ = step(c[0], c[1], frozen, b[0], b[1], rate(lr, b[2]))
                 return (t, s), None
 
             carry, _ = jax.lax.scan(body, carry, batch)
             return carry, evaluate(carry[0], frozen, evals)
 
         shape = (n_evals, eval_every)
-        batches = (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape + ys.shape[1:]))
+        index = jnp.arange(n_evals * eval_every).reshape(shape)
+        batches = (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape + ys.shape[1:]), index)
         _, (val, test) = jax.lax.scan(chunk, (trainable, init(trainable)), batches)
         val0, test0 = evaluate(trainable, frozen, evals)  # the pretrained model, step 0
         return jnp.concatenate([val0[None], val]), jnp.concatenate([test0[None], test])
