@@ -118,7 +118,8 @@ def write_report(results: dict[str, Any], out: str) -> str:
                 "-"
                 if r is None
                 else f"{100 * r['test_acc']:.2f} %, {r['peak_bytes'] / MiB:.2f} MiB "
-                f"({r['peak_bytes'] / r['inference_bytes']:.2f}x), lr {r['learning_rate']:g}, "
+                f"({r['peak_bytes'] / r['inference_bytes']:.2f}x), lr {r['learning_rate']:g}"
+                f"{' (cosine)' if r.get('schedule') == 'cosine' else ''}, "
                 f"{r.get('steps', '?')} steps / {r['forward_passes']} fwd"
             )
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")

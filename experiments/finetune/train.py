@@ -447,6 +447,7 @@ def finetune(
             "seconds": seconds,
             "compile_seconds": compile_s,
             "learning_rate": method.learning_rates[best],
+            "schedule": method.schedule,
             "val_acc": float(val[best, -1]),
             "sweep": {
                 str(lr): {"val_acc": float(val[i, -1]), "test_acc": float(test[i, -1])}
