@@ -146,8 +146,8 @@ def _methods(
     without a backward pass, ``full_factor`` that of full fine-tuning without one (its
     steps cost the most); each forward-gradient method and its SPSA counterpart get the
     same factor, so they compare at equal forward passes. ``extra`` adds forward-gradient
-    full fine-tuning with Adam (weights and activity perturbation) and block-local losses
-    on the ViT's LoRA adapters, left out of the quick preset for time."""
+    full fine-tuning with Adam (weights and activity perturbation), left out of the quick
+    preset for time."""
     M = MethodConfig
     # Forward-gradient methods with Adam decay their rate (measured at quick sizes, same
     # grids: +0.9 to +9.2 points in all 14 pairs, engineering log); with plain SGD
@@ -166,6 +166,21 @@ def _methods(
         M("spsa_full", "spsa", "full", "sgd", lrs["full_sgd"], spsa_n, steps_factor=full_factor),
         M("spsa_lora", "spsa", "lora", "sgd", lrs["spsa_lora"], spsa_n, steps_factor=factor),
         M("spsa_head", "spsa", "head", "sgd", lrs["spsa_head"], spsa_n, steps_factor=factor),
+        # Block-local losses on the ViT (the CNN skips it), one per row of tokens, the
+        # heads at 10x the adapters' rate.
+        F(
+            "fg_local_lora_act",
+            "fg",
+            "lora",
+            "adam",
+            lrs["fg_lora"],
+            fg_k,
+            "activations",
+            factor,
+            local=True,
+            local_rows=True,
+            head_lr=10.0,
+        ),
     ]
     if extra:
         methods += [
@@ -179,21 +194,6 @@ def _methods(
                 fg_k,
                 "activations",
                 full_factor,
-            ),
-            # Block-local losses on the ViT (the CNN skips it), one per row of tokens, the
-            # heads at 10x the adapters' rate: out of the quick preset for time (docs).
-            F(
-                "fg_local_lora_act",
-                "fg",
-                "lora",
-                "adam",
-                lrs["fg_lora"],
-                fg_k,
-                "activations",
-                factor,
-                local=True,
-                local_rows=True,
-                head_lr=10.0,
             ),
         ]
     return tuple(methods)
