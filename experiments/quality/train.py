@@ -152,6 +152,8 @@ def run_method(name: str, model: str, split: Split, cfg: Any, out_dir: Path) -> 
 
     def evaluate(xs, ys):
         """``(params, state) -> (accuracy after the statistics' refresh, without it)``."""
+        if method.init_state is None or not cfg.bn_refresh:  # nothing to refresh: score once
+            return lambda p, s: (lambda a: (a, a))(acc(p, s, xs, ys))
         return lambda p, s: (
             acc(p, refresh(p, s, split.x_train, split.y_train), xs, ys),
             acc(p, s, xs, ys),
