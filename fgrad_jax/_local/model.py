@@ -384,22 +384,14 @@ class ModelLocalLosses:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents and
         ``has_aux=True``: after each update ``forward_gradient_state(opt_state).aux`` is
         the step's :class:`LocalAux` (new state, per-block losses, the model's loss,
-        accuracy); ``.value`` is the sum over blocks of the mean losses.
-
-        ``mask`` freezes leaves as :func:`fgrad_jax.forward_gradient`'s does, over the tree
-        ``{"model": ..., "heads": [...]}`` of :meth:`init`'s params (or a callable on it):
-        frozen leaves get no tangents and zero updates, e.g. a pretrained base with only
-        its adapters and the heads trained. ``on_nonfinite`` is passed on as well."""
+        accuracy); ``.value`` is the sum over blocks of the mean losses. ``mask`` (over
+        :meth:`init`'s ``{"model", "heads"}`` tree, or a callable on it) freezes leaves: no
+        tangents, zero updates, e.g. a pretrained base. ``on_nonfinite`` is passed on."""
         return forward_gradient(
-            key,
-            num_tangents=num_tangents,
-            tangent=self.tangent(perturb, tangent),
-            tangent_chunk=tangent_chunk,
-            has_aux=True,
-            aux_example=self._checked_layout().aux,
-            mask=mask,
-            on_nonfinite=on_nonfinite,
-        )
+            key, num_tangents=num_tangents, tangent=self.tangent(perturb, tangent),
+            tangent_chunk=tangent_chunk, has_aux=True, aux_example=self._checked_layout().aux,
+            mask=mask, on_nonfinite=on_nonfinite,
+        )  # fmt: skip
 
     def update_model(self, params: Any, state: Any = None) -> None:
         """nnx: writes the parameters (and state) into the user's module; linen: no-op."""
