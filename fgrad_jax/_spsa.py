@@ -104,16 +104,21 @@ class SPSA(TangentStrategy[Array]):
             for p, b in zip(primals, bases or (0,) * len(primals))
         ]
 
-        def at(sign):
+        def at(sign, after=None):
+            # ``after``: a zero computed from the other evaluation's loss, so that this
+            # one's perturbation (hence its whole forward pass) cannot start before that
+            # one has finished: one perturbed copy and one forward working set alive at a
+            # time, as in MeZO's in-place protocol, not two interleaved.
+            late = _interpreter.fake_zero(after)
             moved = []
             for i, p in enumerate(primals):
-                z = self.perturbation.at(seeds[i], counters[i])
+                z = self.perturbation.at(seeds[i] ^ late, counters[i])
                 moved.append((p.astype(jnp.float32) + sign * eps * z).astype(p.dtype))
             value, aux = fun(*moved)
             return value.astype(jnp.float32), aux
 
         plus, aux = at(1.0)
-        minus, _ = at(-1.0)
+        minus, _ = at(-1.0, after=plus)
         return 0.5 * (plus + minus), (plus - minus) / (2 * eps), aux
 
     def direction(self, fun, primals, context, k) -> Direction:

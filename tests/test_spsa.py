@@ -112,8 +112,10 @@ def test_memory_does_not_grow_with_num_samples():
 
     On a 1M-parameter quadratic (a diagonal one and a matmul one) the compiled temp memory
     is the same for n = 2, 4, 8 and below one parameter copy plus 64 KiB; n stored
-    perturbations would take n copies. (n = 1 needs no loop, and XLA may place its one
-    buffer in the output's memory.)"""
+    perturbations would take n copies. And the loop over samples adds at most 64 KiB to
+    n = 1 (which needs no loop): the two evaluations of a sample run one after the other,
+    each perturbed copy consumed as it is formed (with f(θ+εz) and f(θ−εz) interleaved,
+    n = 4 held a parameter-sized buffer, 4 MB, against n = 1's few bytes)."""
     n = 1000
     w = jnp.zeros((n, n), jnp.float32)
     param_bytes = 4 * n * n
@@ -126,7 +128,7 @@ def test_memory_does_not_grow_with_num_samples():
         temps = [_temp_bytes(loss, w, k) for k in (2, 4, 8)]
         assert max(temps) - min(temps) <= 4096, temps
         assert max(temps) < param_bytes + (64 << 10), temps
-    assert _temp_bytes(diagonal, w, 4) < 2 * _temp_bytes(diagonal, w, 1)
+        assert _temp_bytes(loss, w, 4) <= _temp_bytes(loss, w, 1) + (64 << 10)
 
 
 def test_errors():
