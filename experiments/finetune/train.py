@@ -250,6 +250,7 @@ def make_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Callab
             num_tangents=method.samples,
             tangent=fgrad_jax.hashed("rademacher", store="never"),
             perturb=method.perturb,
+            tangent_chunk=preset.tangent_chunk,
         )
         tx = optax.chain(est, opt)
     elif method.estimator == "spsa":
@@ -290,7 +291,11 @@ def _local_step(module: Any, method: MethodConfig, preset: Preset) -> tuple[Call
         }
 
     est = local.forward_gradient(
-        preset.seed, num_tangents=method.samples, perturb=method.perturb, mask=mask
+        preset.seed,
+        num_tangents=method.samples,
+        perturb=method.perturb,
+        mask=mask,
+        tangent_chunk=preset.tangent_chunk,
     )
     opt = optax.scale_by_adam() if method.optimizer == "adam" else optax.identity()
 
