@@ -187,6 +187,24 @@ def has_custom_vjp(jaxpr: Any) -> bool:
     return False
 
 
+def has_outgrowing_dot(jaxpr: Any, min_bytes: int = 0) -> bool:
+    """Whether ``jaxpr`` (or a sub-jaxpr the interpreter inlines) has a ``dot_general``
+    whose output takes more bytes than its inputs, and at least ``min_bytes``: where
+    :func:`_dot_concat_rule` and the primal-tangent tie change the program (and save an
+    output-sized buffer)."""
+    for eqn in jaxpr.eqns:
+        if (
+            eqn.primitive.name == "dot_general"
+            and _outgrows_inputs(eqn)
+            and nbytes(eqn.outvars[0].aval) >= min_bytes
+        ):
+            return True
+        inner = inline_jaxpr(eqn)
+        if inner is not None and has_outgrowing_dot(getattr(inner, "jaxpr", inner), min_bytes):
+            return True
+    return False
+
+
 def _anchor_for(primals: list[Any], tangents: list[Any]) -> Any:
     # Prefer another input's dense tangent: the draws then follow the tangent chain that
     # consumes them, not the primal chain, which XLA may run far ahead.

@@ -71,3 +71,39 @@ def test_joined_product_is_the_product_rule_and_only_used_when_outputs_outgrow_i
 
     check((64, 8), (8, 512), expect_rule=True)  # (64, 512) outgrows 64x8 + 8x512
     check((64, 512), (512, 8), expect_rule=False)  # (64, 8) does not
+
+
+def test_stored_tangents_keep_the_memory_rules_of_the_lazy_path():
+    """Small trained leaves (LoRA factors) get stored tangents and a JVP that skips the
+    interpreter where its rules change nothing; where a contraction's output outgrows its
+    inputs by 16 MiB or more (an MLP's expansion here, 2048 x 2048 floats), the stored path
+    keeps the interpreter's joined product and ties, as the lazy one does. Three residual
+    MLP blocks with rank-4 adapters: stored and lazy within 5 % of each other's temp memory
+    (94 MiB both; plain ``jax.jvp`` on the stored tangents took 216 MiB)."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (2048, 256))
+    w_in = jax.random.normal(keys[1], (256, 2048)) / 16
+    w_out = jax.random.normal(keys[2], (2048, 256)) / 45
+
+    def loss(p):
+        h = x
+        for i in range(3):
+            u = jax.nn.gelu(h @ (w_in + p["a_in"][i] @ p["b_in"][i]))
+            h = h + u @ (w_out + p["a_out"][i] @ p["b_out"][i])
+        return jnp.mean(h**2)
+
+    params = {
+        "a_in": jnp.zeros((3, 256, 4)),
+        "b_in": jnp.full((3, 4, 2048), 0.01),
+        "a_out": jnp.zeros((3, 2048, 4)),
+        "b_out": jnp.full((3, 4, 256), 0.01),
+    }
+    stored_form = fgrad_jax.hashed("rademacher")
+    # The case under test: stored (one device, as the tangents are only stored there).
+    assert stored_form.keeps(jax.tree.leaves(params), _interpreter.SINGLE_DEVICE)
+    lazy_form = fgrad_jax.hashed("rademacher", store="never")
+    key = jax.random.key(0)
+    with jax.set_mesh(Mesh(np.array(jax.devices()[:1]), ("d",))):
+        stored = _temp_bytes(fgrad_jax.forward_grad(loss, tangent=stored_form), key, params)
+        lazy = _temp_bytes(fgrad_jax.forward_grad(loss, tangent=lazy_form), key, params)
+    assert stored <= 1.05 * lazy, (stored / 2**20, lazy / 2**20)
