@@ -32,7 +32,9 @@ class QualityConfig:
         methods: Method names trained on the MLP (see experiments/quality/methods.py).
         cnn_methods: Method names trained on the CNN (``None``: the same as ``methods``).
         resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
-            ``local_a_k<K>``, ``local_w_k<K>``).
+            ``local_a[_<variant>]_k<K>``, ``local_w_k<K>``, ``local_bp[_<variant>]``). The
+            default: backprop, the weight-perturbed recipe, the unbiased local recipe and
+            the best local one (a block per residual block in 4 channel groups, K = 256).
         epochs: Training epochs of every method.
         sweep_epochs: Epochs of the learning-rate sweep (seed ``seeds[0]``, held-out split).
         batch_size: Minibatch size.
@@ -71,7 +73,12 @@ class QualityConfig:
     models: tuple[str, ...] = ("mlp", "cnn")
     methods: tuple[str, ...] = ALL_METHODS
     cnn_methods: tuple[str, ...] | None = None
-    resnet_methods: tuple[str, ...] = ("backprop", "fg_normal_k4", "local_a_k16", "local_a_k32")
+    resnet_methods: tuple[str, ...] = (
+        "backprop",
+        "fg_normal_k4",
+        "local_a_k16",
+        "local_a_resgroups_k256",
+    )
     epochs: int = 10
     sweep_epochs: int = 1
     batch_size: int = 128
