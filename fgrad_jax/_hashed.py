@@ -44,19 +44,19 @@ INTERPRET_ABOVE_BYTES = 16 << 20
 def dense_jvp(fun: Callable[..., Any], primals: list[Array], tangents: Any) -> Direction:
     """The JVP along dense tangents drawn before it (stored).
 
-    Plain :func:`jax.jvp` of the traced function where the interpreter's rules would not
-    change the program: with the tangents already stored there is no draw to place, and
-    its program is smaller (transformer, Gaussian: 6,786 against 7,625 instructions, 1.68x
-    against 1.8x ``jax.grad``'s compile time). Where a contraction's output outgrows its
-    inputs (attention scores, a vocabulary projection), the interpreter's memory rules
-    (``_interpreter.CORE_RULES``, the primal tied to its tangent) save an output-sized
-    buffer per such op, which plain ``jax.jvp`` keeps: a GPT-2-small LoRA step with a
-    chunked cross-entropy needed 2.94 GiB that way against 2.10 GiB (the forward pass:
-    1.32 GiB). Those functions go through the interpreter, as do ``custom_vjp``
-    functions, which ``jax.jvp`` refuses. Only where such an output takes at least
-    :data:`INTERPRET_ABOVE_BYTES`: the interpreter's program compiles 12-18 % slower (the
-    transformer benchmark, whose largest, its MLP's 1 MiB expansion, stays plain: 18.9
-    against 14.4 MiB of temporaries, 2.1 against 2.4 s).
+    Plain :func:`jax.jvp` of the traced function, not the structured interpreter: with
+    the tangents already stored there is no draw to place, and its program is smaller
+    (transformer, Gaussian: 6,786 against 7,625 instructions, 1.68x against 1.8x
+    ``jax.grad``'s compile time). Two exceptions go through the interpreter:
+
+    * a contraction whose output outgrows its inputs by :data:`INTERPRET_ABOVE_BYTES` or
+      more (a language model's attention scores or MLP expansion): the interpreter's
+      joined product and primal-tangent ties save an output-sized buffer per such op,
+      which plain ``jax.jvp`` keeps (GPT-2-small LoRA with a chunked cross-entropy: 2.94
+      against 2.10 GiB, the forward pass 1.32 GiB). Below that size the smaller program
+      wins (the transformer benchmark, largest such output 1 MiB: 18.9 MiB of temporaries
+      plain, 14.4 MiB interpreted, at 12-18 % more compile time);
+    * ``custom_vjp`` functions, which ``jax.jvp`` refuses.
     """
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
     treedef = jax.tree_util.tree_structure(out_shape)
