@@ -178,6 +178,8 @@ def test_resnet_local_variants_by_name():
     assert resnet_local_options("local_bp_split") == resnet_local_options("local_a_split_k4")
     assert resnet_local_options("local_bp") == {"boundaries": ResidualBlock}
     assert resnet_local_options("local_a_resgroups_k64")["boundaries"] is ResidualBlock
+    assert resnet_local_options("local_a_resgroups16_k64")["groups"] == 16
+    assert parse_method("local_a_k16").variant == ""
     # The presets run the best local recipe on the ResNet, and its sweep reaches the rate
     # it chose at quick sizes (3e-2, above the other local recipes' grid).
     from experiments.quality.configs import QualityConfig, load_preset

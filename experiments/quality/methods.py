@@ -121,7 +121,7 @@ def model_blocks(name: str, num_classes: int = 10) -> list[Any]:
 _PATTERNS = {
     "fg": re.compile(r"fg_(normal|rademacher|lowrank)_k(\d+)$"),
     "fg_act": re.compile(r"fg_act_k(\d+)$"),
-    "local": re.compile(r"local_([wa])(_[a-z]+)?_k(\d+)$"),
+    "local": re.compile(r"local_([wa])(_[a-z][a-z0-9]*)?_k(\d+)$"),
     "local_bp": re.compile(r"local_bp(_[a-z]+)?$"),
     "guided": re.compile(r"guided_k(\d+)$"),
     "spsa": re.compile(r"spsa_k(\d+)$"),
@@ -175,7 +175,7 @@ def parse_method(name: str) -> MethodSpec:
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
         "fg_act_k<K>, local_<w|a>[_<variant>]_k<K>, local_bp[_<variant>], guided_k<K> or "
-        "spsa_k<K> (variants: split, splitall; on the resnet also layer, channels, resgroups)."
+        "spsa_k<K> (variants: split, splitall; on the resnet also layer, channels, resgroups, resgroups16)."
     )
 
 
