@@ -179,6 +179,8 @@ def test_resnet_local_variants_by_name():
     assert resnet_local_options("local_bp") == {"boundaries": ResidualBlock}
     assert resnet_local_options("local_a_resgroups_k64")["boundaries"] is ResidualBlock
     assert resnet_local_options("local_a_resgroups16_k64")["groups"] == 16
+    per_channel = resnet_local_options("local_a_reschannels_k64")["groups"]
+    assert per_channel == [16, 16, 32, 32, 64, 64, 128, 128]
     assert parse_method("local_a_k16").variant == ""
     # The presets run the best local recipe on the ResNet, and its sweep reaches the rate
     # it chose at quick sizes (3e-2, above the other local recipes' grid).
@@ -186,8 +188,11 @@ def test_resnet_local_variants_by_name():
     from experiments.quality.train import lr_grid
 
     for cfg in (QualityConfig(), load_preset("full"), load_preset("quick")):
-        assert any("_resgroups_" in m for m in cfg.resnet_methods), cfg.preset
+        assert any("_resgroups16_" in m for m in cfg.resnet_methods), cfg.preset
     assert 3e-2 in lr_grid(parse_method("local_a_resgroups_k256"))
+    assert lr_grid(parse_method("local_a_reschannels_k4")) == lr_grid(
+        parse_method("local_a_resgroups16_k4")
+    )
     assert 3e-2 not in lr_grid(parse_method("local_a_k16"))
     with pytest.raises(ValueError, match="unknown local variant 'splitt'"):
         resnet_local_options("local_a_splitt_k16")

@@ -70,7 +70,8 @@ class ResNet18(nn.Module):
 # (BatchNorm keeps channels apart), scored unbiasedly; ``_splitall_``, the same per example;
 # ``_channels_``, 16 groups (one channel per column in the first stage), per example;
 # ``_resgroups_``, a block per residual block, 4 channel-group columns, per example;
-# ``_resgroups16_``, the same with 16 groups (better at K = 64, engineering log 2026-12-05).
+# ``_resgroups16_``, the same with 16 groups (better at K = 64, engineering log 2026-12-05);
+# ``_reschannels_``, one group per channel (16, 32, 64, 128 per stage).
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
@@ -79,6 +80,11 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "_channels_": {"boundaries": nn.BatchNorm, "groups": 16, "batch_coupling": "per_example"},
     "_resgroups_": {"boundaries": ResidualBlock, "groups": 4, "batch_coupling": "per_example"},
     "_resgroups16_": {"boundaries": ResidualBlock, "groups": 16, "batch_coupling": "per_example"},
+    "_reschannels_": {
+        "boundaries": ResidualBlock,
+        "groups": [16 * 2**stage for stage in range(4) for _ in range(2)],
+        "batch_coupling": "per_example",
+    },
 }
 
 
