@@ -12,6 +12,7 @@ from flax import nnx
 
 import fgrad_jax
 from fgrad_jax._activity import ActivityPerturbation
+from fgrad_jax._local.taps import path_str
 from fgrad_jax._tangents import HASHED
 
 # --- models, written as users write them (nothing here knows about local losses) --------
@@ -411,6 +412,55 @@ def test_split_residual_blocks_score_only_separable_convs():
     patched = fgrad_jax.local_losses(SmallResNet(), 10, boundaries=Residual, patches=2)
     patched = patched.init(jax.random.key(0), images, train=True).local
     assert patched.block_splits == (((2, 2), 1), ((2, 2), 1)) and patched.split_params == ()
+    # Scored per example, the batch statistics count as constants: patches pass BatchNorm.
+    per_example = fgrad_jax.local_losses(
+        SmallResNet(), 10, boundaries=Residual, patches=2, batch_coupling="per_example"
+    )
+    per_example = per_example.init(jax.random.key(0), images, train=True).local
+    assert per_example.split_params == local.split_params
+
+
+def test_per_example_scoring_is_the_gradient_at_constant_batch_statistics():
+    """``batch_coupling="per_example"`` (with or without patches through BatchNorm) estimates
+    the gradient with the batch statistics held constant: the evaluation-mode losses at the
+    batch's own statistics. Mean of 4,000 single-tangent estimates on the split kernels:
+    every coordinate within 6 standard errors of that gradient (measured max 4.1), while it
+    is more than 10 standard errors from the coupled gradient (measured 19)."""
+    import jax.flatten_util
+
+    images, labels = _images()
+    local = fgrad_jax.local_losses(
+        SmallResNet(), 10, boundaries=Residual, patches=2, batch_coupling="per_example"
+    )
+    v = local.init(jax.random.key(0), images, train=True)
+    local = v.local
+
+    def running_after_step(value):  # m * value + (1 - m) * batch statistic, per BatchNorm
+        state = jax.tree.map(lambda a: jnp.full_like(a, value), v.state)
+        return local.losses(v.params, images, labels, state, train=True)[1].state
+
+    at_0, at_1 = running_after_step(0.0), running_after_step(1.0)
+    batch_stats = jax.tree.map(lambda a, b: a / (1 - (b - a)), at_0, at_1)
+
+    def objective(p, state, train):
+        return jnp.sum(jnp.mean(local.losses(p, images, labels, state, train=train)[0], axis=0))
+
+    np.testing.assert_allclose(
+        objective(v.params, batch_stats, False), objective(v.params, v.state, True), rtol=1e-4
+    )
+    split = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.full(a.shape, "/".join(path_str(path)[1:]) in local.split_params),
+        v.params,
+    )
+    split = np.asarray(jax.flatten_util.ravel_pytree(split)[0]) > 0
+    flat = lambda g: np.asarray(jax.flatten_util.ravel_pytree(g)[0])[split]
+    constant = flat(jax.grad(objective)(v.params, batch_stats, False))
+    coupled = flat(jax.grad(objective)(v.params, v.state, True))
+    samples = np.asarray(_samples(local, v.params, v.state, images, labels, local.tangent(), 4000))
+    samples = samples[:, split]
+    assert split.sum() == 3008
+    assert _max_z(samples, constant) < 6.0
+    assert _max_z(samples, coupled) > 10.0
 
 
 def test_split_errors_name_the_fix():

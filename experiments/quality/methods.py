@@ -175,7 +175,8 @@ def parse_method(name: str) -> MethodSpec:
     raise ValueError(
         f"unknown method {name!r}; use backprop, fg_<normal|rademacher|lowrank>_k<K>, "
         "fg_act_k<K>, local_<w|a>[_<variant>]_k<K>, local_bp[_<variant>], guided_k<K> or "
-        "spsa_k<K> (variants: split, splitall; on the resnet also layer, channels, resgroups, resgroups16, reschannels)."
+        "spsa_k<K> (variants: split, splitall; on the resnet also layer, channels, resgroups, "
+        "resgroups16, reschannels, respositions)."
     )
 
 

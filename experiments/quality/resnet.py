@@ -71,7 +71,8 @@ class ResNet18(nn.Module):
 # ``_channels_``, 16 groups (one channel per column in the first stage), per example;
 # ``_resgroups_``, a block per residual block, 4 channel-group columns, per example;
 # ``_resgroups16_``, the same with 16 groups (better at K = 64, engineering log 2026-12-05);
-# ``_reschannels_``, one group per channel (16, 32, 64, 128 per stage).
+# ``_reschannels_``, one group per channel (16, 32, 64, 128 per stage); ``_respositions_``,
+# one column per channel and position (per-example scoring lets patches pass BatchNorm).
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
@@ -83,6 +84,12 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "_reschannels_": {
         "boundaries": ResidualBlock,
         "groups": [16 * 2**stage for stage in range(4) for _ in range(2)],
+        "batch_coupling": "per_example",
+    },
+    "_respositions_": {
+        "boundaries": ResidualBlock,
+        "groups": [16 * 2**stage for stage in range(4) for _ in range(2)],
+        "patches": [7, 7, 4, 4, 2, 2, 1, 1],
         "batch_coupling": "per_example",
     },
 }

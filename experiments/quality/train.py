@@ -44,7 +44,9 @@ def lr_grid(method: Any) -> tuple[float, ...]:
     """The sweep's learning rates for a :class:`MethodSpec`."""
     if method.family == "fg" and method.perturb == "activations":
         return LR_GRIDS["fg_act"]
-    if method.family == "local" and method.variant.startswith(("_resgroups", "_reschannels")):
+    if method.family == "local" and method.variant.startswith(
+        ("_resgroups", "_reschannels", "_respositions")
+    ):
         return LR_GRIDS["local_resgroups"]
     return LR_GRIDS[method.family]
 

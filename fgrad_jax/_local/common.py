@@ -19,7 +19,7 @@ Path = tuple[str, ...]
 
 # How activity perturbations are scored when the examples are coupled (BatchNorm in
 # training mode): "correct" by the batch's summed derivative (unbiased), "per_example" by
-# each example's own (biased: misses the other examples' losses through the statistics).
+# each example's own: the gradient with the batch statistics held constant (tested).
 BATCH_COUPLING = ("correct", "per_example")
 
 

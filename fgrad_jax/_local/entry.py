@@ -62,7 +62,9 @@ def local_losses(
         batch_coupling: With ``boundaries``, when BatchNorm in training mode couples the
             examples: ``"correct"`` (default) scores each activity perturbation by the
             whole batch's derivative (unbiased, higher variance); ``"per_example"`` by its
-            own example's (biased, lower variance; see ``docs/local_losses.md``).
+            own example's: lower variance, and an estimate of the gradient with the batch
+            statistics held constant (so ``patches=`` pass BatchNorm; see
+            ``docs/local_losses.md``).
         groups: Group-wise losses: the channels (last axis) of every block with a default
             head split into this many groups, each with its own loss column; or a list with
             one int per block. Default 1 (no split).

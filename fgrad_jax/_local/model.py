@@ -232,8 +232,9 @@ class ModelLocalLosses:
                     p = jax.tree_util.tree_unflatten(treedef, flat)
                     return self._run(p, probe_state, xs, probe_rngs, kwargs)[2].outputs
 
+                per_example = self.batch_coupling == "per_example"
                 split_leaves = _split.separable_leaves(
-                    tapped, probe_leaves, 4, blocks, splits, seed=7919
+                    tapped, probe_leaves, 4, blocks, splits, 7919, per_example
                 ).split
                 layout = layout._replace(split_leaves=split_leaves)
             self._layout = layout  # losses() below reads the columns

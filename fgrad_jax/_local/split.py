@@ -171,13 +171,25 @@ def _column_ids(shape: tuple[int, ...], grid: tuple[int, ...], groups: int):
     return np.broadcast_to(pid, shape), np.broadcast_to(gid, shape)
 
 
+_REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod")
+
+
 class _Probe(_activity_trace.Trace):
     """An activity-perturbation trace whose site tangents are given (``pattern``) and whose
-    weight-perturbed leaves get none: it pushes chosen output perturbations forward."""
+    weight-perturbed leaves get none: it pushes chosen output perturbations forward. With
+    ``batch_constant``, reductions over the batch axis (batch statistics) pass no tangent."""
 
-    def __init__(self, primals, batch, uses, pattern):
+    def __init__(self, primals, batch, uses, pattern, batch_constant=False):
         super().__init__(None, None, primals, batch, uses, True)
         self.pattern = pattern
+        if batch_constant:
+            self.rules.update({name: [self._batch_reduction_rule] for name in _REDUCTIONS})
+
+    def _batch_reduction_rule(self, eqn, primals, tangents):
+        (x,) = primals
+        if 0 not in eqn.params["axes"] or jnp.ndim(x) == 0 or jnp.shape(x)[0] != self.batch:
+            return None
+        return [eqn.primitive.bind(x, **eqn.params)], [None]
 
     def draw(self, shape, dtype):
         return self.pattern(len(self.sites), shape, dtype)  # called once per site, in order
@@ -200,6 +212,7 @@ def separable_leaves(
     block_of_leaf: Sequence[int],
     splits: Sequence[tuple[tuple[int, ...], int]],
     seed: int,
+    batch_constant: bool = False,
 ) -> Separability:
     """The leaves whose every dense/conv output splits like its block's output.
 
@@ -211,7 +224,10 @@ def separable_leaves(
     scored per column only if every pattern stays inside its own patch (group) of the block
     output. A residual block's last conv passes (BatchNorm and additions keep channels
     apart); its first does not (the second conv mixes channels and positions), and a
-    BatchNorm in training mode mixes positions, so patches stop there while groups pass.
+    BatchNorm in training mode mixes positions, so patches stop there while groups pass,
+    unless ``batch_constant`` (per-example scoring, which already leaves out how an
+    example's activations move the batch statistics): then reductions over the batch axis
+    carry no perturbation, and patches pass a BatchNorm as groups do.
     """
     closed = jax.make_jaxpr(run)(leaves)
     uses = _activity_trace.use_counts(closed.jaxpr, collections.Counter())
@@ -256,7 +272,7 @@ def separable_leaves(
                 ids = jnp.where(row[1] == 0, site_ids[s][0], site_ids[s][1])
                 return jnp.where((row[0] == s) & (ids == row[2]), noise, 0)
 
-            probe = _Probe(leaves, batch, uses, pattern)
+            probe = _Probe(leaves, batch, uses, pattern, batch_constant)
             touts = _interpreter.jvp_jaxpr(closed, leaves, views(probe), rules=probe.rules)[1]
             total = jnp.float32(0)
             for b, t in enumerate(touts[: len(splits)]):
