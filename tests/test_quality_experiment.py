@@ -188,7 +188,7 @@ def test_resnet_local_variants_by_name():
     from experiments.quality.train import lr_grid
 
     for cfg in (QualityConfig(), load_preset("full"), load_preset("quick")):
-        assert any("_resgroups16_" in m for m in cfg.resnet_methods), cfg.preset
+        assert any("_respositions_" in m for m in cfg.resnet_methods), cfg.preset
     assert 3e-2 in lr_grid(parse_method("local_a_resgroups_k256"))
     assert lr_grid(parse_method("local_a_reschannels_k4")) == lr_grid(
         parse_method("local_a_resgroups16_k4")

@@ -34,7 +34,8 @@ class QualityConfig:
         resnet_methods: Method names trained on the ResNet (backprop, ``fg_<tangent>_k<K>``,
             ``local_a[_<variant>]_k<K>``, ``local_w_k<K>``, ``local_bp[_<variant>]``). The
             default: backprop, the weight-perturbed recipe, the unbiased local recipe and
-            the best local one (a block per residual block in 16 channel groups, K = 256).
+            the best local one (a block per residual block, a column per channel and position,
+            K = 256).
         epochs: Training epochs of every method.
         sweep_epochs: Epochs of the learning-rate sweep (seed ``seeds[0]``, held-out split).
         batch_size: Minibatch size.
@@ -77,7 +78,7 @@ class QualityConfig:
         "backprop",
         "fg_normal_k4",
         "local_a_k16",
-        "local_a_resgroups16_k256",
+        "local_a_respositions_k256",
     )
     epochs: int = 10
     sweep_epochs: int = 1
