@@ -418,6 +418,11 @@ def test_split_residual_blocks_score_only_separable_convs():
     )
     per_example = per_example.init(jax.random.key(0), images, train=True).local
     assert per_example.split_params == local.split_params
+    nnx_local = fgrad_jax.local_losses(
+        NnxNet(nnx.Rngs(0)), 10, boundaries=NnxBlock, patches=2, batch_coupling="per_example"
+    )
+    nnx_split = nnx_local.init(jax.random.key(0), images).local.split_params
+    assert nnx_split == ("blocks/0/conv/kernel", "blocks/1/conv/kernel")  # the user's names
 
 
 def test_per_example_scoring_is_the_gradient_at_constant_batch_statistics():

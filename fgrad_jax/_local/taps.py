@@ -27,7 +27,8 @@ Path = tuple[str, ...]
 
 
 def path_str(path: Any) -> Path:
-    return tuple(str(getattr(p, "key", p)) for p in path)
+    # An nnx Variable's own ``.value`` entry is not part of the name the user knows.
+    return tuple(str(getattr(p, "key", p)) for p in path if getattr(p, "name", None) != "value")
 
 
 def matcher(boundaries: Any) -> Callable[[Path, Any], bool]:
