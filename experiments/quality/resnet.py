@@ -73,6 +73,7 @@ class ResNet18(nn.Module):
 # ``_resgroups16_``, the same with 16 groups (better at K = 64, engineering log 2026-12-05);
 # ``_reschannels_``, one group per channel (16, 32, 64, 128 per stage); ``_respositions_``,
 # one column per channel and position (per-example scoring lets patches pass BatchNorm).
+_PER_CHANNEL = [16 * 2**stage for stage in range(4) for _ in range(2)]  # residual blocks' widths
 RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "": {"boundaries": ResidualBlock},
     "_layer_": {"boundaries": nn.BatchNorm, "batch_coupling": "per_example"},
@@ -83,12 +84,12 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
     "_resgroups16_": {"boundaries": ResidualBlock, "groups": 16, "batch_coupling": "per_example"},
     "_reschannels_": {
         "boundaries": ResidualBlock,
-        "groups": [16 * 2**stage for stage in range(4) for _ in range(2)],
+        "groups": _PER_CHANNEL,
         "batch_coupling": "per_example",
     },
     "_respositions_": {
         "boundaries": ResidualBlock,
-        "groups": [16 * 2**stage for stage in range(4) for _ in range(2)],
+        "groups": _PER_CHANNEL,
         "patches": [7, 7, 4, 4, 2, 2, 1, 1],
         "batch_coupling": "per_example",
     },
