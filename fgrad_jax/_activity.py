@@ -80,10 +80,6 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
             (BatchNorm in training mode): each perturbation is then scored by the whole
             batch's directional derivative ``Σ_b d_b`` instead of its own example's
             ``d_b``, which keeps the estimate unbiased (at a higher variance).
-        disjoint: With split ``columns``: the sites scored per column and the other
-            activity sites take alternate tangents (even / odd ``k``), each perturbation
-            scaled by √2, so that neither's directional derivatives carry the other's
-            perturbations. Still unbiased; needs an even ``num_tangents``.
     """
 
     base: Any
@@ -92,7 +88,6 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
     schedule: _interpreter.Schedule | None = None
     batch_coupled: bool = False
     fallback: str = "error"
-    disjoint: bool = False
 
     def __post_init__(self):
         if self.perturb not in PERTURB:
@@ -130,16 +125,6 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
         keys = _random.fold_in(key, jnp.arange(num_tangents, dtype=jnp.uint32))
         paths = jax.tree_util.tree_flatten_with_path(selection.tree)[0]
         names = tuple(jax.tree_util.keystr(paths[i][0]) for i in selection.indices)
-        if self.disjoint:
-            split = [isinstance(c, Columns) and c.split for c in columns or ()]
-            if not any(split) or num_tangents % 2:
-                raise ValueError(
-                    "disjoint=True alternates the tangents between the sites scored per "
-                    "column and the rest: it needs split columns (local losses with "
-                    "patches= or groups= whose ops split) and an even num_tangents; got "
-                    f"{sum(split)} split leaves and num_tangents={num_tangents}."
-                )
-            keys = (keys, jnp.arange(num_tangents, dtype=jnp.int32) % 2)
         return keys, ActivityContext(columns, schedule, traces, names)
 
     def direction(self, fun, primals, context: ActivityContext, key) -> Direction:
@@ -155,16 +140,9 @@ class ActivityPerturbation(TangentStrategy[ActivityContext]):
                     f"The loss has {losses_shape[1]} columns but the column map names column "
                     f"{last}; return one column per block."
                 )
-        site_scale = None
-        if self.disjoint:
-            key, phase = key
-            split = [isinstance(c, Columns) and c.split for c in columns or ()]
-            # Tangent k perturbs the split sites when k is even, the others when k is odd.
-            site_scale = lambda leaf: jnp.where(phase == int(not split[leaf]), np.sqrt(2.0), 0.0)
         trace, outs, touts = trace_jvp(
-            self, closed, primals, key, losses_shape[0], self.perturb == "activations", schedule,
-            site_scale,
-        )  # fmt: skip
+            self, closed, primals, key, losses_shape[0], self.perturb == "activations", schedule
+        )
         losses, d = outs[0], touts[0]
         _, aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
         value = jnp.sum(jnp.mean(losses.astype(jnp.float32), axis=0)).astype(losses.dtype)

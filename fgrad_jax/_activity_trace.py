@@ -92,9 +92,8 @@ def use_counts(jaxpr: Any, counts: collections.Counter) -> collections.Counter:
 class Trace:
     """Per-JVP state: the draws, the perturbed sites and the weight-perturbed leaves."""
 
-    def __init__(self, strategy, key, primals, batch, uses, activations, site_scale=None):
+    def __init__(self, strategy, key, primals, batch, uses, activations):
         self.strategy, self.key, self.primals = strategy, key, primals
-        self.site_scale = site_scale  # leaf -> factor on its sites' perturbations, or None
         self.batch, self.uses, self.activations = batch, uses, activations
         self.sites: list[_Site] = []
         self.by_var: dict[Any, _Site] = {}
@@ -159,8 +158,6 @@ class Trace:
                 "uses a trained kernel, or use perturb='weights'."
             )
         u = self.draw(out.shape, out.dtype)
-        if self.site_scale is not None:
-            u = u * self.site_scale(tr.leaf).astype(out.dtype)
         t_out = u
         if tl is not None:
             tl = tl.dense() if isinstance(tl, View) else tl
@@ -301,12 +298,11 @@ def trace_jvp(
     batch: int,
     activations: bool,
     schedule: _interpreter.Schedule | None = None,
-    site_scale: Any = None,
 ) -> tuple[Trace, list[Array], list[Array]]:
     """One JVP of the traced program ``closed`` with activity perturbation's rules:
     ``(trace, outputs, output tangents)``; ``trace`` lists what became a site."""
     uses = use_counts(closed.jaxpr, collections.Counter())
-    trace = Trace(strategy, key, primals, batch, uses, activations, site_scale)
+    trace = Trace(strategy, key, primals, batch, uses, activations)
     views = [View(trace, i, lambda w: w) for i in range(len(primals))]
     kwargs = {} if schedule is None else {"schedule": schedule}
     outs, touts = _interpreter.jvp_jaxpr(closed, primals, views, rules=trace.rules, **kwargs)

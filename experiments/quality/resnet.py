@@ -94,8 +94,6 @@ RESNET_LOCAL: dict[str, dict[str, Any]] = {
         "batch_coupling": "per_example",
     },
 }
-# ``_respositionsd_``: the same with the split sites and the rest on alternate tangents.
-RESNET_LOCAL["_respositionsd_"] = {**RESNET_LOCAL["_respositions_"], "disjoint": True}
 
 
 def resnet_local_options(spec: Any, variants: dict | None = None) -> dict[str, Any]:
@@ -113,13 +111,12 @@ def _xent(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def local_estimator(local: Any, spec: Any, chunk: int | None, disjoint: bool = False):
+def local_estimator(local: Any, spec: Any, chunk: int | None):
     """``estimator(key)`` of a local-loss method: the forward gradient of its block losses
     with its K, perturbation and tangent (``None`` for ``local_bp``: exact gradients)."""
     if spec.family == "local_bp":
         return None
     kw = {"num_tangents": spec.k, "perturb": spec.perturb, "tangent": spec.tangent}
-    kw |= {"disjoint": True} if disjoint else {}
     return lambda key: local.forward_gradient(key, tangent_chunk=chunk, **kw)
 
 
@@ -139,9 +136,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return model.init({"params": key}, x1, train=True)
 
     if spec.family in ("local", "local_bp"):
-        options = dict(resnet_local_options(spec, variants))
-        disjoint = options.pop("disjoint", False)  # an option of the estimate, not the losses
-        unbound = fgrad_jax.local_losses(model, num_classes, **options)
+        unbound = fgrad_jax.local_losses(model, num_classes, **resnet_local_options(spec, variants))
         # Shapes, blocks and columns from a batch like the training batches (BatchNorm in
         # training mode couples the examples: detected here, corrected in the estimate).
         batch = jnp.zeros((8, *x1.shape[1:]), x1.dtype)
@@ -149,7 +144,7 @@ def make_resnet_method(spec: Any, method_cls: type, x_example: Array, num_classe
         return method_cls(
             spec,
             init=lambda key: local.init(key, x1, train=True).params,
-            estimator=local_estimator(local, spec, chunk, disjoint),
+            estimator=local_estimator(local, spec, chunk),
             objective=lambda p, x, y, s: local.losses(p, x, y, s, train=True),
             predict=lambda p, x, s: local.predict(p, x, s, train=False),
             model=name,

@@ -139,11 +139,12 @@ class ModelLocalLosses:
         return nnx_run(self._graphdef, model_params, state, self._match, x, kwargs)
 
     def init(self, key: Array, x: Array, **kwargs: Any) -> LocalVariables:
-        """The model's parameters (linen: initialised from ``key``; nnx: the module's current
-        values), its state, fresh heads, and a copy of this object that knows where the
-        blocks end and which loss column each parameter feeds: ``params, state, local =
-        local.init(key, x)``. ``kwargs`` go to the model's call (e.g. ``train=True``). This
-        object is not changed; the analysis runs once per input shape and ``kwargs``."""
+        """The model's parameters (linen: initialised from ``key``; nnx: the module's
+        current values), its state, fresh heads, and a copy of this object that knows
+        where the blocks end and which loss column each parameter feeds:
+        ``params, state, local = local.init(key, x)``. ``kwargs`` go to the model's call
+        (e.g. ``train=True``). This object is not changed; the analysis runs once per
+        input shape and ``kwargs`` (later calls with new seeds only initialise)."""
         return copy.copy(self)._initialise(key, x, kwargs)
 
     def _initialise(self, key: Array, x: Array, kwargs: dict[str, Any]) -> LocalVariables:
@@ -282,8 +283,9 @@ class ModelLocalLosses:
     @property
     def batch_coupled(self) -> bool:
         """Whether an example's losses depend on the other examples of the batch (found at
-        :meth:`init` by changing one example; BatchNorm in training mode does this); see
-        ``batch_coupling`` and ``docs/local_losses.md`` for how the estimate scores it."""
+        :meth:`init` by changing one example; BatchNorm in training mode does this). The
+        activity-perturbed estimate then scores every perturbation by the whole batch's
+        derivative, which keeps it unbiased (see ``docs/local_losses.md``)."""
         return self._checked_layout().coupled
 
     @property
@@ -362,13 +364,12 @@ class ModelLocalLosses:
         }
 
     def tangent(
-        self, perturb: str = "activations", tangent: str = "rademacher", disjoint: bool = False
+        self, perturb: str = "activations", tangent: str = "rademacher"
     ) -> ActivityPerturbation:
-        """The tangent strategy: every leaf estimated from its own block's loss column;
-        ``disjoint``: split sites and the rest on alternate tangents (docs/local_losses.md)."""
+        """The tangent strategy: every leaf estimated from its own block's loss column."""
         base = local_tangent_base(perturb, tangent)
-        kw = {"batch_coupled": self._checked_layout().coupled and self.batch_coupling == "correct"}
-        return ActivityPerturbation(base, perturb, self.columns, disjoint=disjoint, **kw)
+        coupled = self._checked_layout().coupled and self.batch_coupling == "correct"
+        return ActivityPerturbation(base, perturb, self.columns, batch_coupled=coupled)
 
     def forward_gradient(
         self,
@@ -380,7 +381,6 @@ class ModelLocalLosses:
         tangent_chunk: int | None = None,
         mask: Any = None,
         on_nonfinite: str = "zero",
-        disjoint: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents and
         ``has_aux=True``: after each update ``forward_gradient_state(opt_state).aux`` is
@@ -389,7 +389,7 @@ class ModelLocalLosses:
         :meth:`init`'s ``{"model", "heads"}`` tree, or a callable on it) freezes leaves: no
         tangents, zero updates, e.g. a pretrained base. ``on_nonfinite`` is passed on."""
         return forward_gradient(
-            key, num_tangents=num_tangents, tangent=self.tangent(perturb, tangent, disjoint),
+            key, num_tangents=num_tangents, tangent=self.tangent(perturb, tangent),
             tangent_chunk=tangent_chunk, has_aux=True, aux_example=self._checked_layout().aux,
             mask=mask, on_nonfinite=on_nonfinite,
         )  # fmt: skip

@@ -271,22 +271,20 @@ class LocalLosses:
             )
 
     def tangent(
-        self, perturb: str = "activations", tangent: str = "rademacher", disjoint: bool = False
+        self, perturb: str = "activations", tangent: str = "rademacher"
     ) -> ActivityPerturbation:
         """The tangent strategy: every leaf estimated from its own block's loss column.
 
         ``perturb="activations"`` perturbs the outputs of each block's (and head's)
         dense/conv ops; ``"weights"`` gives every leaf a weight tangent. Pass it as
         ``tangent=`` to :func:`fgrad_jax.forward_grad` or :func:`fgrad_jax.forward_gradient`.
-        ``disjoint=True`` (activations, with split columns): the ops scored per column and
-        the others take alternate tangents (see ``docs/local_losses.md``).
         """
         base = local_tangent_base(perturb, tangent)
         self._check_init()
         if perturb == "weights":
             return ActivityPerturbation(base, "weights", self.columns)
         self._check_separable()
-        return ActivityPerturbation(base, "activations", self.columns, disjoint=disjoint)
+        return ActivityPerturbation(base, "activations", self.columns)
 
     def forward_gradient(
         self,
@@ -299,7 +297,6 @@ class LocalLosses:
         with_aux: bool = False,
         mask: Any = None,
         on_nonfinite: str = "zero",
-        disjoint: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
         """:func:`fgrad_jax.forward_gradient` with the local-loss tangents; the state's
         ``value`` is the sum over blocks of the mean local losses. ``tangent_chunk`` is
@@ -316,7 +313,7 @@ class LocalLosses:
         return forward_gradient(
             key,
             num_tangents=num_tangents,
-            tangent=self.tangent(perturb, tangent, disjoint),
+            tangent=self.tangent(perturb, tangent),
             tangent_chunk=tangent_chunk,
             has_aux=with_aux,
             aux_example=jax.eval_shape(aux) if with_aux else None,
