@@ -32,8 +32,9 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "fg_act": (3e-4, 1e-3, 3e-3, 1e-2),
     "local": (3e-4, 1e-3, 3e-3, 1e-2),
     "local_bp": (1e-3, 3e-3, 1e-2, 3e-2),
-    # Channel groups per residual block (the ResNet's best local recipe) chose 3e-2, the
-    # top of the 1e-2/3e-2 sweep, at quick sizes; 1e-1 was worse (engineering log).
+    # The ResNet's residual-block recipes with per-column scoring (groups, channels,
+    # positions) chose 3e-2, the top of this grid, at quick sizes; 1e-1 was worse
+    # (engineering log).
     "local_resgroups": (1e-3, 3e-3, 1e-2, 3e-2),
     "guided": (1e-3, 3e-3, 1e-2, 3e-2),
     "spsa": (1e-3, 3e-3, 1e-2, 3e-2),
